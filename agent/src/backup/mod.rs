@@ -1,0 +1,214 @@
+//! One backup: source → chunking (blocking thread) → upload (async, pipelined) → commit.
+//!
+//! ```text
+//! Source ──Read──▶ Batcher (chunk + hash) ══bounded channel══▶ upload::run ──▶ coordinator
+//! ```
+//!
+//! The manifest is built while chunking, then encoded and chunked like data; the commit is
+//! sent only after every upload was acknowledged as durable. Any failure aborts the snapshot
+//! on the coordinator (it ends `failed` with the reason), and a dropped connection does the
+//! same on the coordinator's side.
+
+mod chunking;
+mod upload;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use fleetvault_common::protocol::{Begin, Commit, Progress, Request, Response};
+use fleetvault_common::{Client, JobReport, Manifest, SnapshotId, SnapshotRecord, TreeManifest};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::config::{SourceConfig, SourceKind};
+use crate::source::command::ShellCommand;
+use crate::source::files::{self, FilesSpec};
+use chunking::Batcher;
+use upload::UploadStats;
+
+/// Batches queued between chunking and upload.
+const QUEUE: usize = 2;
+
+/// What the chunking stage produced.
+struct Chunked {
+    root: fleetvault_common::StreamManifest,
+    checksum: Option<[u8; 32]>,
+    chunks: u64,
+    warnings: Vec<String>,
+    files_unchanged: u64,
+    /// Bytes read from the source (the manifest not counted).
+    bytes_read: u64,
+}
+
+/// Backs up `source` now; `progress` is called about twice a second.
+pub(crate) async fn run(
+    client: Arc<Client>,
+    source: &SourceConfig,
+    job: Option<String>,
+    progress: impl Fn(Progress) + Send + 'static,
+) -> anyhow::Result<JobReport> {
+    let started = Instant::now();
+    let begin = Begin {
+        source: source.name.clone(),
+        kind: source.kind_name().to_owned(),
+        chunker: source.chunker,
+        job,
+        tags: Vec::new(),
+    };
+    let (snapshot, parent) = match client.call(&Request::Begin(begin)).await? {
+        Response::Begun { snapshot, parent } => (snapshot, parent),
+        other => bail!("unexpected reply to Begin: {other:?}"),
+    };
+    let span = tracing::info_span!("backup", source = %source.name, snapshot = %snapshot);
+    let _enter = span.enter();
+    info!("backup started");
+    drop(_enter);
+    let read = Arc::new(AtomicU64::new(0));
+    let result = run_inner(&client, source, snapshot, parent, read.clone(), progress).await;
+    match result {
+        Ok((rec, stats, chunked)) => Ok(JobReport {
+            snapshot_id: snapshot.to_string(),
+            status: rec.status.name().to_owned(),
+            agent: rec.agent,
+            source: rec.source,
+            bytes_read: chunked.bytes_read,
+            bytes_uploaded: stats.bytes_uploaded.load(Ordering::Relaxed),
+            chunks: chunked.chunks,
+            new_chunks: stats.new_chunks.load(Ordering::Relaxed),
+            bytes_written: 0,
+            duration_ms: started.elapsed().as_millis() as u64,
+            files_unchanged: chunked.files_unchanged,
+            warnings: chunked.warnings,
+            error: None,
+        }),
+        Err(e) => {
+            let reason = format!("{e:#}");
+            warn!(snapshot = %snapshot, %reason, "backup failed");
+            let abort = Request::Abort { snapshot, reason };
+            if let Err(abort_err) = client.call(&abort).await {
+                warn!(error = %abort_err, "cannot report the failure to the coordinator");
+            }
+            Err(e.context(format!("backup of {} (snapshot {snapshot}) failed", source.name)))
+        }
+    }
+}
+
+async fn run_inner(
+    client: &Arc<Client>,
+    source: &SourceConfig,
+    snapshot: SnapshotId,
+    parent: Option<SnapshotRecord>,
+    read: Arc<AtomicU64>,
+    progress: impl Fn(Progress) + Send + 'static,
+) -> anyhow::Result<(SnapshotRecord, Arc<UploadStats>, Chunked)> {
+    let parent_tree = match (&source.kind, parent) {
+        (SourceKind::Files { .. }, Some(p)) => match crate::restore::read_manifest(client, p.id).await {
+            Ok(Manifest::Tree(t)) => Some(t),
+            Ok(Manifest::Stream(_)) => None,
+            Err(e) => {
+                warn!(parent = %p.id, error = %format!("{e:#}"), "cannot read the parent snapshot; reading every file");
+                None
+            }
+        },
+        _ => None,
+    };
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let stats = Arc::new(UploadStats::default());
+    let uploader = tokio::spawn(upload::run(client.clone(), snapshot, rx, stats.clone()));
+    let ticker_read = read.clone();
+    let ticker = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            progress(Progress {
+                bytes: ticker_read.load(Ordering::Relaxed),
+                total: None,
+            });
+        }
+    });
+    let source2 = source.clone();
+    let chunked = tokio::task::spawn_blocking(move || {
+        chunk_source(&source2, parent_tree.as_ref(), Batcher::new(tx, source2.chunker, read))
+    })
+    .await
+    .context("chunking task panicked");
+    ticker.abort();
+    let uploaded = uploader.await.context("upload task panicked");
+    // The uploader's error explains more (e.g. a refused chunk) than "upload stopped".
+    uploaded??;
+    let chunked = chunked??;
+    let commit = Commit {
+        snapshot,
+        root: chunked.root.clone(),
+        checksum: chunked.checksum,
+        logical_bytes: 0,
+        chunks: chunked.chunks,
+        warnings: chunked.warnings.clone(),
+    };
+    match client.call(&Request::Commit(commit)).await? {
+        Response::Committed(rec) => Ok((rec, stats, chunked)),
+        other => Err(anyhow!("unexpected reply to Commit: {other:?}")),
+    }
+}
+
+/// The blocking part: read the source through the chunker, then chunk the manifest.
+fn chunk_source(
+    source: &SourceConfig,
+    parent: Option<&TreeManifest>,
+    mut batcher: Batcher,
+) -> anyhow::Result<Chunked> {
+    let (manifest, checksum, warnings, files_unchanged) = match &source.kind {
+        SourceKind::Command { backup_command, .. } => {
+            let mut cmd = ShellCommand::spawn(
+                "backup command",
+                backup_command,
+                std::process::Stdio::null(),
+                std::process::Stdio::piped(),
+            )
+            .map_err(|e| anyhow!(e))?;
+            let stdout = cmd.take_stdout().context("backup command has no stdout")?;
+            let stream = match batcher.chunk_stream(stdout) {
+                Ok(s) => s,
+                Err(e) => {
+                    cmd.kill();
+                    return Err(anyhow!(e).context("reading the backup command's output"));
+                }
+            };
+            cmd.finish().map_err(|e| anyhow!(e))?;
+            let checksum = stream.checksum;
+            (Manifest::Stream(stream), Some(checksum), Vec::new(), 0)
+        }
+        SourceKind::Files { paths, exclude } => {
+            let spec = FilesSpec {
+                paths: paths.clone(),
+                exclude: exclude.clone(),
+            };
+            let (tree, report) = files::walk(
+                &spec,
+                parent,
+                &mut |r| batcher.chunk_stream(r).map(|m| m.chunks),
+                &mut |_| {},
+            )?;
+            for w in &report.warnings {
+                warn!(warning = %w, "files source");
+            }
+            (Manifest::Tree(tree), None, report.warnings, report.files_unchanged)
+        }
+    };
+    let chunks = batcher.chunks;
+    let bytes_read = batcher.read.load(Ordering::Relaxed);
+    let encoded = manifest.encode();
+    drop(manifest);
+    let root = batcher.chunk_stream(&encoded[..])?;
+    batcher.flush()?;
+    Ok(Chunked {
+        root,
+        checksum,
+        chunks,
+        warnings,
+        files_unchanged,
+        bytes_read,
+    })
+}

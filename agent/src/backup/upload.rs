@@ -1,0 +1,99 @@
+//! The upload stage: for each batch, ask the coordinator which chunks it lacks, seal only
+//! those (zstd, off the reactor), and send them on their own stream. Several batches are in
+//! flight at once; the first error stops the stage.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use fleetvault_common::chunk::{seal, DEFAULT_ZSTD_LEVEL};
+use fleetvault_common::protocol::frame::write_frame;
+use fleetvault_common::protocol::{Request, Response};
+use fleetvault_common::{Chunk, Client, SnapshotId};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+
+/// Batches uploading at once.
+const IN_FLIGHT: usize = 4;
+
+/// What the uploader did.
+#[derive(Default)]
+pub(crate) struct UploadStats {
+    pub(crate) bytes_uploaded: AtomicU64,
+    pub(crate) new_chunks: AtomicU64,
+}
+
+/// Uploads every batch from `rx` until it closes.
+pub(crate) async fn run(
+    client: Arc<Client>,
+    snapshot: SnapshotId,
+    mut rx: mpsc::Receiver<Vec<Chunk>>,
+    stats: Arc<UploadStats>,
+) -> anyhow::Result<()> {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut tasks = JoinSet::new();
+    while let Some(batch) = rx.recv().await {
+        let permit = slots.clone().acquire_owned().await.context("uploader stopped")?;
+        let (client, stats) = (client.clone(), stats.clone());
+        tasks.spawn(async move {
+            let r = upload_batch(&client, snapshot, batch, &stats).await;
+            drop(permit);
+            r
+        });
+        while let Some(done) = tasks.try_join_next() {
+            done.context("upload task panicked")??;
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.context("upload task panicked")??;
+    }
+    Ok(())
+}
+
+async fn upload_batch(
+    client: &Client,
+    snapshot: SnapshotId,
+    batch: Vec<Chunk>,
+    stats: &UploadStats,
+) -> anyhow::Result<()> {
+    let ids = batch.iter().map(|c| c.id).collect();
+    let missing = match client.call(&Request::Missing { ids }).await? {
+        Response::Missing { ids } => ids,
+        other => bail!("unexpected reply to Missing: {other:?}"),
+    };
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let missing: std::collections::HashSet<_> = missing.into_iter().collect();
+    let to_send: Vec<Chunk> = batch.into_iter().filter(|c| missing.contains(&c.id)).collect();
+    let sealed = tokio::task::spawn_blocking(move || {
+        to_send
+            .iter()
+            .map(|c| (c.id, seal(&c.data, DEFAULT_ZSTD_LEVEL)))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .context("sealing task panicked")?;
+    let req = Request::PutChunks {
+        snapshot,
+        count: sealed.len() as u32,
+    };
+    let count = sealed.len() as u64;
+    let (mut send, mut recv) = client.open(&req).await?;
+    let mut bytes = 0;
+    for (id, envelope) in sealed {
+        bytes += envelope.len() as u64;
+        write_frame(&mut send, &Request::Chunk { id, envelope })
+            .await
+            .map_err(|e| client.lost(e))?;
+    }
+    let _ = send.finish();
+    match client.reply(&mut recv).await? {
+        Response::Stored { .. } => {
+            stats.bytes_uploaded.fetch_add(bytes, Ordering::Relaxed);
+            stats.new_chunks.fetch_add(count, Ordering::Relaxed);
+            Ok(())
+        }
+        other => bail!("unexpected reply to PutChunks: {other:?}"),
+    }
+}

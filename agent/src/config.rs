@@ -1,0 +1,204 @@
+//! The agent's TOML file: raw serde types, validated into [`AgentConfig`]. Errors name the
+//! file and the key. Relative paths are relative to the file's directory.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use fleetvault_common::protocol::SourceInfo;
+use fleetvault_common::{ChunkerParams, Credentials};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    coordinator: RawCoordinator,
+    #[serde(default)]
+    sources: Vec<RawSource>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCoordinator {
+    address: String,
+    server_name: String,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    name: String,
+    #[serde(flatten)]
+    kind: RawKind,
+    /// Optional chunk sizes `[min, avg, max]` in bytes.
+    #[serde(default)]
+    chunk_sizes: Option<[u32; 3]>,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+enum RawKind {
+    Files {
+        paths: Vec<PathBuf>,
+        #[serde(default)]
+        exclude: Vec<String>,
+    },
+    Command {
+        backup_command: String,
+        restore_command: Option<String>,
+    },
+}
+
+/// Where the coordinator is and how to prove who we are.
+#[derive(Debug, Clone)]
+pub(crate) struct CoordinatorAddr {
+    pub(crate) address: String,
+    pub(crate) server_name: String,
+    pub(crate) ca: PathBuf,
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
+}
+
+/// What a source is.
+#[derive(Debug, Clone)]
+pub(crate) enum SourceKind {
+    /// A file tree.
+    Files {
+        paths: Vec<PathBuf>,
+        exclude: Vec<String>,
+    },
+    /// A command's stdout; restored into another command's stdin.
+    Command {
+        backup_command: String,
+        restore_command: Option<String>,
+    },
+}
+
+/// One configured source.
+#[derive(Debug, Clone)]
+pub(crate) struct SourceConfig {
+    pub(crate) name: String,
+    pub(crate) kind: SourceKind,
+    pub(crate) chunker: ChunkerParams,
+}
+
+impl SourceConfig {
+    /// The kind's name as reported and recorded.
+    pub(crate) fn kind_name(&self) -> &'static str {
+        match self.kind {
+            SourceKind::Files { .. } => "files",
+            SourceKind::Command { .. } => "command",
+        }
+    }
+}
+
+/// A validated agent configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct AgentConfig {
+    pub(crate) coordinator: CoordinatorAddr,
+    pub(crate) sources: Vec<SourceConfig>,
+}
+
+impl AgentConfig {
+    /// Reads and validates `path`.
+    pub(crate) fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let raw: RawConfig =
+            toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let c = raw.coordinator;
+        let coordinator = CoordinatorAddr {
+            address: c.address,
+            server_name: c.server_name,
+            ca: abs(c.ca),
+            cert: abs(c.cert),
+            key: abs(c.key),
+        };
+        let mut seen = HashSet::new();
+        let mut sources = Vec::new();
+        for (i, s) in raw.sources.into_iter().enumerate() {
+            let at = || format!("invalid config {}: sources[{i}] ({:?})", path.display(), s.name);
+            if s.name.is_empty() || s.name.len() > 128 || s.name.contains(['/', '\0']) {
+                bail!("{}: key `name` must be 1-128 characters without '/'", at());
+            }
+            if !seen.insert(s.name.clone()) {
+                bail!("{}: key `name` is used by another source", at());
+            }
+            let kind = match s.kind {
+                RawKind::Files { paths, exclude } => {
+                    if paths.is_empty() {
+                        bail!("{}: key `paths` is empty", at());
+                    }
+                    for g in &exclude {
+                        globset::Glob::new(g)
+                            .with_context(|| format!("{}: key `exclude`: bad glob {g:?}", at()))?;
+                    }
+                    SourceKind::Files {
+                        paths: paths.into_iter().map(abs).collect(),
+                        exclude,
+                    }
+                }
+                RawKind::Command {
+                    backup_command,
+                    restore_command,
+                } => {
+                    if backup_command.trim().is_empty() {
+                        bail!("{}: key `backup_command` is empty", at());
+                    }
+                    SourceKind::Command {
+                        backup_command,
+                        restore_command,
+                    }
+                }
+            };
+            let chunker = match s.chunk_sizes {
+                Some([min, avg, max]) => {
+                    let p = ChunkerParams { min, avg, max };
+                    p.validate()
+                        .map_err(|e| anyhow::anyhow!("{}: key `chunk_sizes`: {e}", at()))?;
+                    p
+                }
+                None => ChunkerParams::default(),
+            };
+            sources.push(SourceConfig {
+                name: s.name,
+                kind,
+                chunker,
+            });
+        }
+        Ok(Self {
+            coordinator,
+            sources,
+        })
+    }
+
+    /// The source called `name`.
+    pub(crate) fn source(&self, name: &str) -> anyhow::Result<&SourceConfig> {
+        self.sources.iter().find(|s| s.name == name).with_context(|| {
+            let names: Vec<&str> = self.sources.iter().map(|s| s.name.as_str()).collect();
+            format!("no source named {name:?} in the config (sources: {})", names.join(", "))
+        })
+    }
+
+    /// Names and kinds, as reported to the coordinator.
+    pub(crate) fn source_infos(&self) -> Vec<SourceInfo> {
+        self.sources
+            .iter()
+            .map(|s| SourceInfo {
+                name: s.name.clone(),
+                kind: s.kind_name().to_owned(),
+            })
+            .collect()
+    }
+
+    /// TLS material.
+    pub(crate) fn credentials(&self) -> anyhow::Result<Credentials> {
+        let c = &self.coordinator;
+        Ok(Credentials::load(&c.ca, &c.cert, &c.key)?)
+    }
+}

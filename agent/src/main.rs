@@ -1,0 +1,254 @@
+//! `fleetvault-agent`: backs up this host's sources to the coordinator and restores them.
+
+mod backup;
+mod config;
+mod link;
+mod restore;
+mod sink;
+mod source;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use fleetvault_common::protocol::{Request, Response};
+use fleetvault_common::{report, Client, Credentials, SnapshotId};
+
+use config::{AgentConfig, SourceKind};
+use restore::Target;
+
+/// Software name and version, sent in the hello.
+const SOFTWARE: &str = concat!("fleetvault-agent/", env!("CARGO_PKG_VERSION"));
+
+/// The fleetvault agent: backs up this host's databases and files, restores them.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Back up one source now.
+    Backup {
+        /// Agent config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Source name.
+        #[arg(long)]
+        source: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List this agent's snapshots.
+    Snapshots {
+        /// Agent config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a snapshot: a files snapshot under --target DIR; a stream into the source's
+    /// restore_command, or to stdout with --target -.
+    Restore {
+        /// Agent config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Snapshot id (16 hex digits).
+        snapshot_id: String,
+        /// Target directory (files), file or `-` for stdout (streams).
+        #[arg(long)]
+        target: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stay connected to the coordinator and run the backups and restores it pushes.
+    Run {
+        /// Agent config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn init_logging(default: &str) {
+    let filter = std::env::var("FLEETVAULT_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| default.into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Connects to the coordinator named in `config`.
+pub(crate) async fn connect(config: &AgentConfig, creds: &Credentials) -> anyhow::Result<Client> {
+    let c = &config.coordinator;
+    let addr = tokio::net::lookup_host(&c.address)
+        .await
+        .with_context(|| format!("resolving coordinator address {}", c.address))?
+        .next()
+        .with_context(|| format!("coordinator address {} resolves to nothing", c.address))?;
+    Client::connect(creds, addr, &c.server_name, SOFTWARE)
+        .await
+        .with_context(|| format!("connecting to coordinator {}", c.address))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let run = matches!(cli.command, Command::Run { .. });
+    init_logging(if run { "info" } else { "warn" });
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Backup {
+            config,
+            source,
+            json,
+        } => {
+            let config = AgentConfig::load(&config)?;
+            let source = config.source(&source)?.clone();
+            let client = Arc::new(connect(&config, &config.credentials()?).await?);
+            let bar = report::progress_bar(None);
+            let b = bar.clone();
+            let result =
+                backup::run(client.clone(), &source, None, move |p| b.set_position(p.bytes)).await;
+            bar.finish_and_clear();
+            let report = result?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report::job_json(&report))?);
+            } else {
+                println!("{}", report::job_summary(&report, false));
+            }
+            close(client).await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Snapshots { config, json } => {
+            let config = AgentConfig::load(&config)?;
+            let client = connect(&config, &config.credentials()?).await?;
+            let list = match client.call(&Request::ListSnapshots(Default::default())).await? {
+                Response::Snapshots(l) => l,
+                other => bail!("unexpected reply {other:?}"),
+            };
+            client.close().await;
+            if json {
+                let v: Vec<_> = list.iter().map(report::snapshot_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", report::snapshots_table(&list));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restore {
+            config,
+            snapshot_id,
+            target,
+            json,
+        } => {
+            let snapshot: SnapshotId = snapshot_id.parse()?;
+            let config = AgentConfig::load(&config)?;
+            let client = Arc::new(connect(&config, &config.credentials()?).await?);
+            let target = match target.as_deref() {
+                Some("-") => Target::Stdout,
+                Some(dir) => Target::Path(dir.into()),
+                None => default_target(&client, &config, snapshot).await?,
+            };
+            let bar = report::progress_bar(None);
+            let b = bar.clone();
+            let result = restore::run(client.clone(), snapshot, target, move |p| {
+                if let (Some(t), None) = (p.total, b.length()) {
+                    b.set_length(t);
+                }
+                b.set_position(p.bytes)
+            })
+            .await;
+            bar.finish_and_clear();
+            let report = result?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report::job_json(&report))?);
+            } else {
+                eprintln!("{}", report::job_summary(&report, true));
+            }
+            close(client).await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { config } => {
+            let config = AgentConfig::load(&config)?;
+            let token = tokio_util::sync::CancellationToken::new();
+            let t = token.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                tracing::info!("shutting down");
+                t.cancel();
+            });
+            link::run(config, token).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Without `--target`: a stream snapshot goes into its source's restore_command.
+async fn default_target(client: &Client, config: &AgentConfig, snapshot: SnapshotId) -> anyhow::Result<Target> {
+    let list = match client.call(&Request::ListSnapshots(Default::default())).await? {
+        Response::Snapshots(l) => l,
+        other => bail!("unexpected reply {other:?}"),
+    };
+    let rec = list
+        .iter()
+        .find(|r| r.id == snapshot)
+        .with_context(|| format!("snapshot {snapshot} is not one of this agent's snapshots"))?;
+    let source = config.source(&rec.source)?;
+    match &source.kind {
+        SourceKind::Command {
+            restore_command: Some(cmd),
+            ..
+        } => Ok(Target::Command(cmd.clone())),
+        SourceKind::Command { .. } => bail!(
+            "source {} has no restore_command; give --target FILE or --target - for stdout",
+            source.name
+        ),
+        SourceKind::Files { .. } => bail!("a files snapshot needs --target DIR"),
+    }
+}
+
+async fn close(client: Arc<Client>) {
+    if let Ok(c) = Arc::try_unwrap(client) {
+        c.close().await;
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! Length-prefixed postcard frames on a byte stream (a quinn stream in practice).
+//!
+//! A frame is a u32 little-endian body length followed by the postcard body. The reader
+//! refuses a length over [`MAX_FRAME_LEN`] before allocating, returns `Ok(None)` on a clean
+//! end between frames, errs on an end inside one, and refuses trailing bytes in a body.
+//! `read_frame` is not cancel-safe: never race it against a shutdown signal.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::MAX_FRAME_LEN;
+
+/// A frame that could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The length prefix is over the limit.
+    #[error("frame of {0} bytes exceeds the limit")]
+    TooLarge(u64),
+    /// The stream ended inside a frame.
+    #[error("stream ended inside a frame")]
+    Truncated,
+    /// The body is not a valid message.
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] postcard::Error),
+    /// The body has bytes after the message.
+    #[error("malformed frame: {0} trailing bytes")]
+    Trailing(usize),
+    /// The stream failed.
+    #[error("stream failed: {0}")]
+    Io(#[source] std::io::Error),
+}
+
+/// Encodes `msg` as one frame.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let out = vec![0u8; 4];
+    // postcard into a Vec cannot fail for our message types (no unsupported serde features).
+    let body = postcard::to_extend(msg, out).expect("message serialises");
+    let len = (body.len() - 4) as u32;
+    let mut body = body;
+    body[..4].copy_from_slice(&len.to_le_bytes());
+    body
+}
+
+/// Decodes one frame body, refusing trailing bytes.
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    let (msg, rest) = postcard::take_from_bytes(body)?;
+    if !rest.is_empty() {
+        return Err(FrameError::Trailing(rest.len()));
+    }
+    Ok(msg)
+}
+
+/// Writes one frame.
+pub async fn write_frame<T: Serialize, W: AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &T,
+) -> Result<(), FrameError> {
+    let bytes = encode(msg);
+    if bytes.len() - 4 > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge((bytes.len() - 4) as u64));
+    }
+    w.write_all(&bytes).await.map_err(FrameError::Io)
+}
+
+/// Reads one frame; `Ok(None)` when the stream ends cleanly before a frame starts.
+pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<T>, FrameError> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        let n = r.read(&mut len[got..]).await.map_err(FrameError::Io)?;
+        if n == 0 {
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(FrameError::Truncated)
+            };
+        }
+        got += n;
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge(len as u64));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            FrameError::Truncated
+        } else {
+            FrameError::Io(e)
+        }
+    })?;
+    decode_body(&body).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::{ChunkId, SnapshotId};
+    use crate::protocol::{ReadPart, Request, Response};
+    use proptest::prelude::*;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+    }
+
+    /// Reads every frame of `bytes` as `T` until the end or the first error.
+    fn read_all<T: DeserializeOwned>(bytes: &[u8]) -> Result<Vec<T>, FrameError> {
+        rt().block_on(async {
+            let mut r = bytes;
+            let mut out = Vec::new();
+            while let Some(m) = read_frame::<T, _>(&mut r).await? {
+                out.push(m);
+            }
+            Ok(out)
+        })
+    }
+
+    fn valid_frames() -> Vec<u8> {
+        let mut bytes = encode(&Request::Read {
+            snapshot: SnapshotId(9),
+            part: ReadPart::All,
+        });
+        bytes.extend(encode(&Request::Chunk {
+            id: ChunkId::of(b"x"),
+            envelope: vec![1, 2, 3, 4, 5],
+        }));
+        bytes.extend(encode(&Response::End));
+        bytes
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let msgs = vec![
+            Request::Missing {
+                ids: vec![ChunkId::of(b"a")],
+            },
+            Request::ListAgents,
+        ];
+        let mut bytes = Vec::new();
+        for m in &msgs {
+            bytes.extend(encode(m));
+        }
+        assert_eq!(read_all::<Request>(&bytes).unwrap(), msgs);
+    }
+
+    #[test]
+    fn huge_length_prefix_is_refused_before_allocating() {
+        let bytes = [0xff, 0xff, 0xff, 0xff, 0];
+        assert!(matches!(
+            read_all::<Request>(&bytes),
+            Err(FrameError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn end_inside_a_frame_is_an_error_and_clean_end_is_none() {
+        let bytes = valid_frames();
+        assert!(matches!(
+            read_all::<Request>(&bytes[..bytes.len() - 1]),
+            Err(FrameError::Truncated | FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            read_all::<Request>(&bytes[..2]),
+            Err(FrameError::Truncated)
+        ));
+        assert!(read_all::<Request>(&[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn trailing_bytes_in_a_body_are_refused() {
+        let mut frame = encode(&Request::ListAgents);
+        frame.push(0);
+        let len = (frame.len() - 4) as u32;
+        frame[..4].copy_from_slice(&len.to_le_bytes());
+        assert!(matches!(
+            read_all::<Request>(&frame),
+            Err(FrameError::Trailing(1))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = read_all::<Request>(&bytes);
+            let _ = read_all::<Response>(&bytes);
+        }
+
+        #[test]
+        fn mutated_frames_never_panic(flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+                                      cut in any::<usize>(), extra in proptest::collection::vec(any::<u8>(), 0..8)) {
+            let mut bytes = valid_frames();
+            for (pos, bits) in flips {
+                let i = pos % bytes.len();
+                bytes[i] ^= bits;
+            }
+            bytes.truncate(cut % (bytes.len() + 1));
+            bytes.extend(extra);
+            let _ = read_all::<Request>(&bytes);
+            let _ = read_all::<Response>(&bytes);
+        }
+
+        #[test]
+        fn huge_lengths_in_valid_frames_are_refused(len in (MAX_FRAME_LEN as u32 + 1)..=u32::MAX) {
+            let mut bytes = valid_frames();
+            bytes[..4].copy_from_slice(&len.to_le_bytes());
+            prop_assert!(matches!(read_all::<Request>(&bytes), Err(FrameError::TooLarge(_))));
+        }
+    }
+}

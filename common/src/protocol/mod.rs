@@ -1,0 +1,524 @@
+//! The wire protocol: every message that crosses a QUIC stream, in one place.
+//!
+//! Messages are serde enums encoded with postcard in length-prefixed frames ([`frame`]).
+//! postcard is positional: variants and fields are only ever appended, and
+//! `tests::wire_format_is_pinned` pins the bytes of the first messages.
+//!
+//! # Exchanges
+//!
+//! - **Hello.** The connecting side (agent, operator) opens the first bidirectional stream and
+//!   sends [`Hello`]; the coordinator answers [`HelloReply`]. A version mismatch is refused
+//!   there with a reason, and the connection is closed with [`close::VERSION_MISMATCH`]. The
+//!   peer's identity is never taken from a message: the coordinator reads it from the verified
+//!   certificate.
+//! - **Requests.** Every later exchange is one bidirectional stream opened by the client, whose
+//!   first frame is a [`Request`] and whose replies are [`Response`] frames:
+//!   - `Missing { ids }` → `Missing { ids }`: which of these chunks must be uploaded. The answer
+//!     is scoped to what this agent already references (see `DESIGN.md`, Trust), so it is not
+//!     an oracle for other hosts' data.
+//!   - `PutChunks { snapshot, count }` followed by `count` `Chunk` frames → `Stored` once every
+//!     chunk has been verified (hash recomputed) and is durable on disk. Several such streams
+//!     run in parallel.
+//!   - `Begin` → `Begun { snapshot, parent }`: a `running` snapshot record and, when there is
+//!     one, the last completed snapshot of the same source (for unchanged-file detection).
+//!   - `Commit` → `Committed(record)`: the coordinator re-checks that every referenced chunk
+//!     exists, writes the immutable record, then flips the catalog record to `completed`.
+//!   - `Abort` → `Ok`: the snapshot ends `failed` with the reason.
+//!   - `Read { snapshot, part }` → `Reading(record)`, then one `Chunk` frame per chunk in
+//!     restore order (the manifest's chunks, then, for `ReadPart::All`, every data chunk in
+//!     manifest order), then `End`. A chunk the store lacks comes as `ChunkMissing`.
+//!   - `ListSnapshots`, `ListAgents`: listings. `Register`: a live agent reports its sources.
+//!   - Operators only: `PushBackup`, `PushRestore` → `Progress`… then `JobDone`.
+//!   - Any request can be answered with `Error { code, message }`.
+//! - **Pushed work.** For a live agent (`fleetvault-agent run`) the coordinator opens a
+//!   bidirectional stream with a [`Push`]; the agent answers with [`PushReply::Progress`]
+//!   frames and one final [`PushReply::Done`], doing the work itself through ordinary requests
+//!   on the same connection.
+
+pub mod frame;
+
+use serde::{Deserialize, Serialize};
+
+use crate::chunker::ChunkerParams;
+use crate::id::{ChunkId, SnapshotId};
+use crate::manifest::StreamManifest;
+
+/// Version of this protocol, exchanged in [`Hello`].
+pub const PROTOCOL_VERSION: u32 = 1;
+/// TLS application protocol; the version negotiation itself happens in [`Hello`].
+pub const ALPN: &[u8] = b"fleetvault/1";
+/// Largest frame body accepted; checked before allocating.
+pub const MAX_FRAME_LEN: usize = crate::chunk::MAX_CHUNK_LEN + 64 * 1024;
+/// Most ids in one `Missing` request.
+pub const MAX_MISSING_BATCH: usize = 8192;
+/// Most chunks announced in one `PutChunks` stream.
+pub const MAX_PUT_BATCH: u32 = 4096;
+
+/// QUIC application close codes.
+pub mod close {
+    /// Normal close.
+    pub const NORMAL: u32 = 0;
+    /// A malformed, oversized or unexpected frame.
+    pub const PROTOCOL_ERROR: u32 = 1;
+    /// The peers speak different protocol versions.
+    pub const VERSION_MISMATCH: u32 = 2;
+    /// The certificate's role may not connect here.
+    pub const NOT_AUTHORIZED: u32 = 3;
+    /// The coordinator is shutting down.
+    pub const SHUTTING_DOWN: u32 = 4;
+}
+
+/// First frame of a connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The sender's [`PROTOCOL_VERSION`].
+    pub protocol: u32,
+    /// Software name and version, for logs and `agents`.
+    pub software: String,
+}
+
+/// Answer to [`Hello`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloReply {
+    /// Accepted; `identity` is what the coordinator read from the certificate (`agent/NAME`).
+    Welcome {
+        /// The coordinator's protocol version.
+        protocol: u32,
+        /// The coordinator's software version.
+        software: String,
+        /// The caller's identity as the coordinator sees it.
+        identity: String,
+    },
+    /// Refused, with the reason.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A source as a live agent reports it: never its settings or credentials.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceInfo {
+    /// Unique name within the agent.
+    pub name: String,
+    /// `files`, `command`, …
+    pub kind: String,
+}
+
+/// Start of a backup.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Begin {
+    /// Source name.
+    pub source: String,
+    /// Source kind.
+    pub kind: String,
+    /// Chunker parameters this backup uses.
+    pub chunker: ChunkerParams,
+    /// Job that asked for it, if any.
+    pub job: Option<String>,
+    /// Free-form labels.
+    pub tags: Vec<String>,
+}
+
+/// End of a successful backup.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Commit {
+    /// The snapshot from `Begun`.
+    pub snapshot: SnapshotId,
+    /// The encoded manifest, as a chunk stream.
+    pub root: StreamManifest,
+    /// BLAKE3 of the data stream (stream sources only).
+    pub checksum: Option<[u8; 32]>,
+    /// Bytes the source produced.
+    pub logical_bytes: u64,
+    /// Data chunks referenced (with repeats).
+    pub chunks: u64,
+    /// Things the operator should know (e.g. a file changed while being read).
+    pub warnings: Vec<String>,
+}
+
+/// Which part of a snapshot to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReadPart {
+    /// Only the manifest's chunks.
+    Manifest,
+    /// The manifest's chunks, then every data chunk in manifest order.
+    All,
+}
+
+/// Filters for `ListSnapshots`; empty fields match everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotFilter {
+    /// Only this agent's snapshots.
+    pub agent: Option<String>,
+    /// Only this source's.
+    pub source: Option<String>,
+    /// Only with this status (`completed`, `failed`, …).
+    pub status: Option<String>,
+}
+
+/// First frame of a client-opened stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Which of these chunks must be uploaded?
+    Missing {
+        /// At most [`MAX_MISSING_BATCH`].
+        ids: Vec<ChunkId>,
+    },
+    /// `count` [`Request::Chunk`] frames follow.
+    PutChunks {
+        /// The backup they belong to.
+        snapshot: SnapshotId,
+        /// At most [`MAX_PUT_BATCH`].
+        count: u32,
+    },
+    /// One chunk on a `PutChunks` stream.
+    Chunk {
+        /// Claimed id; the coordinator recomputes it.
+        id: ChunkId,
+        /// The sealed chunk.
+        envelope: Vec<u8>,
+    },
+    /// Start a backup.
+    Begin(Begin),
+    /// Finish a backup.
+    Commit(Commit),
+    /// Give up a backup.
+    Abort {
+        /// The snapshot from `Begun`.
+        snapshot: SnapshotId,
+        /// Why.
+        reason: String,
+    },
+    /// Stream a snapshot back.
+    Read {
+        /// Which snapshot.
+        snapshot: SnapshotId,
+        /// How much of it.
+        part: ReadPart,
+    },
+    /// List snapshots (an agent sees only its own).
+    ListSnapshots(SnapshotFilter),
+    /// List agents (operators only).
+    ListAgents,
+    /// A live agent's sources.
+    Register {
+        /// Its sources.
+        sources: Vec<SourceInfo>,
+    },
+    /// Operators: have a live agent back up a source now.
+    PushBackup {
+        /// Agent name.
+        agent: String,
+        /// Source name.
+        source: String,
+    },
+    /// Operators: have a live agent restore a snapshot (possibly another agent's).
+    PushRestore {
+        /// What to restore.
+        snapshot: SnapshotId,
+        /// Onto which agent.
+        agent: String,
+        /// Target directory for a files snapshot.
+        target: Option<String>,
+    },
+}
+
+/// Why a request failed, for the caller to act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// Malformed or unexpected request.
+    BadRequest,
+    /// Not allowed for this identity.
+    Forbidden,
+    /// No such snapshot or agent.
+    NotFound,
+    /// A chunk's content does not match its id.
+    HashMismatch,
+    /// The coordinator failed (disk full, I/O error).
+    Internal,
+    /// The agent is not connected.
+    AgentOffline,
+    /// The pushed job failed on the agent.
+    JobFailed,
+}
+
+/// Result of a backup or restore, as printed by `--json`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobReport {
+    /// The snapshot made or restored.
+    pub snapshot_id: String,
+    /// `completed` or `failed`.
+    pub status: String,
+    /// Agent that did the work.
+    pub agent: String,
+    /// Source name.
+    pub source: String,
+    /// Bytes read from the source (backup) or written to the sink (restore).
+    pub bytes_read: u64,
+    /// Bytes sent to the coordinator (sealed chunks).
+    pub bytes_uploaded: u64,
+    /// Chunks referenced.
+    pub chunks: u64,
+    /// Chunks uploaded because the coordinator lacked them.
+    pub new_chunks: u64,
+    /// Bytes written by a restore.
+    pub bytes_written: u64,
+    /// Wall time.
+    pub duration_ms: u64,
+    /// Files not re-read because unchanged (files sources).
+    pub files_unchanged: u64,
+    /// Warnings.
+    pub warnings: Vec<String>,
+    /// Failure reason when `status` is `failed`.
+    pub error: Option<String>,
+}
+
+/// Progress of a running job.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Bytes processed so far.
+    pub bytes: u64,
+    /// Total, when known.
+    pub total: Option<u64>,
+}
+
+/// A live agent as operators see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// Name from its certificate.
+    pub name: String,
+    /// Connected now.
+    pub connected: bool,
+    /// Last time it was seen (unix ms, coordinator clock).
+    pub last_seen_ms: u64,
+    /// Its software version.
+    pub version: String,
+    /// Its sources.
+    pub sources: Vec<SourceInfo>,
+}
+
+/// Replies on a client-opened stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// The request failed.
+    Error {
+        /// What kind of failure.
+        code: ErrorCode,
+        /// One line naming the problem.
+        message: String,
+    },
+    /// Generic success.
+    Ok,
+    /// The chunks to upload.
+    Missing {
+        /// Subset of the asked ids.
+        ids: Vec<ChunkId>,
+    },
+    /// Every chunk of a `PutChunks` stream is durable.
+    Stored {
+        /// How many were new to the store.
+        new: u32,
+    },
+    /// A backup started.
+    Begun {
+        /// Its id.
+        snapshot: SnapshotId,
+        /// The last completed snapshot of the same source.
+        parent: Option<SnapshotRecord>,
+    },
+    /// A backup is completed.
+    Committed(SnapshotRecord),
+    /// A `Read` starts: the snapshot's record.
+    Reading(SnapshotRecord),
+    /// One chunk of a `Read`.
+    Chunk {
+        /// Its id (the reader verifies the content against it).
+        id: ChunkId,
+        /// The sealed chunk as stored.
+        envelope: Vec<u8>,
+    },
+    /// A chunk the coordinator does not have.
+    ChunkMissing {
+        /// Its id.
+        id: ChunkId,
+    },
+    /// End of a `Read`.
+    End,
+    /// Snapshot listing.
+    Snapshots(Vec<SnapshotRecord>),
+    /// Agent listing.
+    Agents(Vec<AgentInfo>),
+    /// A pushed job progresses.
+    Progress(Progress),
+    /// A pushed job finished (successfully or not: see `status`).
+    JobDone(JobReport),
+}
+
+/// Work the coordinator pushes to a live agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Push {
+    /// Back up one source now.
+    Backup {
+        /// Source name.
+        source: String,
+        /// Job that asked for it.
+        job: Option<String>,
+    },
+    /// Restore a snapshot (the agent reads it with `Read`; the coordinator has granted it).
+    Restore {
+        /// What to restore.
+        snapshot: SnapshotId,
+        /// Target directory (files snapshots).
+        target: Option<String>,
+    },
+}
+
+/// The agent's answers on a push stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum PushReply {
+    /// Work progresses.
+    Progress(Progress),
+    /// Work finished.
+    Done(JobReport),
+}
+
+/// Status of a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotStatus {
+    /// Waiting to run.
+    Pending,
+    /// Being written.
+    Running,
+    /// Every chunk durable, record flushed.
+    Completed,
+    /// Ended without a usable snapshot.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl SnapshotStatus {
+    /// `pending`, `running`, `completed` or `failed`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SnapshotStatus::Pending => "pending",
+            SnapshotStatus::Running => "running",
+            SnapshotStatus::Completed => "completed",
+            SnapshotStatus::Failed { .. } => "failed",
+        }
+    }
+}
+
+/// The catalog's record of one snapshot (see `DESIGN.md`, Formats). Times are stamped by the
+/// coordinator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// Id.
+    pub id: SnapshotId,
+    /// Agent (from its certificate).
+    pub agent: String,
+    /// Source name.
+    pub source: String,
+    /// Source kind.
+    pub kind: String,
+    /// Database type, for database sources.
+    pub db_type: Option<String>,
+    /// Database server version.
+    pub db_version: Option<String>,
+    /// Database name.
+    pub database: Option<String>,
+    /// Start, unix ms (coordinator clock).
+    pub started_ms: u64,
+    /// End, unix ms.
+    pub ended_ms: Option<u64>,
+    /// Status.
+    pub status: SnapshotStatus,
+    /// Bytes the source produced.
+    pub logical_bytes: u64,
+    /// Plaintext bytes of chunks new to the store.
+    pub new_bytes: u64,
+    /// Stored (sealed) bytes of chunks new to the store.
+    pub stored_bytes: u64,
+    /// Data chunks referenced.
+    pub chunks: u64,
+    /// Chunks new to the store.
+    pub new_chunks: u64,
+    /// The encoded manifest as a chunk stream.
+    pub root: Option<StreamManifest>,
+    /// BLAKE3 of the data stream (stream sources).
+    pub checksum: Option<[u8; 32]>,
+    /// Chunker parameters used.
+    pub chunker: ChunkerParams,
+    /// Parent snapshot used for unchanged-file detection.
+    pub parent: Option<SnapshotId>,
+    /// Job name.
+    pub job: Option<String>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Protected from retention.
+    pub protected: bool,
+    /// Warnings from the backup.
+    pub warnings: Vec<String>,
+}
+
+impl SnapshotRecord {
+    /// Plaintext over stored bytes of what this snapshot added (1.0 when nothing was new).
+    pub fn compression_ratio(&self) -> f64 {
+        if self.stored_bytes == 0 {
+            1.0
+        } else {
+            self.new_bytes as f64 / self.stored_bytes as f64
+        }
+    }
+
+    /// Logical bytes over new bytes: how much dedup saved.
+    pub fn dedup_ratio(&self) -> f64 {
+        if self.new_bytes == 0 {
+            if self.logical_bytes == 0 {
+                1.0
+            } else {
+                f64::INFINITY
+            }
+        } else {
+            self.logical_bytes as f64 / self.new_bytes as f64
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// postcard is positional: if this changes, old peers and stored records break. Append new
+    /// variants and fields instead of reordering.
+    #[test]
+    fn wire_format_is_pinned() {
+        let hello = Hello {
+            protocol: 1,
+            software: "fv".into(),
+        };
+        assert_eq!(postcard::to_stdvec(&hello).unwrap(), [1, 2, b'f', b'v']);
+        let req = Request::Missing {
+            ids: vec![ChunkId([7; 32])],
+        };
+        let bytes = postcard::to_stdvec(&req).unwrap();
+        assert_eq!(&bytes[..3], &[0, 1, 7]);
+        assert_eq!(bytes.len(), 34);
+        let read = Request::Read {
+            snapshot: SnapshotId(5),
+            part: ReadPart::All,
+        };
+        assert_eq!(postcard::to_stdvec(&read).unwrap(), [6, 5, 1]);
+        assert_eq!(postcard::to_stdvec(&Response::End).unwrap(), [9]);
+        assert_eq!(
+            postcard::to_stdvec(&Push::Backup {
+                source: "d".into(),
+                job: None
+            })
+            .unwrap(),
+            [0, 1, b'd', 0]
+        );
+    }
+}

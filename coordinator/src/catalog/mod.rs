@@ -1,0 +1,306 @@
+//! The catalog: agents, snapshot records and which chunks each agent references, in sled.
+//!
+//! The only module that names sled. Every state change that something else relies on
+//! (a snapshot becoming `running`, `completed` or `failed`) is flushed before the call
+//! returns. The catalog is a cache of immutable truth: completed snapshots are also in the
+//! store (`ChunkStore::write_record`), and [`Catalog::open`] rebuilds from there when the
+//! catalog is new.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use fleetvault_common::protocol::{frame, SnapshotFilter, SourceInfo};
+use fleetvault_common::{ChunkId, SnapshotId, SnapshotRecord, SnapshotStatus};
+use serde::{Deserialize, Serialize};
+
+use crate::clock;
+
+/// A catalog operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CatalogError {
+    /// sled failed.
+    #[error("catalog: {0}")]
+    Db(#[from] sled::Error),
+    /// A stored value cannot be decoded.
+    #[error("catalog entry {0} is corrupt")]
+    Corrupt(String),
+    /// No such snapshot.
+    #[error("snapshot {0} not found")]
+    NotFound(SnapshotId),
+}
+
+/// What the catalog remembers of an agent.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct AgentRecord {
+    pub(crate) last_seen_ms: u64,
+    pub(crate) version: String,
+    pub(crate) sources: Vec<SourceInfo>,
+}
+
+/// Agents and snapshots.
+pub(crate) struct Catalog {
+    db: sled::Db,
+    snapshots: sled::Tree,
+    agents: sled::Tree,
+    refs: sled::Tree,
+    last_id: Mutex<u64>,
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // postcard into a Vec cannot fail for these plain data types.
+    postcard::to_stdvec(v).expect("catalog value serialises")
+}
+
+fn ref_key(agent: &str, id: &ChunkId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(agent.len() + 33);
+    k.extend_from_slice(agent.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&id.0);
+    k
+}
+
+impl Catalog {
+    /// Opens the catalog at `path`. A new catalog is filled from `records` (the store's
+    /// immutable records). Snapshots still `running` or `pending` were cut off by a crash or
+    /// restart: they end `failed` here, before anything can list them.
+    pub(crate) fn open(
+        path: &Path,
+        records: impl FnOnce() -> Vec<SnapshotRecord>,
+    ) -> Result<Self, CatalogError> {
+        let db = sled::open(path)?;
+        let catalog = Self {
+            snapshots: db.open_tree("snapshots")?,
+            agents: db.open_tree("agents")?,
+            refs: db.open_tree("refs")?,
+            db,
+            last_id: Mutex::new(0),
+        };
+        if catalog.snapshots.is_empty() {
+            for record in records() {
+                catalog.add_refs_of(&record)?;
+                catalog.put(&record)?;
+            }
+        }
+        let mut last = 0;
+        for item in catalog.snapshots.iter() {
+            let (_, v) = item?;
+            let mut rec: SnapshotRecord = decode(&v)?;
+            last = last.max(rec.id.0);
+            if matches!(rec.status, SnapshotStatus::Running | SnapshotStatus::Pending) {
+                rec.status = SnapshotStatus::Failed {
+                    reason: "coordinator stopped during the backup".into(),
+                };
+                rec.ended_ms = Some(clock::now_ms());
+                catalog.put(&rec)?;
+            }
+        }
+        *catalog.last_id.lock().expect("id lock") = last;
+        catalog.db.flush()?;
+        Ok(catalog)
+    }
+
+    fn put(&self, rec: &SnapshotRecord) -> Result<(), CatalogError> {
+        self.snapshots.insert(rec.id.0.to_be_bytes(), encode(rec))?;
+        Ok(())
+    }
+
+    /// Allocates an id: milliseconds since the epoch shifted left, so ids sort by start time
+    /// and stay unique across restarts.
+    pub(crate) fn next_id(&self) -> SnapshotId {
+        let mut last = self.last_id.lock().expect("id lock");
+        *last = (clock::now_ms() << 12).max(*last + 1);
+        SnapshotId(*last)
+    }
+
+    /// Records a new running snapshot, flushed.
+    pub(crate) fn begin(&self, rec: &SnapshotRecord) -> Result<(), CatalogError> {
+        self.put(rec)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Stores a finished (completed or failed) record, flushed.
+    pub(crate) fn finish(&self, rec: &SnapshotRecord) -> Result<(), CatalogError> {
+        self.put(rec)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Marks a running snapshot failed, flushed; a snapshot already finished is left alone.
+    pub(crate) fn fail(&self, id: SnapshotId, reason: &str) -> Result<(), CatalogError> {
+        let mut rec = self.get(id)?;
+        if matches!(rec.status, SnapshotStatus::Running | SnapshotStatus::Pending) {
+            rec.status = SnapshotStatus::Failed {
+                reason: reason.to_owned(),
+            };
+            rec.ended_ms = Some(clock::now_ms());
+            self.finish(&rec)?;
+        }
+        Ok(())
+    }
+
+    /// One snapshot.
+    pub(crate) fn get(&self, id: SnapshotId) -> Result<SnapshotRecord, CatalogError> {
+        match self.snapshots.get(id.0.to_be_bytes())? {
+            Some(v) => decode(&v),
+            None => Err(CatalogError::NotFound(id)),
+        }
+    }
+
+    /// Snapshots matching `filter`, oldest first.
+    pub(crate) fn list(&self, filter: &SnapshotFilter) -> Result<Vec<SnapshotRecord>, CatalogError> {
+        let mut out = Vec::new();
+        for item in self.snapshots.iter() {
+            let (_, v) = item?;
+            let rec: SnapshotRecord = decode(&v)?;
+            let keep = filter.agent.as_ref().is_none_or(|a| *a == rec.agent)
+                && filter.source.as_ref().is_none_or(|s| *s == rec.source)
+                && filter
+                    .status
+                    .as_ref()
+                    .is_none_or(|s| s == rec.status.name());
+            if keep {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The newest completed snapshot of an agent's source.
+    pub(crate) fn last_completed(
+        &self,
+        agent: &str,
+        source: &str,
+    ) -> Result<Option<SnapshotRecord>, CatalogError> {
+        for item in self.snapshots.iter().rev() {
+            let (_, v) = item?;
+            let rec: SnapshotRecord = decode(&v)?;
+            if rec.agent == agent && rec.source == source && rec.status == SnapshotStatus::Completed
+            {
+                return Ok(Some(rec));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether `agent` already references chunk `id` through one of its snapshots.
+    pub(crate) fn has_ref(&self, agent: &str, id: &ChunkId) -> Result<bool, CatalogError> {
+        Ok(self.refs.contains_key(ref_key(agent, id))?)
+    }
+
+    /// Records that `agent` references these chunks (at commit; flushed with the record).
+    pub(crate) fn add_refs<'a>(
+        &self,
+        agent: &str,
+        ids: impl Iterator<Item = &'a ChunkId>,
+    ) -> Result<(), CatalogError> {
+        let mut batch = sled::Batch::default();
+        for id in ids {
+            batch.insert(ref_key(agent, id), &[]);
+        }
+        self.refs.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn add_refs_of(&self, rec: &SnapshotRecord) -> Result<(), CatalogError> {
+        if let Some(root) = &rec.root {
+            self.add_refs(&rec.agent, root.chunks.iter().map(|c| &c.id))?;
+        }
+        Ok(())
+    }
+
+    /// Updates what is known of an agent.
+    pub(crate) fn touch_agent(
+        &self,
+        name: &str,
+        update: impl FnOnce(&mut AgentRecord),
+    ) -> Result<(), CatalogError> {
+        let mut rec: AgentRecord = match self.agents.get(name)? {
+            Some(v) => decode(&v)?,
+            None => AgentRecord::default(),
+        };
+        update(&mut rec);
+        rec.last_seen_ms = clock::now_ms();
+        self.agents.insert(name, encode(&rec))?;
+        Ok(())
+    }
+
+    /// Every agent ever seen.
+    pub(crate) fn agents(&self) -> Result<Vec<(String, AgentRecord)>, CatalogError> {
+        let mut out = Vec::new();
+        for item in self.agents.iter() {
+            let (k, v) = item?;
+            out.push((String::from_utf8_lossy(&k).into_owned(), decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Flushes everything to disk.
+    pub(crate) fn flush(&self) -> Result<(), CatalogError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(v: &[u8]) -> Result<T, CatalogError> {
+    frame::decode_body(v).map_err(|e| CatalogError::Corrupt(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetvault_common::ChunkerParams;
+
+    pub(crate) fn record(id: SnapshotId, status: SnapshotStatus) -> SnapshotRecord {
+        SnapshotRecord {
+            id,
+            agent: "a".into(),
+            source: "s".into(),
+            kind: "command".into(),
+            db_type: None,
+            db_version: None,
+            database: None,
+            started_ms: 1,
+            ended_ms: None,
+            status,
+            logical_bytes: 0,
+            new_bytes: 0,
+            stored_bytes: 0,
+            chunks: 0,
+            new_chunks: 0,
+            root: None,
+            checksum: None,
+            chunker: ChunkerParams::default(),
+            parent: None,
+            job: None,
+            tags: vec![],
+            protected: false,
+            warnings: vec![],
+        }
+    }
+
+    #[test]
+    fn running_snapshots_fail_on_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let cat = Catalog::open(dir.path(), Vec::new).unwrap();
+            let id = cat.next_id();
+            cat.begin(&record(id, SnapshotStatus::Running)).unwrap();
+        }
+        let cat = Catalog::open(dir.path(), Vec::new).unwrap();
+        let all = cat.list(&SnapshotFilter::default()).unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].status.name(), "failed");
+        let next = cat.next_id();
+        assert!(next > all[0].id);
+    }
+
+    #[test]
+    fn empty_catalog_is_rebuilt_from_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = record(SnapshotId(42), SnapshotStatus::Completed);
+        let cat = Catalog::open(dir.path(), || vec![rec.clone()]).unwrap();
+        assert_eq!(cat.get(SnapshotId(42)).unwrap(), rec);
+        assert_eq!(cat.last_completed("a", "s").unwrap().unwrap().id, SnapshotId(42));
+    }
+}

@@ -1,0 +1,395 @@
+//! The subcommands: setting up a data directory, serving, and the operator's requests to a
+//! running coordinator (sled locks its files, so listings go through the server).
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use fleetvault_certs::{Ca, Role};
+use fleetvault_common::protocol::{Request, Response, SnapshotFilter};
+use fleetvault_common::report;
+use fleetvault_common::{Client, Credentials, JobReport, SnapshotId};
+use tracing::info;
+
+use crate::catalog::Catalog;
+use crate::config::{CoordinatorConfig, DataDir};
+use crate::push::LiveAgents;
+use crate::store::ChunkStore;
+use crate::State;
+
+/// Logs to stderr; `FLEETVAULT_LOG` (or `RUST_LOG`) overrides the level.
+pub(crate) fn init_logging() {
+    let filter = std::env::var("FLEETVAULT_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Writes `bytes` to a new file with `mode`, replacing nothing unless `overwrite`.
+pub(crate) fn write_file(path: &Path, bytes: &[u8], mode: u32, overwrite: bool) -> anyhow::Result<()> {
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).mode(mode);
+    if overwrite {
+        opts.create(true).truncate(true);
+    } else {
+        opts.create_new(true);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+pub(crate) fn init(root: &Path, listen: &str, server_name: &str) -> anyhow::Result<ExitCode> {
+    let dir = DataDir::new(root);
+    if dir.tls("ca.key").exists() || dir.config_path().exists() {
+        bail!(
+            "{} already holds a coordinator (found {}); refusing to overwrite its CA",
+            root.display(),
+            dir.config_path().display()
+        );
+    }
+    let cfg = CoordinatorConfig {
+        listen: listen.to_owned(),
+        server_name: server_name.to_owned(),
+        advertise: None,
+    };
+    let addr = cfg.listen_addr()?;
+    fleetvault_certs::validate_name(server_name)
+        .with_context(|| format!("server name {server_name:?}"))?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir.tls(""))
+        .with_context(|| format!("creating {}", dir.tls("").display()))?;
+    let ca = Ca::create("fleetvault fleet CA").context("creating the fleet CA")?;
+    let mut sans = vec![server_name.to_owned(), "localhost".into(), "127.0.0.1".into()];
+    if !addr.ip().is_unspecified() {
+        sans.push(addr.ip().to_string());
+    }
+    sans.dedup();
+    let server = ca
+        .issue(Role::Coordinator, server_name, &sans)
+        .context("issuing the coordinator certificate")?;
+    let operator = ca
+        .issue(Role::Operator, "admin", &[])
+        .context("issuing the operator certificate")?;
+    write_file(&dir.tls("ca.pem"), ca.cert_pem().as_bytes(), 0o644, false)?;
+    write_file(&dir.tls("ca.key"), ca.key_pem().as_bytes(), 0o600, false)?;
+    write_file(&dir.tls("coordinator.pem"), server.cert_pem.as_bytes(), 0o644, false)?;
+    write_file(&dir.tls("coordinator.key"), server.key_pem.as_bytes(), 0o600, false)?;
+    write_file(&dir.tls("operator.pem"), operator.cert_pem.as_bytes(), 0o644, false)?;
+    write_file(&dir.tls("operator.key"), operator.key_pem.as_bytes(), 0o600, false)?;
+    ChunkStore::open(&dir.store()).context("creating the chunk store")?;
+    let text = format!(
+        "# fleetvault coordinator configuration (written by `fleetvault-coordinator init`)\n{}",
+        toml::to_string(&cfg).context("encoding coordinator.toml")?
+    );
+    write_file(&dir.config_path(), text.as_bytes(), 0o644, false)?;
+    println!(
+        "initialised coordinator data dir {} (listen {listen}, server name {server_name})",
+        root.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn issue_agent(root: &Path, name: &str, out: &Path, force: bool) -> anyhow::Result<ExitCode> {
+    let dir = DataDir::new(root);
+    let cfg = dir.load_config()?;
+    fleetvault_certs::validate_name(name).with_context(|| format!("agent name {name:?}"))?;
+    let read = |p: &Path| fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    let ca = Ca::load(&read(&dir.tls("ca.pem"))?, &read(&dir.tls("ca.key"))?)
+        .context("loading the fleet CA")?;
+    let toml_path = out.join("agent.toml");
+    if toml_path.exists() && !force {
+        bail!("{} already exists (use --force to replace it)", toml_path.display());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(out)
+        .with_context(|| format!("creating {}", out.display()))?;
+    let cert = ca
+        .issue(Role::Agent, name, &[])
+        .with_context(|| format!("issuing a certificate for agent {name}"))?;
+    write_file(&out.join("ca.pem"), ca.cert_pem().as_bytes(), 0o644, true)?;
+    write_file(&out.join("agent.pem"), cert.cert_pem.as_bytes(), 0o644, true)?;
+    write_file(&out.join("agent.key"), cert.key_pem.as_bytes(), 0o600, true)?;
+    let text = format!(
+        r#"# fleetvault agent configuration for agent "{name}", issued by the coordinator.
+# Certificate serial {serial}. Paths are relative to this file.
+
+[coordinator]
+address = "{address}"
+server_name = "{server_name}"
+ca = "ca.pem"
+cert = "agent.pem"
+key = "agent.key"
+
+# Append one [[sources]] table per thing to back up, for example:
+#
+# [[sources]]
+# name = "uploads"
+# kind = "files"
+# paths = ["/var/lib/app/uploads"]
+# exclude = ["*.tmp"]
+#
+# [[sources]]
+# name = "db"
+# kind = "command"
+# backup_command = "pg_dump -Fc -Z0 app"
+# restore_command = "pg_restore -d app"
+"#,
+        serial = cert.serial_hex,
+        address = cfg.dial_address()?,
+        server_name = cfg.server_name,
+    );
+    write_file(&toml_path, text.as_bytes(), 0o600, true)?;
+    println!("issued agent {name}: {}", toml_path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn serve(root: &Path) -> anyhow::Result<ExitCode> {
+    let dir = DataDir::new(root);
+    let cfg = dir.load_config()?;
+    let creds = Credentials::load(
+        &dir.tls("ca.pem"),
+        &dir.tls("coordinator.pem"),
+        &dir.tls("coordinator.key"),
+    )?;
+    let store = ChunkStore::open(&dir.store())
+        .with_context(|| format!("opening the chunk store {}", dir.store().display()))?;
+    let mut rebuild_error = None;
+    let catalog = Catalog::open(&dir.catalog(), || match store.read_records() {
+        Ok(r) => r,
+        Err(e) => {
+            rebuild_error = Some(e);
+            Vec::new()
+        }
+    })
+    .with_context(|| {
+        format!(
+            "opening the catalog {} (is another coordinator running on this data dir?)",
+            dir.catalog().display()
+        )
+    })?;
+    if let Some(e) = rebuild_error {
+        bail!("rebuilding the catalog from the store: {e}");
+    }
+    let state = Arc::new(State {
+        store,
+        catalog,
+        live: LiveAgents::default(),
+    });
+    runtime()?.block_on(async move {
+        let endpoint = fleetvault_common::server_endpoint(cfg.listen_addr()?, &creds)?;
+        let local = endpoint.local_addr().context("reading the bound address")?;
+        info!(%local, data_dir = %dir.root().display(), "coordinator listening");
+        eprintln!("fleetvault-coordinator listening on {local}");
+        crate::server::run(endpoint, state, shutdown_signal()).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Connects to the running coordinator with the operator certificate.
+async fn operator(root: &Path) -> anyhow::Result<Client> {
+    let dir = DataDir::new(root);
+    let cfg = dir.load_config()?;
+    let creds = Credentials::load(
+        &dir.tls("ca.pem"),
+        &dir.tls("operator.pem"),
+        &dir.tls("operator.key"),
+    )?;
+    let address = cfg.dial_address()?;
+    let addr = tokio::net::lookup_host(&address)
+        .await
+        .with_context(|| format!("resolving {address}"))?
+        .next()
+        .with_context(|| format!("{address} resolves to nothing"))?;
+    Client::connect(&creds, addr, &cfg.server_name, crate::SOFTWARE)
+        .await
+        .with_context(|| format!("connecting to the coordinator at {address} (is `fleetvault-coordinator serve` running?)"))
+}
+
+pub(crate) fn snapshots(
+    root: &Path,
+    agent: Option<String>,
+    source: Option<String>,
+    status: Option<String>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let client = operator(root).await?;
+        let filter = SnapshotFilter {
+            agent,
+            source,
+            status,
+        };
+        let list = match client.call(&Request::ListSnapshots(filter)).await? {
+            Response::Snapshots(l) => l,
+            other => bail!("unexpected reply {other:?}"),
+        };
+        client.close().await;
+        if json {
+            let v: Vec<_> = list.iter().map(report::snapshot_json).collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            print!("{}", report::snapshots_table(&list));
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub(crate) fn agents(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let client = operator(root).await?;
+        let list = match client.call(&Request::ListAgents).await? {
+            Response::Agents(l) => l,
+            other => bail!("unexpected reply {other:?}"),
+        };
+        client.close().await;
+        if json {
+            let v: Vec<_> = list
+                .iter()
+                .map(|a| {
+                    serde_json::json!({
+                        "name": a.name,
+                        "connected": a.connected,
+                        "last_seen_ms": a.last_seen_ms,
+                        "last_seen": report::format_time(a.last_seen_ms),
+                        "version": a.version,
+                        "sources": a.sources.iter().map(|s| serde_json::json!({"name": s.name, "kind": s.kind})).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!("{:<24} {:<10} {:<20} {:<32} SOURCES", "NAME", "STATE", "LAST SEEN (UTC)", "VERSION");
+            for a in &list {
+                let sources: Vec<String> =
+                    a.sources.iter().map(|s| format!("{} ({})", s.name, s.kind)).collect();
+                println!(
+                    "{:<24} {:<10} {:<20} {:<32} {}",
+                    a.name,
+                    if a.connected { "connected" } else { "offline" },
+                    report::format_time(a.last_seen_ms),
+                    a.version,
+                    sources.join(", ")
+                );
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Sends a push request and follows its progress to the result.
+async fn follow(client: &Client, req: Request) -> anyhow::Result<JobReport> {
+    let (mut send, mut recv) = client.open(&req).await?;
+    let _ = send.finish();
+    let bar = report::progress_bar(None);
+    loop {
+        match client.reply(&mut recv).await? {
+            Response::Progress(p) => {
+                if let (Some(t), None) = (p.total, bar.length()) {
+                    bar.set_length(t);
+                }
+                bar.set_position(p.bytes);
+            }
+            Response::JobDone(r) => {
+                bar.finish_and_clear();
+                return Ok(r);
+            }
+            other => bail!("unexpected reply {other:?}"),
+        }
+    }
+}
+
+fn finish_job(report: JobReport, json: bool, restore: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report::job_json(&report))?);
+    }
+    if report.status != "completed" {
+        bail!(
+            "{} failed on agent {}: {}",
+            if restore { "restore" } else { "backup" },
+            report.agent,
+            report.error.as_deref().unwrap_or("unknown error")
+        );
+    }
+    if !json {
+        println!("{}", report::job_summary(&report, restore));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn push_backup(root: &Path, agent: &str, source: &str, json: bool) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let client = operator(root).await?;
+        let report = follow(
+            &client,
+            Request::PushBackup {
+                agent: agent.to_owned(),
+                source: source.to_owned(),
+            },
+        )
+        .await?;
+        client.close().await;
+        finish_job(report, json, false)
+    })
+}
+
+pub(crate) fn push_restore(
+    root: &Path,
+    snapshot: &str,
+    agent: &str,
+    target: Option<String>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let snapshot: SnapshotId = snapshot.parse()?;
+    runtime()?.block_on(async {
+        let client = operator(root).await?;
+        let report = follow(
+            &client,
+            Request::PushRestore {
+                snapshot,
+                agent: agent.to_owned(),
+                target,
+            },
+        )
+        .await?;
+        client.close().await;
+        finish_job(report, json, true)
+    })
+}

@@ -1,0 +1,102 @@
+//! The coordinator's data directory and its `coordinator.toml`.
+//!
+//! ```text
+//! DIR/coordinator.toml   listen address, server name
+//! DIR/tls/               fleet CA (ca.pem, ca.key), coordinator and operator certificates
+//! DIR/store/             chunks and immutable snapshot records (see store/)
+//! DIR/catalog/           sled catalog (see catalog/)
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+/// Raw `coordinator.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CoordinatorConfig {
+    /// Address the QUIC endpoint binds, `HOST:PORT`.
+    pub(crate) listen: String,
+    /// Name agents use to verify the coordinator's certificate.
+    pub(crate) server_name: String,
+    /// Address written into agent configs, when it differs from `listen`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) advertise: Option<String>,
+}
+
+impl CoordinatorConfig {
+    /// The bind address.
+    pub(crate) fn listen_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.listen
+            .parse()
+            .with_context(|| format!("listen address {:?} is not HOST:PORT", self.listen))
+    }
+
+    /// The address agents and operator commands dial.
+    pub(crate) fn dial_address(&self) -> anyhow::Result<String> {
+        if let Some(a) = &self.advertise {
+            return Ok(a.clone());
+        }
+        let mut addr = self.listen_addr()?;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        Ok(addr.to_string())
+    }
+}
+
+/// Paths inside a coordinator data directory.
+#[derive(Debug, Clone)]
+pub(crate) struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    pub(crate) fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_owned(),
+        }
+    }
+
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub(crate) fn config_path(&self) -> PathBuf {
+        self.root.join("coordinator.toml")
+    }
+
+    pub(crate) fn tls(&self, file: &str) -> PathBuf {
+        self.root.join("tls").join(file)
+    }
+
+    pub(crate) fn store(&self) -> PathBuf {
+        self.root.join("store")
+    }
+
+    pub(crate) fn catalog(&self) -> PathBuf {
+        self.root.join("catalog")
+    }
+
+    /// Reads and checks `coordinator.toml`; errors name the file and the key.
+    pub(crate) fn load_config(&self) -> anyhow::Result<CoordinatorConfig> {
+        let path = self.config_path();
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {} (is {} a coordinator data dir? run `fleetvault-coordinator init` first)",
+                path.display(),
+                self.root.display()
+            )
+        })?;
+        let cfg: CoordinatorConfig =
+            toml::from_str(&text).with_context(|| format!("invalid {}", path.display()))?;
+        cfg.listen_addr()
+            .with_context(|| format!("invalid {}: key `listen`", path.display()))?;
+        if cfg.server_name.is_empty() {
+            bail!("invalid {}: key `server_name` is empty", path.display());
+        }
+        Ok(cfg)
+    }
+}

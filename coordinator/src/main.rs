@@ -1,0 +1,170 @@
+//! `fleetvault-coordinator`: the fleet's backup server and the operator's command line.
+
+mod catalog;
+mod clock;
+mod commands;
+mod config;
+mod push;
+mod server;
+mod state;
+mod store;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub(crate) use state::State;
+
+/// Software name and version, sent in the hello.
+pub(crate) const SOFTWARE: &str = concat!("fleetvault-coordinator/", env!("CARGO_PKG_VERSION"));
+
+/// The fleetvault coordinator: stores chunks, keeps the snapshot catalog, pushes work to agents.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct DataDirArg {
+    /// Coordinator data directory.
+    #[arg(long, env = "FLEETVAULT_DATA_DIR", default_value = "/var/lib/fleetvault")]
+    data_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a data directory: fleet CA, coordinator and operator certificates, config.
+    Init {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Address to listen on, HOST:PORT.
+        #[arg(long)]
+        listen: String,
+        /// DNS name agents use to reach the coordinator (goes into its certificate).
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+    },
+    /// Run the coordinator in the foreground until SIGINT or SIGTERM.
+    Serve {
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+    /// Issue an agent certificate and write a ready-to-use agent.toml into OUTDIR.
+    IssueAgent {
+        /// Agent (host) name, e.g. db-01.
+        name: String,
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Where to write agent.toml, ca.pem, agent.pem and agent.key.
+        #[arg(long)]
+        out: PathBuf,
+        /// Overwrite an existing agent.toml in OUTDIR.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List the fleet's snapshots (asks the running coordinator).
+    Snapshots {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Only this agent's.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only this source's.
+        #[arg(long)]
+        source: Option<String>,
+        /// Only with this status (pending, running, completed, failed).
+        #[arg(long)]
+        status: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List agents: connected or last seen, version, sources.
+    Agents {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Have a running agent back up one of its sources now, and wait for the result.
+    Backup {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Agent name.
+        #[arg(long)]
+        agent: String,
+        /// Source name.
+        #[arg(long)]
+        source: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Have a running agent restore a snapshot (its own or another agent's), and wait.
+    Restore {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Snapshot id (16 hex digits).
+        snapshot_id: String,
+        /// Agent that restores.
+        #[arg(long)]
+        agent: String,
+        /// Target directory on that agent (files snapshots).
+        #[arg(long)]
+        target: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    commands::init_logging();
+    let result = match cli.command {
+        Command::Init {
+            dir,
+            listen,
+            server_name,
+        } => commands::init(&dir.data_dir, &listen, &server_name),
+        Command::Serve { dir } => commands::serve(&dir.data_dir),
+        Command::IssueAgent {
+            name,
+            dir,
+            out,
+            force,
+        } => commands::issue_agent(&dir.data_dir, &name, &out, force),
+        Command::Snapshots {
+            dir,
+            agent,
+            source,
+            status,
+            json,
+        } => commands::snapshots(&dir.data_dir, agent, source, status, json),
+        Command::Agents { dir, json } => commands::agents(&dir.data_dir, json),
+        Command::Backup {
+            dir,
+            agent,
+            source,
+            json,
+        } => commands::push_backup(&dir.data_dir, &agent, &source, json),
+        Command::Restore {
+            dir,
+            snapshot_id,
+            agent,
+            target,
+            json,
+        } => commands::push_restore(&dir.data_dir, &snapshot_id, &agent, target, json),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

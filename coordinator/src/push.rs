@@ -1,0 +1,168 @@
+//! Live agents and the work pushed to them: an operator's backup or restore is sent to the
+//! agent's long-lived connection, and its progress and result are relayed back.
+//!
+//! A pushed restore of another agent's snapshot (cross-server restore) grants the target
+//! agent read access to that one snapshot for the duration of the job.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use fleetvault_common::protocol::frame::{read_frame, write_frame};
+use fleetvault_common::protocol::{ErrorCode, Push, PushReply, Response, SourceInfo};
+use fleetvault_common::SnapshotId;
+use tracing::{info, warn};
+
+use crate::server::Failure;
+
+struct LiveAgent {
+    conn: quinn::Connection,
+    sources: Vec<SourceInfo>,
+    version: String,
+    grants: HashSet<SnapshotId>,
+}
+
+/// Agents connected with `fleetvault-agent run`.
+#[derive(Default)]
+pub(crate) struct LiveAgents {
+    agents: Mutex<HashMap<String, LiveAgent>>,
+}
+
+/// What a live agent reports, for listings.
+pub(crate) struct LiveInfo {
+    pub(crate) sources: Vec<SourceInfo>,
+    pub(crate) version: String,
+}
+
+impl LiveAgents {
+    /// An agent's link is up (replacing an older link of the same agent).
+    pub(crate) fn register(
+        &self,
+        name: &str,
+        conn: quinn::Connection,
+        sources: Vec<SourceInfo>,
+        version: String,
+    ) {
+        let mut agents = self.agents.lock().expect("live lock");
+        agents.insert(
+            name.to_owned(),
+            LiveAgent {
+                conn,
+                sources,
+                version,
+                grants: HashSet::new(),
+            },
+        );
+    }
+
+    /// A connection ended; forget the agent if that was its live link.
+    pub(crate) fn remove(&self, name: &str, conn_id: usize) {
+        let mut agents = self.agents.lock().expect("live lock");
+        if agents.get(name).is_some_and(|a| a.conn.stable_id() == conn_id) {
+            agents.remove(name);
+            info!(agent = name, "agent link down");
+        }
+    }
+
+    /// Whether `name` is live, and what it reported.
+    pub(crate) fn info(&self, name: &str) -> Option<LiveInfo> {
+        let agents = self.agents.lock().expect("live lock");
+        agents.get(name).map(|a| LiveInfo {
+            sources: a.sources.clone(),
+            version: a.version.clone(),
+        })
+    }
+
+    /// Names of the live agents.
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.agents.lock().expect("live lock").keys().cloned().collect()
+    }
+
+    /// Whether an operator's pushed restore lets `agent` read `snapshot`.
+    pub(crate) fn granted(&self, agent: &str, snapshot: SnapshotId) -> bool {
+        let agents = self.agents.lock().expect("live lock");
+        agents.get(agent).is_some_and(|a| a.grants.contains(&snapshot))
+    }
+
+    fn conn(&self, agent: &str) -> Result<quinn::Connection, Failure> {
+        let agents = self.agents.lock().expect("live lock");
+        agents.get(agent).map(|a| a.conn.clone()).ok_or_else(|| {
+            Failure::Reply(
+                ErrorCode::AgentOffline,
+                format!("agent {agent} is not connected (is `fleetvault-agent run` running?)"),
+            )
+        })
+    }
+
+    fn set_grant(&self, agent: &str, snapshot: SnapshotId, on: bool) {
+        let mut agents = self.agents.lock().expect("live lock");
+        if let Some(a) = agents.get_mut(agent) {
+            if on {
+                a.grants.insert(snapshot);
+            } else {
+                a.grants.remove(&snapshot);
+            }
+        }
+    }
+
+    /// Pushes a backup of `source` to `agent`, relaying progress to `reply`.
+    pub(crate) async fn push_backup(
+        &self,
+        agent: &str,
+        source: String,
+        reply: &mut quinn::SendStream,
+    ) -> Result<(), Failure> {
+        let conn = self.conn(agent)?;
+        info!(agent, %source, "pushing backup");
+        relay(agent, &conn, &Push::Backup { source, job: None }, reply).await
+    }
+
+    /// Pushes a restore of `snapshot` to `agent`, relaying progress to `reply`.
+    pub(crate) async fn push_restore(
+        &self,
+        agent: &str,
+        snapshot: SnapshotId,
+        target: Option<String>,
+        reply: &mut quinn::SendStream,
+    ) -> Result<(), Failure> {
+        let conn = self.conn(agent)?;
+        info!(agent, snapshot = %snapshot, "pushing restore");
+        self.set_grant(agent, snapshot, true);
+        let result = relay(agent, &conn, &Push::Restore { snapshot, target }, reply).await;
+        self.set_grant(agent, snapshot, false);
+        result
+    }
+}
+
+/// Sends `push` on a new stream of the agent's connection and relays its replies.
+async fn relay(
+    agent: &str,
+    conn: &quinn::Connection,
+    push: &Push,
+    reply: &mut quinn::SendStream,
+) -> Result<(), Failure> {
+    let lost = |e: &dyn std::fmt::Display| {
+        Failure::Reply(
+            ErrorCode::JobFailed,
+            format!("agent {agent} disconnected during the job: {e}"),
+        )
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+    write_frame(&mut send, push).await.map_err(|e| lost(&e))?;
+    let _ = send.finish();
+    loop {
+        match read_frame::<PushReply, _>(&mut recv).await {
+            Ok(Some(PushReply::Progress(p))) => {
+                write_frame(reply, &Response::Progress(p)).await?;
+            }
+            Ok(Some(PushReply::Done(report))) => {
+                info!(agent, status = %report.status, "pushed job finished");
+                return Ok(write_frame(reply, &Response::JobDone(report)).await?);
+            }
+            Ok(None) => return Err(lost(&"stream ended without a result")),
+            Err(e) => {
+                warn!(agent, error = %e, "bad reply from agent");
+                return Err(lost(&e));
+            }
+        }
+    }
+}

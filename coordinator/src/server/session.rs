@@ -1,0 +1,312 @@
+//! One peer's connection: identity from its certificate, the hello, then one task per
+//! request stream. When the connection ends, every backup it had started and not committed
+//! ends `failed` (DESIGN.md rule 2), after its stream tasks have finished.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleetvault_certs::{Identity, Role};
+use fleetvault_common::protocol::frame::{read_frame, write_frame, FrameError};
+use fleetvault_common::protocol::{
+    close, ErrorCode, Hello, HelloReply, Request, Response, PROTOCOL_VERSION,
+};
+use fleetvault_common::{peer_identity, ChunkId, SnapshotId};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::State;
+
+/// Why a request stream ended without success.
+pub(crate) enum Failure {
+    /// Tell the caller, keep the connection.
+    Reply(ErrorCode, String),
+    /// The peer broke the protocol: close the whole connection with the reason.
+    Protocol(String),
+    /// The stream or connection is gone; nothing to tell.
+    Gone,
+}
+
+impl From<FrameError> for Failure {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::Io(_) => Failure::Gone,
+            other => Failure::Protocol(other.to_string()),
+        }
+    }
+}
+
+impl From<crate::catalog::CatalogError> for Failure {
+    fn from(e: crate::catalog::CatalogError) -> Self {
+        match e {
+            crate::catalog::CatalogError::NotFound(_) => {
+                Failure::Reply(ErrorCode::NotFound, e.to_string())
+            }
+            other => Failure::Reply(ErrorCode::Internal, other.to_string()),
+        }
+    }
+}
+
+/// Counters of one backup in progress.
+#[derive(Default)]
+pub(super) struct Backup {
+    pub(super) new_chunks: u64,
+    pub(super) new_bytes: u64,
+    pub(super) stored_bytes: u64,
+}
+
+/// One connected peer.
+pub(super) struct Session {
+    pub(super) identity: Identity,
+    pub(super) conn: quinn::Connection,
+    pub(super) state: Arc<State>,
+    pub(super) software: String,
+    /// Backups this connection started and has not finished.
+    pub(super) running: Mutex<HashMap<SnapshotId, Backup>>,
+    /// Chunks this connection uploaded: possession proven, so `Missing` may say "present".
+    pub(super) uploaded: Mutex<HashSet<ChunkId>>,
+}
+
+impl Session {
+    /// The peer's name.
+    pub(super) fn name(&self) -> &str {
+        &self.identity.name
+    }
+
+    /// Refuses a request that this role may not make.
+    pub(super) fn require(&self, role: Role) -> Result<(), Failure> {
+        if self.identity.role == role {
+            Ok(())
+        } else {
+            Err(Failure::Reply(
+                ErrorCode::Forbidden,
+                format!("{} may not make this request", self.identity),
+            ))
+        }
+    }
+}
+
+/// Runs one connection to its end.
+pub(super) async fn run(incoming: quinn::Incoming, state: Arc<State>, token: CancellationToken) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            info!(%remote, error = %fleetvault_common::describe_connection_error(&e), "handshake failed");
+            return;
+        }
+    };
+    let identity = match peer_identity(&conn) {
+        Ok(id) => id,
+        Err(e) => {
+            warn!(%remote, error = %e, "refusing peer without a fleet identity");
+            conn.close(close::NOT_AUTHORIZED.into(), b"no fleet identity in certificate");
+            return;
+        }
+    };
+    let span = tracing::info_span!("session", peer = %identity, %remote);
+    serve(conn, identity, state, token).instrument(span).await
+}
+
+async fn serve(conn: quinn::Connection, identity: Identity, state: Arc<State>, token: CancellationToken) {
+    if !matches!(identity.role, Role::Agent | Role::Operator) {
+        warn!("refusing role that may not connect here");
+        conn.close(close::NOT_AUTHORIZED.into(), b"role not allowed");
+        return;
+    }
+    let software = match hello(&conn, &identity).await {
+        Ok(s) => s,
+        Err(reason) => {
+            info!(%reason, "hello failed");
+            return;
+        }
+    };
+    if identity.role == Role::Agent {
+        let sw = software.clone();
+        if let Err(e) = state.catalog.touch_agent(&identity.name, |r| r.version = sw) {
+            warn!(error = %e, "cannot record agent");
+        }
+    }
+    debug!(%software, "connected");
+    let session = Arc::new(Session {
+        identity,
+        conn: conn.clone(),
+        state: state.clone(),
+        software,
+        running: Mutex::default(),
+        uploaded: Mutex::default(),
+    });
+    let streams = TaskTracker::new();
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => break,
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => {
+                    streams.spawn(session.clone().stream(send, recv).in_current_span());
+                }
+                Err(e) => {
+                    debug!(reason = %fleetvault_common::describe_connection_error(&e), "connection ended");
+                    break;
+                }
+            }
+        }
+    }
+    streams.close();
+    let _ = tokio::time::timeout(Duration::from_secs(15), streams.wait()).await;
+    let reason = if token.is_cancelled() {
+        "coordinator shut down during the backup"
+    } else {
+        "connection to the agent was lost during the backup"
+    };
+    let unfinished: Vec<SnapshotId> = session
+        .running
+        .lock()
+        .expect("running lock")
+        .drain()
+        .map(|(id, _)| id)
+        .collect();
+    for id in unfinished {
+        warn!(snapshot = %id, reason, "backup failed");
+        if let Err(e) = state.catalog.fail(id, reason) {
+            warn!(snapshot = %id, error = %e, "cannot mark backup failed");
+        }
+    }
+    state.live.remove(session.name(), conn.stable_id());
+}
+
+async fn hello(conn: &quinn::Connection, identity: &Identity) -> Result<String, String> {
+    let accept = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi());
+    let (mut send, mut recv) = match accept.await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(fleetvault_common::describe_connection_error(&e)),
+        Err(_) => {
+            conn.close(close::PROTOCOL_ERROR.into(), b"no hello");
+            return Err("no hello within 10 s".into());
+        }
+    };
+    let hello: Hello = match read_frame(&mut recv).await {
+        Ok(Some(h)) => h,
+        Ok(None) => return Err("stream closed before hello".into()),
+        Err(e) => {
+            conn.close(close::PROTOCOL_ERROR.into(), e.to_string().as_bytes());
+            return Err(format!("bad hello: {e}"));
+        }
+    };
+    if hello.protocol != PROTOCOL_VERSION {
+        let reason = format!(
+            "protocol version {} is not supported (coordinator speaks {PROTOCOL_VERSION})",
+            hello.protocol
+        );
+        let _ = write_frame(&mut send, &HelloReply::Refused { reason: reason.clone() }).await;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+        conn.close(close::VERSION_MISMATCH.into(), reason.as_bytes());
+        return Err(reason);
+    }
+    let welcome = HelloReply::Welcome {
+        protocol: PROTOCOL_VERSION,
+        software: crate::SOFTWARE.to_owned(),
+        identity: identity.to_string(),
+    };
+    write_frame(&mut send, &welcome)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    Ok(hello.software)
+}
+
+impl Session {
+    async fn stream(self: Arc<Self>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let req: Request = match read_frame(&mut recv).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => return self.protocol_error(&e.to_string()),
+        };
+        let result = self.dispatch(req, &mut send, &mut recv).await;
+        match result {
+            Ok(()) => {}
+            Err(Failure::Reply(code, message)) => {
+                debug!(?code, %message, "request failed");
+                let _ = write_frame(&mut send, &Response::Error { code, message }).await;
+            }
+            Err(Failure::Protocol(reason)) => return self.protocol_error(&reason),
+            Err(Failure::Gone) => return,
+        }
+        let _ = send.finish();
+    }
+
+    fn protocol_error(&self, reason: &str) {
+        warn!(%reason, "malformed frame; closing the connection");
+        self.conn
+            .close(close::PROTOCOL_ERROR.into(), reason.as_bytes());
+    }
+
+    async fn dispatch(
+        self: &Arc<Self>,
+        req: Request,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(), Failure> {
+        match req {
+            Request::Missing { ids } => self.missing(ids, send).await,
+            Request::PutChunks { snapshot, count } => {
+                self.put_chunks(snapshot, count, send, recv).await
+            }
+            Request::Begin(b) => self.begin(b, send).await,
+            Request::Commit(c) => self.commit(c, send).await,
+            Request::Abort { snapshot, reason } => self.abort(snapshot, &reason, send).await,
+            Request::Read { snapshot, part } => self.read(snapshot, part, send).await,
+            Request::ListSnapshots(mut filter) => {
+                if self.identity.role != Role::Operator {
+                    filter.agent = Some(self.identity.name.clone());
+                }
+                let list = self.state.catalog.list(&filter)?;
+                Ok(write_frame(send, &Response::Snapshots(list)).await?)
+            }
+            Request::ListAgents => {
+                self.require(Role::Operator)?;
+                let list = self.state.agent_infos()?;
+                Ok(write_frame(send, &Response::Agents(list)).await?)
+            }
+            Request::Register { sources } => {
+                self.require(Role::Agent)?;
+                let s = sources.clone();
+                self.state.catalog.touch_agent(self.name(), |r| r.sources = s)?;
+                self.state.live.register(
+                    self.name(),
+                    self.conn.clone(),
+                    sources,
+                    self.software.clone(),
+                );
+                info!(agent = self.name(), "agent is live");
+                Ok(write_frame(send, &Response::Ok).await?)
+            }
+            Request::PushBackup { agent, source } => {
+                self.require(Role::Operator)?;
+                self.state.live.push_backup(&agent, source, send).await
+            }
+            Request::PushRestore {
+                snapshot,
+                agent,
+                target,
+            } => {
+                self.require(Role::Operator)?;
+                let rec = self.state.catalog.get(snapshot)?;
+                if rec.status.name() != "completed" {
+                    return Err(Failure::Reply(
+                        ErrorCode::NotFound,
+                        format!("snapshot {snapshot} is {}, not completed", rec.status.name()),
+                    ));
+                }
+                self.state
+                    .live
+                    .push_restore(&agent, snapshot, target, send)
+                    .await
+            }
+            Request::Chunk { .. } => Err(Failure::Protocol(
+                "chunk frame outside a PutChunks stream".into(),
+            )),
+        }
+    }
+}

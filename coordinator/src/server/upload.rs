@@ -1,0 +1,319 @@
+//! The backup side of a session: which chunks are missing, chunk uploads, begin, commit,
+//! abort.
+//!
+//! Ordering (DESIGN.md rule 8): chunks are durable before `Stored` is sent; a commit checks
+//! that every chunk the manifest references is in the store and was proven by this agent
+//! (uploaded now, or referenced by one of its earlier snapshots), writes the immutable record
+//! to the store, and only then flips the catalog record to `completed`.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use fleetvault_certs::Role;
+use fleetvault_common::chunk;
+use fleetvault_common::protocol::frame::{read_frame, write_frame};
+use fleetvault_common::protocol::{
+    Begin, Commit, ErrorCode, Request, Response, MAX_MISSING_BATCH, MAX_PUT_BATCH,
+};
+use fleetvault_common::{
+    ChunkId, Manifest, SnapshotId, SnapshotRecord, SnapshotStatus, StreamManifest,
+};
+use tracing::{info, warn};
+
+use super::session::{Backup, Failure, Session};
+use crate::clock;
+use crate::store::{ChunkStore, StoreError};
+
+/// Bytes of sealed chunks collected before they are written as one durable batch.
+const WRITE_BATCH_BYTES: usize = 8 << 20;
+
+fn internal(e: impl std::fmt::Display) -> Failure {
+    Failure::Reply(ErrorCode::Internal, e.to_string())
+}
+
+/// Reads and verifies the encoded manifest that `root` describes.
+pub(super) fn load_manifest(
+    store: &ChunkStore,
+    snapshot: SnapshotId,
+    root: &StreamManifest,
+) -> Result<(Manifest, Vec<Vec<u8>>), String> {
+    if root.len > fleetvault_common::protocol::MAX_FRAME_LEN as u64 * 128 {
+        return Err(format!("snapshot {snapshot}: manifest of {} bytes is too large", root.len));
+    }
+    let mut bytes = Vec::with_capacity(root.len as usize);
+    let mut envelopes = Vec::with_capacity(root.chunks.len());
+    for c in &root.chunks {
+        let env = store
+            .get(&c.id)
+            .map_err(|e| format!("snapshot {snapshot}: {e}"))?
+            .ok_or_else(|| format!("snapshot {snapshot}: manifest chunk {} is missing", c.id))?;
+        let plain = chunk::open_verified(&env, &c.id)
+            .map_err(|e| format!("snapshot {snapshot}: manifest chunk {} is damaged: {e}", c.id))?;
+        bytes.extend_from_slice(&plain);
+        envelopes.push(env);
+    }
+    if bytes.len() as u64 != root.len || *blake3::hash(&bytes).as_bytes() != root.checksum {
+        return Err(format!("snapshot {snapshot}: manifest checksum does not match"));
+    }
+    let manifest = Manifest::decode(&bytes)
+        .map_err(|e| format!("snapshot {snapshot}: {e}"))?;
+    Ok((manifest, envelopes))
+}
+
+impl Session {
+    fn owns(&self, id: &ChunkId) -> Result<bool, Failure> {
+        if self.uploaded.lock().expect("uploaded lock").contains(id) {
+            return Ok(true);
+        }
+        Ok(self.state.catalog.has_ref(self.name(), id)?)
+    }
+
+    pub(super) async fn missing(
+        self: &Arc<Self>,
+        ids: Vec<ChunkId>,
+        send: &mut quinn::SendStream,
+    ) -> Result<(), Failure> {
+        self.require(Role::Agent)?;
+        if ids.len() > MAX_MISSING_BATCH {
+            return Err(Failure::Protocol(format!(
+                "{} ids in one Missing request, over the limit",
+                ids.len()
+            )));
+        }
+        let this = self.clone();
+        let missing = tokio::task::spawn_blocking(move || -> Result<Vec<ChunkId>, Failure> {
+            let mut out = Vec::new();
+            for id in ids {
+                // A chunk counts as present only if this agent has proven it holds it: the
+                // answer is not an oracle for what other hosts store.
+                if !(this.state.store.contains(&id) && this.owns(&id)?) {
+                    out.push(id);
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(internal)??;
+        Ok(write_frame(send, &Response::Missing { ids: missing }).await?)
+    }
+
+    pub(super) async fn put_chunks(
+        self: &Arc<Self>,
+        snapshot: SnapshotId,
+        count: u32,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(), Failure> {
+        self.require(Role::Agent)?;
+        if count > MAX_PUT_BATCH {
+            return Err(Failure::Protocol(format!("{count} chunks in one PutChunks, over the limit")));
+        }
+        if !self.running.lock().expect("running lock").contains_key(&snapshot) {
+            return Err(Failure::Reply(
+                ErrorCode::BadRequest,
+                format!("snapshot {snapshot} is not a backup in progress on this connection"),
+            ));
+        }
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        let mut new = 0;
+        for i in 0..count {
+            match read_frame::<Request, _>(recv).await? {
+                Some(Request::Chunk { id, envelope }) => {
+                    batch_bytes += envelope.len();
+                    batch.push((id, envelope));
+                }
+                Some(_) => return Err(Failure::Protocol("expected a chunk frame".into())),
+                None => {
+                    return Err(Failure::Protocol(format!(
+                        "stream ended after {i} of {count} chunks"
+                    )))
+                }
+            }
+            if batch_bytes >= WRITE_BATCH_BYTES || i + 1 == count {
+                new += self.write_batch(snapshot, std::mem::take(&mut batch)).await?;
+                batch_bytes = 0;
+            }
+        }
+        Ok(write_frame(send, &Response::Stored { new }).await?)
+    }
+
+    async fn write_batch(
+        self: &Arc<Self>,
+        snapshot: SnapshotId,
+        batch: Vec<(ChunkId, Vec<u8>)>,
+    ) -> Result<u32, Failure> {
+        let this = self.clone();
+        let ids: Vec<ChunkId> = batch.iter().map(|(id, _)| *id).collect();
+        let outcome = tokio::task::spawn_blocking(move || this.state.store.put_batch(&batch))
+            .await
+            .map_err(internal)?;
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e @ StoreError::BadChunk { .. }) => {
+                warn!(snapshot = %snapshot, error = %e, "refused a chunk");
+                return Err(Failure::Reply(ErrorCode::HashMismatch, e.to_string()));
+            }
+            Err(e) => {
+                warn!(snapshot = %snapshot, error = %e, "cannot store chunks");
+                return Err(internal(e));
+            }
+        };
+        self.uploaded.lock().expect("uploaded lock").extend(ids);
+        if let Some(b) = self.running.lock().expect("running lock").get_mut(&snapshot) {
+            b.new_chunks += u64::from(outcome.new);
+            b.new_bytes += outcome.new_plain;
+            b.stored_bytes += outcome.new_stored;
+        }
+        Ok(outcome.new)
+    }
+
+    pub(super) async fn begin(
+        self: &Arc<Self>,
+        b: Begin,
+        send: &mut quinn::SendStream,
+    ) -> Result<(), Failure> {
+        self.require(Role::Agent)?;
+        if b.source.is_empty() || b.source.len() > 128 || b.source.contains(['/', '\0']) {
+            return Err(Failure::Reply(ErrorCode::BadRequest, format!("invalid source name {:?}", b.source)));
+        }
+        b.chunker
+            .validate()
+            .map_err(|e| Failure::Reply(ErrorCode::BadRequest, e))?;
+        let catalog = &self.state.catalog;
+        let parent = catalog.last_completed(self.name(), &b.source)?;
+        let id = catalog.next_id();
+        let rec = SnapshotRecord {
+            id,
+            agent: self.name().to_owned(),
+            source: b.source,
+            kind: b.kind,
+            db_type: None,
+            db_version: None,
+            database: None,
+            started_ms: clock::now_ms(),
+            ended_ms: None,
+            status: SnapshotStatus::Running,
+            logical_bytes: 0,
+            new_bytes: 0,
+            stored_bytes: 0,
+            chunks: 0,
+            new_chunks: 0,
+            root: None,
+            checksum: None,
+            chunker: b.chunker,
+            parent: parent.as_ref().map(|p| p.id),
+            job: b.job,
+            tags: b.tags,
+            protected: false,
+            warnings: Vec::new(),
+        };
+        catalog.begin(&rec)?;
+        self.running
+            .lock()
+            .expect("running lock")
+            .insert(id, Backup::default());
+        info!(snapshot = %id, source = %rec.source, "backup started");
+        Ok(write_frame(send, &Response::Begun { snapshot: id, parent }).await?)
+    }
+
+    pub(super) async fn commit(
+        self: &Arc<Self>,
+        c: Commit,
+        send: &mut quinn::SendStream,
+    ) -> Result<(), Failure> {
+        self.require(Role::Agent)?;
+        let snapshot = c.snapshot;
+        if !self.running.lock().expect("running lock").contains_key(&snapshot) {
+            return Err(Failure::Reply(
+                ErrorCode::BadRequest,
+                format!("snapshot {snapshot} is not a backup in progress on this connection"),
+            ));
+        }
+        let this = self.clone();
+        let result = tokio::task::spawn_blocking(move || this.commit_blocking(c))
+            .await
+            .map_err(internal)?;
+        let backup = self.running.lock().expect("running lock").remove(&snapshot);
+        match result {
+            Ok(rec) => {
+                info!(snapshot = %snapshot, chunks = rec.chunks, new_chunks = rec.new_chunks, "backup completed");
+                Ok(write_frame(send, &Response::Committed(rec)).await?)
+            }
+            Err(reason) => {
+                warn!(snapshot = %snapshot, %reason, "commit refused");
+                if backup.is_some() {
+                    self.state.catalog.fail(snapshot, &reason)?;
+                }
+                Err(Failure::Reply(ErrorCode::BadRequest, reason))
+            }
+        }
+    }
+
+    /// Checks and records a commit; returns the completed record or why it was refused.
+    fn commit_blocking(&self, c: Commit) -> Result<SnapshotRecord, String> {
+        let store = &self.state.store;
+        let (manifest, _) = load_manifest(store, c.snapshot, &c.root)?;
+        let mut seen = HashSet::new();
+        let mut chunks = 0u64;
+        for r in c.root.chunks.iter().chain(manifest.data_chunks()) {
+            chunks += 1;
+            if !seen.insert(r.id) {
+                continue;
+            }
+            // Rule 9: re-check at commit that everything referenced still exists, and that
+            // this agent proved it holds each chunk (no reading other hosts' data by id).
+            let owned = self.owns(&r.id).map_err(|_| "catalog error".to_string())?;
+            if !store.contains(&r.id) || !owned {
+                return Err(format!(
+                    "snapshot {} refers to chunk {} that was not uploaded",
+                    c.snapshot, r.id
+                ));
+            }
+        }
+        chunks -= c.root.chunks.len() as u64;
+        let catalog = &self.state.catalog;
+        let mut rec = catalog.get(c.snapshot).map_err(|e| e.to_string())?;
+        {
+            let running = self.running.lock().expect("running lock");
+            if let Some(b) = running.get(&c.snapshot) {
+                rec.new_chunks = b.new_chunks;
+                rec.new_bytes = b.new_bytes;
+                rec.stored_bytes = b.stored_bytes;
+            }
+        }
+        rec.logical_bytes = manifest.logical_len();
+        rec.chunks = chunks;
+        rec.root = Some(c.root);
+        rec.checksum = c.checksum;
+        rec.warnings = c.warnings;
+        rec.ended_ms = Some(clock::now_ms());
+        rec.status = SnapshotStatus::Completed;
+        catalog
+            .add_refs(self.name(), seen.iter())
+            .map_err(|e| e.to_string())?;
+        store.write_record(&rec).map_err(|e| e.to_string())?;
+        catalog.finish(&rec).map_err(|e| e.to_string())?;
+        Ok(rec)
+    }
+
+    pub(super) async fn abort(
+        self: &Arc<Self>,
+        snapshot: SnapshotId,
+        reason: &str,
+        send: &mut quinn::SendStream,
+    ) -> Result<(), Failure> {
+        self.require(Role::Agent)?;
+        if self.running.lock().expect("running lock").remove(&snapshot).is_none() {
+            return Err(Failure::Reply(
+                ErrorCode::BadRequest,
+                format!("snapshot {snapshot} is not a backup in progress on this connection"),
+            ));
+        }
+        let reason: String = reason.chars().take(4000).collect();
+        warn!(snapshot = %snapshot, %reason, "backup failed on the agent");
+        self.state.catalog.fail(snapshot, &reason)?;
+        Ok(write_frame(send, &Response::Ok).await?)
+    }
+}
+

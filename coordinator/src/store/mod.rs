@@ -1,0 +1,244 @@
+//! The chunk store: content-addressed sealed chunks on local disk, and the immutable snapshot
+//! records that make the catalog rebuildable (DESIGN.md rule 10).
+//!
+//! Layout under the store root:
+//!
+//! ```text
+//! chunks/ab/abcdef…(64 hex)   one sealed chunk per file, fanned out by the first byte
+//! snapshots/<id>.snap         immutable snapshot record: postcard body + BLAKE3 of it
+//! tmp/                        files being written; emptied at start-up
+//! ```
+//!
+//! Durability (rules 1 and 7): a chunk is written to `tmp/`, fsynced, renamed into place, and
+//! its directory is fsynced; only then does [`ChunkStore::put_batch`] return, and only then is
+//! the chunk acknowledged. A put verifies the chunk's hash first, so nothing stored is ever
+//! under a wrong name. Chunks are never rewritten: an existing file wins.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fleetvault_common::chunk::{self, EnvelopeError};
+use fleetvault_common::{ChunkId, SnapshotId, SnapshotRecord};
+
+/// A failed store operation.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StoreError {
+    /// The chunk's content does not match its claimed id, or its envelope is invalid.
+    #[error("chunk {id} refused: {source}")]
+    BadChunk {
+        id: ChunkId,
+        #[source]
+        source: EnvelopeError,
+    },
+    /// A file system operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A snapshot record file is damaged.
+    #[error("snapshot record {0} is damaged")]
+    BadRecord(PathBuf),
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
+    let path = path.to_owned();
+    move |source| StoreError::Io { op, path, source }
+}
+
+/// What a batch put added.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct PutOutcome {
+    /// Chunks that were new.
+    pub(crate) new: u32,
+    /// Their plaintext bytes.
+    pub(crate) new_plain: u64,
+    /// Their sealed bytes.
+    pub(crate) new_stored: u64,
+}
+
+/// Content-addressed chunks on disk.
+pub(crate) struct ChunkStore {
+    root: PathBuf,
+    tmp_seq: AtomicU64,
+}
+
+impl ChunkStore {
+    /// Opens (creating if needed) the store at `root` and empties its `tmp/`.
+    pub(crate) fn open(root: &Path) -> Result<Self, StoreError> {
+        for sub in ["chunks", "snapshots", "tmp"] {
+            let p = root.join(sub);
+            fs::create_dir_all(&p).map_err(io_err("creating", &p))?;
+        }
+        let chunks = root.join("chunks");
+        for b in 0..=255u8 {
+            let p = chunks.join(format!("{b:02x}"));
+            if !p.exists() {
+                fs::create_dir(&p).map_err(io_err("creating", &p))?;
+            }
+        }
+        sync_dir(&chunks)?;
+        sync_dir(root)?;
+        let tmp = root.join("tmp");
+        for entry in fs::read_dir(&tmp).map_err(io_err("listing", &tmp))? {
+            let entry = entry.map_err(io_err("listing", &tmp))?;
+            let _ = fs::remove_file(entry.path());
+        }
+        Ok(Self {
+            root: root.to_owned(),
+            tmp_seq: AtomicU64::new(0),
+        })
+    }
+
+    /// Where chunk `id` lives.
+    pub(crate) fn chunk_path(&self, id: &ChunkId) -> PathBuf {
+        let hex = id.to_hex();
+        self.root.join("chunks").join(&hex[..2]).join(hex)
+    }
+
+    /// Whether the store has chunk `id`.
+    pub(crate) fn contains(&self, id: &ChunkId) -> bool {
+        self.chunk_path(id).exists()
+    }
+
+    fn tmp_path(&self, label: &str) -> PathBuf {
+        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        self.root
+            .join("tmp")
+            .join(format!("{label}.{}.{n}", std::process::id()))
+    }
+
+    /// Verifies and durably stores a batch of sealed chunks. Returns after every chunk of the
+    /// batch is on disk with its directory entry synced; on error, chunks of the batch that
+    /// were already renamed into place are complete and valid (never partial).
+    pub(crate) fn put_batch(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<PutOutcome, StoreError> {
+        let mut outcome = PutOutcome::default();
+        let mut pending = Vec::new();
+        for (id, envelope) in chunks {
+            let plain = chunk::open_verified(envelope, id)
+                .map_err(|source| StoreError::BadChunk { id: *id, source })?;
+            let dest = self.chunk_path(id);
+            if dest.exists() || pending.iter().any(|(_, d): &(PathBuf, PathBuf)| *d == dest) {
+                continue;
+            }
+            let tmp = self.tmp_path(&id.to_hex()[..16]);
+            write_synced(&tmp, envelope)?;
+            outcome.new += 1;
+            outcome.new_plain += plain.len() as u64;
+            outcome.new_stored += envelope.len() as u64;
+            pending.push((tmp, dest));
+        }
+        let mut dirs = BTreeSet::new();
+        for (tmp, dest) in &pending {
+            #[allow(clippy::disallowed_methods)] // store/ is where renames belong
+            fs::rename(tmp, dest).map_err(io_err("renaming into", dest))?;
+            if let Some(parent) = dest.parent() {
+                dirs.insert(parent.to_owned());
+            }
+        }
+        for dir in dirs {
+            sync_dir(&dir)?;
+        }
+        Ok(outcome)
+    }
+
+    /// Reads a sealed chunk as stored, `Ok(None)` if the store lacks it. The caller verifies.
+    pub(crate) fn get(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.chunk_path(id);
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("reading", &path)(e)),
+        }
+    }
+
+    fn record_path(&self, id: SnapshotId) -> PathBuf {
+        self.root.join("snapshots").join(format!("{id}.snap"))
+    }
+
+    /// Durably writes the immutable record of a completed snapshot (before the catalog says
+    /// `completed`: readers trust the catalog only for what the store already holds).
+    pub(crate) fn write_record(&self, record: &SnapshotRecord) -> Result<(), StoreError> {
+        let mut body = postcard::to_stdvec(record).map_err(|e| StoreError::Io {
+            op: "encoding",
+            path: self.record_path(record.id),
+            source: io::Error::other(e),
+        })?;
+        let sum = blake3::hash(&body);
+        body.extend_from_slice(sum.as_bytes());
+        let tmp = self.tmp_path(&record.id.to_string());
+        write_synced(&tmp, &body)?;
+        let dest = self.record_path(record.id);
+        #[allow(clippy::disallowed_methods)] // store/ is where renames belong
+        fs::rename(&tmp, &dest).map_err(io_err("renaming into", &dest))?;
+        sync_dir(&self.root.join("snapshots"))
+    }
+
+    /// Every immutable snapshot record, for rebuilding the catalog.
+    pub(crate) fn read_records(&self) -> Result<Vec<SnapshotRecord>, StoreError> {
+        let dir = self.root.join("snapshots");
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
+            let path = entry.map_err(io_err("listing", &dir))?.path();
+            if path.extension().is_none_or(|e| e != "snap") {
+                continue;
+            }
+            let bytes = fs::read(&path).map_err(io_err("reading", &path))?;
+            if bytes.len() < 32 {
+                return Err(StoreError::BadRecord(path));
+            }
+            let (body, sum) = bytes.split_at(bytes.len() - 32);
+            if blake3::hash(body).as_bytes() != sum {
+                return Err(StoreError::BadRecord(path));
+            }
+            let record = fleetvault_common::protocol::frame::decode_body(body)
+                .map_err(|_| StoreError::BadRecord(path.clone()))?;
+            out.push(record);
+        }
+        Ok(out)
+    }
+}
+
+/// temp file, write, fsync: the first half of DESIGN.md rule 7 (the caller renames and syncs
+/// the directory).
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let mut f = File::create_new(path).map_err(io_err("creating", path))?;
+    f.write_all(bytes).map_err(io_err("writing", path))?;
+    f.sync_all().map_err(io_err("syncing", path))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("syncing directory", dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetvault_common::chunk::seal;
+
+    #[test]
+    fn put_verifies_and_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path()).unwrap();
+        let data = b"hello chunk".to_vec();
+        let id = ChunkId::of(&data);
+        let env = seal(&data, 3);
+        let out = store.put_batch(&[(id, env.clone())]).unwrap();
+        assert_eq!(out.new, 1);
+        assert!(store.contains(&id));
+        assert_eq!(store.put_batch(&[(id, env.clone())]).unwrap().new, 0);
+        assert_eq!(store.get(&id).unwrap().unwrap(), env);
+        let wrong = ChunkId::of(b"other");
+        let err = store.put_batch(&[(wrong, env)]).unwrap_err();
+        assert!(matches!(err, StoreError::BadChunk { .. }), "{err}");
+        assert!(!store.contains(&wrong));
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+}
