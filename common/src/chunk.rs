@@ -145,8 +145,14 @@ mod tests {
 
     #[test]
     fn incompressible_chunks_stay_raw() {
-        let plain: Vec<u8> = (0..50_000u32)
-            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let plain: Vec<u8> = (0..50_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
             .collect();
         let env = seal(&plain, DEFAULT_ZSTD_LEVEL);
         assert_eq!(env[1], CODEC_RAW);
