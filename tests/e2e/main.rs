@@ -1,0 +1,11 @@
+//! End-to-end scenarios: real `fleetvault-coordinator` and `fleetvault-agent` processes, driven
+//! through their command lines. One test binary, one module per scenario, tests named as
+//! operator stories. The harness (guards, test data, tree comparison) is `tests/src/`.
+
+mod command_stream;
+mod corruption;
+mod crash;
+mod files;
+mod push;
+mod security;
+mod shutdown;
