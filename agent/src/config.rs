@@ -27,29 +27,43 @@ struct RawCoordinator {
     key: PathBuf,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSource {
-    name: String,
-    #[serde(flatten)]
-    kind: RawKind,
-    /// Optional chunk sizes `[min, avg, max]` in bytes.
-    #[serde(default)]
-    chunk_sizes: Option<[u32; 3]>,
-}
-
+/// One `[[sources]]` table, tagged by `kind`. Every variant repeats the common keys (`name`,
+/// `chunk_sizes`): serde cannot combine `flatten` with `deny_unknown_fields`.
 #[derive(Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-enum RawKind {
+enum RawSource {
     Files {
+        name: String,
         paths: Vec<PathBuf>,
         #[serde(default)]
         exclude: Vec<String>,
+        /// Optional chunk sizes `[min, avg, max]` in bytes.
+        #[serde(default)]
+        chunk_sizes: Option<[u32; 3]>,
     },
     Command {
+        name: String,
         backup_command: String,
         restore_command: Option<String>,
+        #[serde(default)]
+        chunk_sizes: Option<[u32; 3]>,
     },
+}
+
+impl RawSource {
+    fn name(&self) -> &str {
+        match self {
+            RawSource::Files { name, .. } | RawSource::Command { name, .. } => name,
+        }
+    }
+
+    fn chunk_sizes(&self) -> Option<[u32; 3]> {
+        match self {
+            RawSource::Files { chunk_sizes, .. } | RawSource::Command { chunk_sizes, .. } => {
+                *chunk_sizes
+            }
+        }
+    }
 }
 
 /// Where the coordinator is and how to prove who we are.
@@ -122,15 +136,17 @@ impl AgentConfig {
         let mut seen = HashSet::new();
         let mut sources = Vec::new();
         for (i, s) in raw.sources.into_iter().enumerate() {
-            let at = || format!("invalid config {}: sources[{i}] ({:?})", path.display(), s.name);
-            if s.name.is_empty() || s.name.len() > 128 || s.name.contains(['/', '\0']) {
+            let name = s.name().to_owned();
+            let at = || format!("invalid config {}: sources[{i}] ({name:?})", path.display());
+            if name.is_empty() || name.len() > 128 || name.contains(['/', '\0']) {
                 bail!("{}: key `name` must be 1-128 characters without '/'", at());
             }
-            if !seen.insert(s.name.clone()) {
+            if !seen.insert(name.clone()) {
                 bail!("{}: key `name` is used by another source", at());
             }
-            let kind = match s.kind {
-                RawKind::Files { paths, exclude } => {
+            let chunk_sizes = s.chunk_sizes();
+            let kind = match s {
+                RawSource::Files { paths, exclude, .. } => {
                     if paths.is_empty() {
                         bail!("{}: key `paths` is empty", at());
                     }
@@ -143,9 +159,10 @@ impl AgentConfig {
                         exclude,
                     }
                 }
-                RawKind::Command {
+                RawSource::Command {
                     backup_command,
                     restore_command,
+                    ..
                 } => {
                     if backup_command.trim().is_empty() {
                         bail!("{}: key `backup_command` is empty", at());
@@ -156,7 +173,7 @@ impl AgentConfig {
                     }
                 }
             };
-            let chunker = match s.chunk_sizes {
+            let chunker = match chunk_sizes {
                 Some([min, avg, max]) => {
                     let p = ChunkerParams { min, avg, max };
                     p.validate()
@@ -166,7 +183,7 @@ impl AgentConfig {
                 None => ChunkerParams::default(),
             };
             sources.push(SourceConfig {
-                name: s.name,
+                name,
                 kind,
                 chunker,
             });
@@ -200,5 +217,72 @@ impl AgentConfig {
     pub(crate) fn credentials(&self) -> anyhow::Result<Credentials> {
         let c = &self.coordinator;
         Ok(Credentials::load(&c.ca, &c.cert, &c.key)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEAD: &str = r#"
+[coordinator]
+address = "127.0.0.1:7443"
+server_name = "localhost"
+ca = "ca.pem"
+cert = "agent.pem"
+key = "agent.key"
+"#;
+
+    fn load(sources: &str) -> anyhow::Result<AgentConfig> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, format!("{HEAD}{sources}"))?;
+        AgentConfig::load(&path)
+    }
+
+    #[test]
+    fn sources_of_each_kind_load() {
+        let c = load(
+            r#"
+[[sources]]
+name = "uploads"
+kind = "files"
+paths = ["/srv/uploads"]
+exclude = ["*.tmp"]
+
+[[sources]]
+name = "db"
+kind = "command"
+backup_command = "pg_dump app"
+chunk_sizes = [16384, 65536, 262144]
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.sources.len(), 2);
+        assert_eq!(c.source("uploads").unwrap().kind_name(), "files");
+        assert_eq!(c.source("db").unwrap().chunker.avg, 65536);
+        assert!(c.coordinator.ca.is_absolute());
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_key() {
+        let cases = [
+            ("[[sources]]\nname = \"a\"\nkind = \"files\"\npathz = [\"/x\"]\n", "pathz"),
+            ("[[sources]]\nname = \"a\"\nkind = \"tape\"\n", "tape"),
+            (
+                "[[sources]]\nname = \"a\"\nkind = \"command\"\nbackup_command = \"x\"\n[[sources]]\nname = \"a\"\nkind = \"command\"\nbackup_command = \"y\"\n",
+                "`name` is used by another source",
+            ),
+            ("[[sources]]\nname = \"a\"\nkind = \"files\"\npaths = []\n", "`paths` is empty"),
+            (
+                "[[sources]]\nname = \"a\"\nkind = \"command\"\nbackup_command = \"x\"\nchunk_sizes = [3, 5, 7]\n",
+                "`chunk_sizes`",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = format!("{:#}", load(text).unwrap_err());
+            assert!(err.contains("agent.toml"), "{err}");
+            assert!(err.contains(want), "{want:?} not in {err}");
+        }
     }
 }
