@@ -67,7 +67,7 @@ fn one_percent_change_to_a_stream_uploads_under_five_percent() -> anyhow::Result
     let first_id = snapshot_id(&first)?;
 
     // Ten scattered regions of 0.1% each: 1% of the stream changes.
-    let changed = overwrite_regions(&data, 10, STREAM_LEN / 1000, 8)?;
+    let changed = overwrite_regions(&data, 10, STREAM_LEN.div_ceil(1000), 8)?;
     assert!(changed * 100 >= STREAM_LEN);
     let changed_hash = hash_file(&data)?;
 
