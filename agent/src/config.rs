@@ -196,10 +196,16 @@ impl AgentConfig {
 
     /// The source called `name`.
     pub(crate) fn source(&self, name: &str) -> anyhow::Result<&SourceConfig> {
-        self.sources.iter().find(|s| s.name == name).with_context(|| {
-            let names: Vec<&str> = self.sources.iter().map(|s| s.name.as_str()).collect();
-            format!("no source named {name:?} in the config (sources: {})", names.join(", "))
-        })
+        self.sources
+            .iter()
+            .find(|s| s.name == name)
+            .with_context(|| {
+                let names: Vec<&str> = self.sources.iter().map(|s| s.name.as_str()).collect();
+                format!(
+                    "no source named {name:?} in the config (sources: {})",
+                    names.join(", ")
+                )
+            })
     }
 
     /// Names and kinds, as reported to the coordinator.

@@ -63,7 +63,10 @@ pub(crate) async fn run(config: AgentConfig, shutdown: CancellationToken) -> any
             match accepted {
                 Ok((send, recv)) => {
                     let (client, config) = (client.clone(), config.clone());
-                    tracker.spawn(async move { serve_push(client, config, send, recv).await }.in_current_span());
+                    tracker.spawn(
+                        async move { serve_push(client, config, send, recv).await }
+                            .in_current_span(),
+                    );
                 }
                 Err(e) => {
                     warn!(reason = %fleetvault_common::describe_connection_error(&e), "link to coordinator lost; reconnecting");
@@ -73,8 +76,14 @@ pub(crate) async fn run(config: AgentConfig, shutdown: CancellationToken) -> any
         }
     }
     tracker.close();
-    if tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await.is_err() {
-        warn!(jobs = tracker.len(), "jobs still running at shutdown; dropping them");
+    if tokio::time::timeout(Duration::from_secs(30), tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            jobs = tracker.len(),
+            "jobs still running at shutdown; dropping them"
+        );
     }
     Ok(())
 }
@@ -152,10 +161,16 @@ async fn pushed_target(
     target: Option<String>,
 ) -> anyhow::Result<Target> {
     if let Some(t) = target {
-        anyhow::ensure!(t != "-", "a pushed restore cannot write to the agent's stdout");
+        anyhow::ensure!(
+            t != "-",
+            "a pushed restore cannot write to the agent's stdout"
+        );
         return Ok(Target::Path(t.into()));
     }
-    let list = match client.call(&Request::ListSnapshots(Default::default())).await? {
+    let list = match client
+        .call(&Request::ListSnapshots(Default::default()))
+        .await?
+    {
         Response::Snapshots(l) => l,
         other => anyhow::bail!("unexpected reply {other:?}"),
     };

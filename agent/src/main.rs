@@ -103,7 +103,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let run = matches!(cli.command, Command::Run { .. });
     init_logging(if run { "info" } else { "warn" });
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
@@ -131,12 +134,17 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let client = Arc::new(connect(&config, &config.credentials()?).await?);
             let bar = report::progress_bar(None);
             let b = bar.clone();
-            let result =
-                backup::run(client.clone(), &source, None, move |p| b.set_position(p.bytes)).await;
+            let result = backup::run(client.clone(), &source, None, move |p| {
+                b.set_position(p.bytes)
+            })
+            .await;
             bar.finish_and_clear();
             let report = result?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report::job_json(&report))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report::job_json(&report))?
+                );
             } else {
                 println!("{}", report::job_summary(&report, false));
             }
@@ -146,7 +154,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Snapshots { config, json } => {
             let config = AgentConfig::load(&config)?;
             let client = connect(&config, &config.credentials()?).await?;
-            let list = match client.call(&Request::ListSnapshots(Default::default())).await? {
+            let list = match client
+                .call(&Request::ListSnapshots(Default::default()))
+                .await?
+            {
                 Response::Snapshots(l) => l,
                 other => bail!("unexpected reply {other:?}"),
             };
@@ -185,7 +196,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             bar.finish_and_clear();
             let report = result?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report::job_json(&report))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report::job_json(&report))?
+                );
             } else {
                 eprintln!("{}", report::job_summary(&report, true));
             }
@@ -208,8 +222,15 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 /// Without `--target`: a stream snapshot goes into its source's restore_command.
-async fn default_target(client: &Client, config: &AgentConfig, snapshot: SnapshotId) -> anyhow::Result<Target> {
-    let list = match client.call(&Request::ListSnapshots(Default::default())).await? {
+async fn default_target(
+    client: &Client,
+    config: &AgentConfig,
+    snapshot: SnapshotId,
+) -> anyhow::Result<Target> {
+    let list = match client
+        .call(&Request::ListSnapshots(Default::default()))
+        .await?
+    {
         Response::Snapshots(l) => l,
         other => bail!("unexpected reply {other:?}"),
     };

@@ -38,9 +38,9 @@ impl Default for ChunkerParams {
 impl ChunkerParams {
     /// Checks the sizes against fastcdc's and our own limits.
     pub fn validate(&self) -> Result<(), String> {
-        let ok = self.min % 2 == 0
-            && self.avg % 2 == 0
-            && self.max % 2 == 0
+        let ok = self.min.is_multiple_of(2)
+            && self.avg.is_multiple_of(2)
+            && self.max.is_multiple_of(2)
             && self.min >= 64
             && self.min <= self.avg
             && self.avg <= self.max
@@ -173,7 +173,11 @@ mod tests {
             chunk_all(&data, SMALL).iter().map(|c| c.id).collect();
         let b = chunk_all(&edited, SMALL);
         let new = b.iter().filter(|c| !a.contains(&c.id)).count();
-        assert!(new <= 3, "{new} of {} chunks changed after one insertion", b.len());
+        assert!(
+            new <= 3,
+            "{new} of {} chunks changed after one insertion",
+            b.len()
+        );
     }
 
     #[test]

@@ -104,7 +104,9 @@ impl Client {
         req: &Request,
     ) -> Result<(quinn::SendStream, quinn::RecvStream), ClientError> {
         let (mut send, recv) = self.conn.open_bi().await.map_err(|e| self.lost(e))?;
-        write_frame(&mut send, req).await.map_err(|e| self.lost(e))?;
+        write_frame(&mut send, req)
+            .await
+            .map_err(|e| self.lost(e))?;
         Ok((send, recv))
     }
 

@@ -16,16 +16,16 @@
 //! The wire protocol lives in [`protocol`]; the QUIC and TLS endpoints in `transport`.
 
 pub mod chunk;
-mod client;
 mod chunker;
+mod client;
 mod id;
 mod manifest;
 pub mod protocol;
 pub mod report;
 mod transport;
 
-pub use client::{Client, ClientError};
 pub use chunker::{Chunk, Chunker, ChunkerParams};
+pub use client::{Client, ClientError};
 pub use id::{AgentName, ChunkId, ParseIdError, SnapshotId};
 pub use manifest::{
     ChunkRef, EntryKind, Manifest, ManifestError, StreamManifest, TreeEntry, TreeManifest,

@@ -84,7 +84,10 @@ pub fn job_summary(r: &JobReport, restore: bool) -> String {
         )
     };
     if r.files_unchanged > 0 {
-        s.push_str(&format!(", {} unchanged files not re-read", r.files_unchanged));
+        s.push_str(&format!(
+            ", {} unchanged files not re-read",
+            r.files_unchanged
+        ));
     }
     for w in &r.warnings {
         s.push_str(&format!("\nwarning: {w}"));
@@ -95,8 +98,19 @@ pub fn job_summary(r: &JobReport, restore: bool) -> String {
 /// The aligned snapshot table for people.
 pub fn snapshots_table(records: &[SnapshotRecord]) -> String {
     let header = [
-        "ID", "AGENT", "SOURCE", "KIND", "STATUS", "STARTED (UTC)", "DURATION", "SIZE", "NEW",
-        "STORED", "CHUNKS", "DEDUP", "REASON",
+        "ID",
+        "AGENT",
+        "SOURCE",
+        "KIND",
+        "STATUS",
+        "STARTED (UTC)",
+        "DURATION",
+        "SIZE",
+        "NEW",
+        "STORED",
+        "CHUNKS",
+        "DEDUP",
+        "REASON",
     ];
     let rows: Vec<Vec<String>> = records
         .iter()
@@ -120,7 +134,11 @@ pub fn snapshots_table(records: &[SnapshotRecord]) -> String {
                 human_bytes(r.new_bytes),
                 human_bytes(r.stored_bytes),
                 r.chunks.to_string(),
-                if dedup.is_finite() { format!("{dedup:.1}x") } else { "all".into() },
+                if dedup.is_finite() {
+                    format!("{dedup:.1}x")
+                } else {
+                    "all".into()
+                },
                 reason,
             ]
         })

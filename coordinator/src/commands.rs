@@ -40,7 +40,12 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Writes `bytes` to a new file with `mode`, replacing nothing unless `overwrite`.
-pub(crate) fn write_file(path: &Path, bytes: &[u8], mode: u32, overwrite: bool) -> anyhow::Result<()> {
+pub(crate) fn write_file(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    overwrite: bool,
+) -> anyhow::Result<()> {
     let mut opts = fs::OpenOptions::new();
     opts.write(true).mode(mode);
     if overwrite {
@@ -79,7 +84,11 @@ pub(crate) fn init(root: &Path, listen: &str, server_name: &str) -> anyhow::Resu
         .create(dir.tls(""))
         .with_context(|| format!("creating {}", dir.tls("").display()))?;
     let ca = Ca::create("fleetvault fleet CA").context("creating the fleet CA")?;
-    let mut sans = vec![server_name.to_owned(), "localhost".into(), "127.0.0.1".into()];
+    let mut sans = vec![
+        server_name.to_owned(),
+        "localhost".into(),
+        "127.0.0.1".into(),
+    ];
     if !addr.ip().is_unspecified() {
         sans.push(addr.ip().to_string());
     }
@@ -92,10 +101,30 @@ pub(crate) fn init(root: &Path, listen: &str, server_name: &str) -> anyhow::Resu
         .context("issuing the operator certificate")?;
     write_file(&dir.tls("ca.pem"), ca.cert_pem().as_bytes(), 0o644, false)?;
     write_file(&dir.tls("ca.key"), ca.key_pem().as_bytes(), 0o600, false)?;
-    write_file(&dir.tls("coordinator.pem"), server.cert_pem.as_bytes(), 0o644, false)?;
-    write_file(&dir.tls("coordinator.key"), server.key_pem.as_bytes(), 0o600, false)?;
-    write_file(&dir.tls("operator.pem"), operator.cert_pem.as_bytes(), 0o644, false)?;
-    write_file(&dir.tls("operator.key"), operator.key_pem.as_bytes(), 0o600, false)?;
+    write_file(
+        &dir.tls("coordinator.pem"),
+        server.cert_pem.as_bytes(),
+        0o644,
+        false,
+    )?;
+    write_file(
+        &dir.tls("coordinator.key"),
+        server.key_pem.as_bytes(),
+        0o600,
+        false,
+    )?;
+    write_file(
+        &dir.tls("operator.pem"),
+        operator.cert_pem.as_bytes(),
+        0o644,
+        false,
+    )?;
+    write_file(
+        &dir.tls("operator.key"),
+        operator.key_pem.as_bytes(),
+        0o600,
+        false,
+    )?;
     ChunkStore::open(&dir.store()).context("creating the chunk store")?;
     let text = format!(
         "# fleetvault coordinator configuration (written by `fleetvault-coordinator init`)\n{}",
@@ -109,7 +138,12 @@ pub(crate) fn init(root: &Path, listen: &str, server_name: &str) -> anyhow::Resu
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) fn issue_agent(root: &Path, name: &str, out: &Path, force: bool) -> anyhow::Result<ExitCode> {
+pub(crate) fn issue_agent(
+    root: &Path,
+    name: &str,
+    out: &Path,
+    force: bool,
+) -> anyhow::Result<ExitCode> {
     let dir = DataDir::new(root);
     let cfg = dir.load_config()?;
     fleetvault_certs::validate_name(name).with_context(|| format!("agent name {name:?}"))?;
@@ -118,7 +152,10 @@ pub(crate) fn issue_agent(root: &Path, name: &str, out: &Path, force: bool) -> a
         .context("loading the fleet CA")?;
     let toml_path = out.join("agent.toml");
     if toml_path.exists() && !force {
-        bail!("{} already exists (use --force to replace it)", toml_path.display());
+        bail!(
+            "{} already exists (use --force to replace it)",
+            toml_path.display()
+        );
     }
     fs::DirBuilder::new()
         .recursive(true)
@@ -129,7 +166,12 @@ pub(crate) fn issue_agent(root: &Path, name: &str, out: &Path, force: bool) -> a
         .issue(Role::Agent, name, &[])
         .with_context(|| format!("issuing a certificate for agent {name}"))?;
     write_file(&out.join("ca.pem"), ca.cert_pem().as_bytes(), 0o644, true)?;
-    write_file(&out.join("agent.pem"), cert.cert_pem.as_bytes(), 0o644, true)?;
+    write_file(
+        &out.join("agent.pem"),
+        cert.cert_pem.as_bytes(),
+        0o644,
+        true,
+    )?;
     write_file(&out.join("agent.key"), cert.key_pem.as_bytes(), 0o600, true)?;
     let text = format!(
         r#"# fleetvault agent configuration for agent "{name}", issued by the coordinator.
@@ -338,7 +380,10 @@ async fn follow(client: &Client, req: Request) -> anyhow::Result<JobReport> {
 
 fn finish_job(report: JobReport, json: bool, restore: bool) -> anyhow::Result<ExitCode> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&report::job_json(&report))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report::job_json(&report))?
+        );
     }
     if report.status != "completed" {
         bail!(
@@ -354,7 +399,12 @@ fn finish_job(report: JobReport, json: bool, restore: bool) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) fn push_backup(root: &Path, agent: &str, source: &str, json: bool) -> anyhow::Result<ExitCode> {
+pub(crate) fn push_backup(
+    root: &Path,
+    agent: &str,
+    source: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
         let client = operator(root).await?;
         let report = follow(

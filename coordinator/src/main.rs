@@ -30,7 +30,11 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 struct DataDirArg {
     /// Coordinator data directory.
-    #[arg(long, env = "FLEETVAULT_DATA_DIR", default_value = "/var/lib/fleetvault")]
+    #[arg(
+        long,
+        env = "FLEETVAULT_DATA_DIR",
+        default_value = "/var/lib/fleetvault"
+    )]
     data_dir: PathBuf,
 }
 

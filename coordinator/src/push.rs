@@ -57,7 +57,10 @@ impl LiveAgents {
     /// A connection ended; forget the agent if that was its live link.
     pub(crate) fn remove(&self, name: &str, conn_id: usize) {
         let mut agents = self.agents.lock().expect("live lock");
-        if agents.get(name).is_some_and(|a| a.conn.stable_id() == conn_id) {
+        if agents
+            .get(name)
+            .is_some_and(|a| a.conn.stable_id() == conn_id)
+        {
             agents.remove(name);
             info!(agent = name, "agent link down");
         }
@@ -74,13 +77,20 @@ impl LiveAgents {
 
     /// Names of the live agents.
     pub(crate) fn names(&self) -> Vec<String> {
-        self.agents.lock().expect("live lock").keys().cloned().collect()
+        self.agents
+            .lock()
+            .expect("live lock")
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Whether an operator's pushed restore lets `agent` read `snapshot`.
     pub(crate) fn granted(&self, agent: &str, snapshot: SnapshotId) -> bool {
         let agents = self.agents.lock().expect("live lock");
-        agents.get(agent).is_some_and(|a| a.grants.contains(&snapshot))
+        agents
+            .get(agent)
+            .is_some_and(|a| a.grants.contains(&snapshot))
     }
 
     fn conn(&self, agent: &str) -> Result<quinn::Connection, Failure> {

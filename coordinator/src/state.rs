@@ -24,7 +24,10 @@ impl State {
                 let live = self.live.info(&name);
                 AgentInfo {
                     connected: live.is_some(),
-                    sources: live.as_ref().map(|l| l.sources.clone()).unwrap_or(rec.sources),
+                    sources: live
+                        .as_ref()
+                        .map(|l| l.sources.clone())
+                        .unwrap_or(rec.sources),
                     version: live.map(|l| l.version).unwrap_or(rec.version),
                     last_seen_ms: rec.last_seen_ms,
                     name,

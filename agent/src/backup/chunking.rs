@@ -29,7 +29,11 @@ pub(crate) struct Batcher {
 }
 
 impl Batcher {
-    pub(crate) fn new(tx: mpsc::Sender<Vec<Chunk>>, params: ChunkerParams, read: Arc<AtomicU64>) -> Self {
+    pub(crate) fn new(
+        tx: mpsc::Sender<Vec<Chunk>>,
+        params: ChunkerParams,
+        read: Arc<AtomicU64>,
+    ) -> Self {
         Self {
             tx,
             batch: Vec::new(),

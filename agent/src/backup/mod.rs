@@ -90,7 +90,10 @@ pub(crate) async fn run(
             if let Err(abort_err) = client.call(&abort).await {
                 warn!(error = %abort_err, "cannot report the failure to the coordinator");
             }
-            Err(e.context(format!("backup of {} (snapshot {snapshot}) failed", source.name)))
+            Err(e.context(format!(
+                "backup of {} (snapshot {snapshot}) failed",
+                source.name
+            )))
         }
     }
 }
@@ -104,14 +107,16 @@ async fn run_inner(
     progress: impl Fn(Progress) + Send + 'static,
 ) -> anyhow::Result<(SnapshotRecord, Arc<UploadStats>, Chunked)> {
     let parent_tree = match (&source.kind, parent) {
-        (SourceKind::Files { .. }, Some(p)) => match crate::restore::read_manifest(client, p.id).await {
-            Ok(Manifest::Tree(t)) => Some(t),
-            Ok(Manifest::Stream(_)) => None,
-            Err(e) => {
-                warn!(parent = %p.id, error = %format!("{e:#}"), "cannot read the parent snapshot; reading every file");
-                None
+        (SourceKind::Files { .. }, Some(p)) => {
+            match crate::restore::read_manifest(client, p.id).await {
+                Ok(Manifest::Tree(t)) => Some(t),
+                Ok(Manifest::Stream(_)) => None,
+                Err(e) => {
+                    warn!(parent = %p.id, error = %format!("{e:#}"), "cannot read the parent snapshot; reading every file");
+                    None
+                }
             }
-        },
+        }
         _ => None,
     };
     let (tx, rx) = mpsc::channel(QUEUE);
@@ -130,7 +135,11 @@ async fn run_inner(
     });
     let source2 = source.clone();
     let chunked = tokio::task::spawn_blocking(move || {
-        chunk_source(&source2, parent_tree.as_ref(), Batcher::new(tx, source2.chunker, read))
+        chunk_source(
+            &source2,
+            parent_tree.as_ref(),
+            Batcher::new(tx, source2.chunker, read),
+        )
     })
     .await
     .context("chunking task panicked");
@@ -194,7 +203,12 @@ fn chunk_source(
             for w in &report.warnings {
                 warn!(warning = %w, "files source");
             }
-            (Manifest::Tree(tree), None, report.warnings, report.files_unchanged)
+            (
+                Manifest::Tree(tree),
+                None,
+                report.warnings,
+                report.files_unchanged,
+            )
         }
     };
     let chunks = batcher.chunks;

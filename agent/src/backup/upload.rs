@@ -33,7 +33,11 @@ pub(crate) async fn run(
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut tasks = JoinSet::new();
     while let Some(batch) = rx.recv().await {
-        let permit = slots.clone().acquire_owned().await.context("uploader stopped")?;
+        let permit = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .context("uploader stopped")?;
         let (client, stats) = (client.clone(), stats.clone());
         tasks.spawn(async move {
             let r = upload_batch(&client, snapshot, batch, &stats).await;
@@ -65,7 +69,10 @@ async fn upload_batch(
         return Ok(());
     }
     let missing: std::collections::HashSet<_> = missing.into_iter().collect();
-    let to_send: Vec<Chunk> = batch.into_iter().filter(|c| missing.contains(&c.id)).collect();
+    let to_send: Vec<Chunk> = batch
+        .into_iter()
+        .filter(|c| missing.contains(&c.id))
+        .collect();
     let sealed = tokio::task::spawn_blocking(move || {
         to_send
             .iter()

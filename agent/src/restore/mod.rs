@@ -60,7 +60,10 @@ async fn open_read(
         match client.reply(&mut recv).await? {
             Response::Chunk { id, envelope } if id == c.id => {
                 let plain = chunk::open_verified(&envelope, &c.id).map_err(|e| {
-                    anyhow!("snapshot {snapshot}: manifest chunk {} is damaged: {e}", c.id)
+                    anyhow!(
+                        "snapshot {snapshot}: manifest chunk {} is damaged: {e}",
+                        c.id
+                    )
                 })?;
                 bytes.extend_from_slice(&plain);
             }
@@ -79,7 +82,10 @@ async fn open_read(
 }
 
 /// Reads only a snapshot's manifest (for unchanged-file detection).
-pub(crate) async fn read_manifest(client: &Client, snapshot: SnapshotId) -> anyhow::Result<Manifest> {
+pub(crate) async fn read_manifest(
+    client: &Client,
+    snapshot: SnapshotId,
+) -> anyhow::Result<Manifest> {
     let (_, manifest, _) = open_read(client, snapshot, ReadPart::Manifest).await?;
     Ok(manifest)
 }
@@ -98,7 +104,10 @@ pub(crate) async fn run(
     let fetch_client = client.clone();
     let fetch = tokio::spawn(async move {
         loop {
-            let item = fetch_client.reply(&mut recv).await.map_err(|e| e.to_string());
+            let item = fetch_client
+                .reply(&mut recv)
+                .await
+                .map_err(|e| e.to_string());
             let end = matches!(item, Ok(Response::End) | Err(_));
             if tx.send(item).await.is_err() || end {
                 break;
@@ -170,7 +179,8 @@ fn write_sink(
             let mut f = std::fs::File::create_new(path)
                 .with_context(|| format!("creating {}", path.display()))?;
             reasm.stream(stream, &mut f, written)?;
-            f.sync_all().with_context(|| format!("writing {}", path.display()))
+            f.sync_all()
+                .with_context(|| format!("writing {}", path.display()))
         }
         (Manifest::Stream(stream), Target::Command(cmd)) => {
             let mut child = ShellCommand::spawn(

@@ -25,7 +25,10 @@ impl Reassembler {
         match self.rx.blocking_recv() {
             Some(Ok(r)) => Ok(r),
             Some(Err(e)) => Err(anyhow!("snapshot {}: {e}", self.snapshot)),
-            None => Err(anyhow!("snapshot {}: the chunk stream ended early", self.snapshot)),
+            None => Err(anyhow!(
+                "snapshot {}: the chunk stream ended early",
+                self.snapshot
+            )),
         }
     }
 
@@ -37,7 +40,11 @@ impl Reassembler {
                 let plain = chunk::open_verified(&envelope, &id)
                     .map_err(|e| anyhow!("snapshot {snapshot}: chunk {id} is damaged: {e}"))?;
                 if plain.len() != expected.len as usize {
-                    bail!("snapshot {snapshot}: chunk {id} has {} bytes, the manifest says {}", plain.len(), expected.len);
+                    bail!(
+                        "snapshot {snapshot}: chunk {id} has {} bytes, the manifest says {}",
+                        plain.len(),
+                        expected.len
+                    );
                 }
                 Ok(plain)
             }
@@ -45,7 +52,10 @@ impl Reassembler {
                 bail!("snapshot {snapshot}: chunk {id} is missing on the coordinator")
             }
             Response::Chunk { id, .. } => {
-                bail!("snapshot {snapshot}: chunk {id} arrived where {} was expected", expected.id)
+                bail!(
+                    "snapshot {snapshot}: chunk {id} arrived where {} was expected",
+                    expected.id
+                )
             }
             other => bail!("snapshot {snapshot}: unexpected frame {other:?}"),
         }
@@ -70,12 +80,19 @@ impl Reassembler {
             let plain = self.next_checked(c)?;
             whole.update(&plain);
             len += plain.len() as u64;
-            out.write_all(&plain)
-                .map_err(|e| anyhow!("snapshot {}: writing the restored stream: {e}", self.snapshot))?;
+            out.write_all(&plain).map_err(|e| {
+                anyhow!(
+                    "snapshot {}: writing the restored stream: {e}",
+                    self.snapshot
+                )
+            })?;
             written.fetch_add(plain.len() as u64, Ordering::Relaxed);
         }
         if len != manifest.len || *whole.finalize().as_bytes() != manifest.checksum {
-            bail!("snapshot {}: the restored stream does not match its checksum", self.snapshot);
+            bail!(
+                "snapshot {}: the restored stream does not match its checksum",
+                self.snapshot
+            );
         }
         Ok(())
     }
@@ -84,7 +101,10 @@ impl Reassembler {
     pub(crate) fn finish(mut self) -> anyhow::Result<()> {
         match self.recv()? {
             Response::End => Ok(()),
-            other => bail!("snapshot {}: unexpected frame after the last chunk: {other:?}", self.snapshot),
+            other => bail!(
+                "snapshot {}: unexpected frame after the last chunk: {other:?}",
+                self.snapshot
+            ),
         }
     }
 }

@@ -48,12 +48,17 @@ pub(crate) fn restore_tree(
             EntryKind::Dir => {
                 match fs::symlink_metadata(&dest) {
                     Ok(md) if md.is_dir() => {}
-                    Ok(_) => bail!("cannot restore directory {}: something else is there", dest.display()),
+                    Ok(_) => bail!(
+                        "cannot restore directory {}: something else is there",
+                        dest.display()
+                    ),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {
                         fs::create_dir(&dest)
                             .with_context(|| format!("creating directory {}", dest.display()))?;
                     }
-                    Err(e) => return Err(e).with_context(|| format!("checking {}", dest.display())),
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("checking {}", dest.display()))
+                    }
                 }
                 // Writable until the end, whatever the snapshot's mode: its contents follow.
                 fs::set_permissions(&dest, fs::Permissions::from_mode(0o700))
@@ -69,7 +74,10 @@ pub(crate) fn restore_tree(
             }
             EntryKind::Symlink => {
                 let link_target = entry.target.as_deref().with_context(|| {
-                    format!("snapshot entry {} is a symlink without a target", dest.display())
+                    format!(
+                        "snapshot entry {} is a symlink without a target",
+                        dest.display()
+                    )
                 })?;
                 std::os::unix::fs::symlink(OsStr::from_bytes(link_target), &dest)
                     .with_context(|| format!("creating symlink {}", dest.display()))?;
@@ -114,7 +122,10 @@ fn check_paths(tree: &TreeManifest) -> anyhow::Result<Vec<PathBuf>> {
             }
         }
         // `Path::components` silently drops `.` and repeated slashes; refuse them too.
-        if e.path.split(|&b| b == b'/').any(|c| c.is_empty() || c == b".") {
+        if e.path
+            .split(|&b| b == b'/')
+            .any(|c| c.is_empty() || c == b".")
+        {
             return Err(refuse("path has an empty or `.` component"));
         }
         for (i, &b) in e.path.iter().enumerate() {
@@ -161,7 +172,10 @@ fn restore_file(
     written: &mut dyn FnMut(u64),
 ) -> anyhow::Result<()> {
     if fs::symlink_metadata(dest).is_ok() {
-        bail!("cannot restore {}: it already exists (restore into an empty directory)", dest.display());
+        bail!(
+            "cannot restore {}: it already exists (restore into an empty directory)",
+            dest.display()
+        );
     }
     let name = dest.file_name().context("file entry without a name")?;
     let mut tmp_name = std::ffi::OsString::from(".");
@@ -182,7 +196,8 @@ fn restore_file(
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
-    f.sync_all().with_context(|| format!("syncing {}", dest.display()))?;
+    f.sync_all()
+        .with_context(|| format!("syncing {}", dest.display()))?;
     drop(f);
     // Temp, fsync, rename: a file appears under its real name only whole.
     #[allow(clippy::disallowed_methods)]
@@ -249,7 +264,11 @@ mod tests {
             gid: 0,
             mtime: 1_600_000_000,
             mtime_nsec: 42,
-            size: if kind == EntryKind::File { data.len() as u64 } else { 0 },
+            size: if kind == EntryKind::File {
+                data.len() as u64
+            } else {
+                0
+            },
             inode: 0,
             target: (kind == EntryKind::Symlink).then(|| data.to_vec()),
             chunks: if kind == EntryKind::File && !data.is_empty() {
@@ -310,7 +329,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(fs::read(target.join("src/ro/b.txt")).unwrap(), b"hello");
-        assert_eq!(fs::read_link(target.join("src/link")).unwrap(), Path::new("a.txt"));
+        assert_eq!(
+            fs::read_link(target.join("src/link")).unwrap(),
+            Path::new("a.txt")
+        );
         let md = fs::metadata(target.join("src/ro")).unwrap();
         assert_eq!(md.permissions().mode() & 0o7777, 0o555);
         let mt = FileTime::from_last_modification_time(&md);
@@ -350,7 +372,11 @@ mod tests {
         std::os::unix::fs::symlink(&outside, target.join("esc")).unwrap();
         let err = restore(&target, vec![entry(b"esc/x", EntryKind::File, b"hello")]).unwrap_err();
         assert!(format!("{err:#}").contains("refusing"), "{err:#}");
-        assert!(listing(&outside).is_empty(), "wrote outside: {:?}", listing(&outside));
+        assert!(
+            listing(&outside).is_empty(),
+            "wrote outside: {:?}",
+            listing(&outside)
+        );
     }
 
     #[test]

@@ -84,7 +84,9 @@ impl ShellCommand {
         let mut text = String::from_utf8_lossy(&stderr).trim().to_owned();
         if text.len() > STDERR_TAIL {
             let cut = text.len() - STDERR_TAIL;
-            let cut = (cut..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+            let cut = (cut..text.len())
+                .find(|&i| text.is_char_boundary(i))
+                .unwrap_or(0);
             text = format!("…{}", &text[cut..]);
         }
         let text = text.replace('\n', " | ");
@@ -92,7 +94,11 @@ impl ShellCommand {
             "{} `{}` failed ({status}){}",
             self.what,
             self.command,
-            if text.is_empty() { String::new() } else { format!(": {text}") }
+            if text.is_empty() {
+                String::new()
+            } else {
+                format!(": {text}")
+            }
         ))
     }
 

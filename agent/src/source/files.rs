@@ -75,8 +75,8 @@ pub(crate) fn walk(
         if roots.iter().any(|r| r != root && root.starts_with(r)) {
             continue;
         }
-        let md = fs::metadata(root)
-            .with_context(|| format!("files source path {}", root.display()))?;
+        let md =
+            fs::metadata(root).with_context(|| format!("files source path {}", root.display()))?;
         walker.entry(root, Path::new(""), md)?;
     }
     Ok((walker.tree, walker.report))
@@ -210,8 +210,7 @@ impl Walker<'_, '_> {
                 return Ok(());
             }
         };
-        let chunks = (self.chunk)(&mut f)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let chunks = (self.chunk)(&mut f).with_context(|| format!("reading {}", path.display()))?;
         let read: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
         let after = f.metadata().ok();
         let changed = read != before.len()
@@ -279,8 +278,13 @@ mod tests {
             exclude: vec!["*.tmp".into()],
         };
         let mut store = Vec::new();
-        let (tree, report) = walk(&spec, None, &mut one_chunk_per_file(&mut store), &mut |_| {})
-            .unwrap();
+        let (tree, report) = walk(
+            &spec,
+            None,
+            &mut one_chunk_per_file(&mut store),
+            &mut |_| {},
+        )
+        .unwrap();
         let rel: Vec<String> = tree
             .entries
             .iter()
@@ -291,7 +295,10 @@ mod tests {
                     .to_owned()
             })
             .collect();
-        assert_eq!(rel, ["", "/a.txt", "/b", "/b/inner", "/b/inner/c.txt", "/link"]);
+        assert_eq!(
+            rel,
+            ["", "/a.txt", "/b", "/b/inner", "/b/inner/c.txt", "/link"]
+        );
         assert_eq!(report.files_unchanged, 0);
         assert_eq!(store.len(), 2);
         let link = tree.entries.last().unwrap();

@@ -86,7 +86,10 @@ impl Catalog {
             let (_, v) = item?;
             let mut rec: SnapshotRecord = decode(&v)?;
             last = last.max(rec.id.0);
-            if matches!(rec.status, SnapshotStatus::Running | SnapshotStatus::Pending) {
+            if matches!(
+                rec.status,
+                SnapshotStatus::Running | SnapshotStatus::Pending
+            ) {
                 rec.status = SnapshotStatus::Failed {
                     reason: "coordinator stopped during the backup".into(),
                 };
@@ -129,7 +132,10 @@ impl Catalog {
     /// Marks a running snapshot failed, flushed; a snapshot already finished is left alone.
     pub(crate) fn fail(&self, id: SnapshotId, reason: &str) -> Result<(), CatalogError> {
         let mut rec = self.get(id)?;
-        if matches!(rec.status, SnapshotStatus::Running | SnapshotStatus::Pending) {
+        if matches!(
+            rec.status,
+            SnapshotStatus::Running | SnapshotStatus::Pending
+        ) {
             rec.status = SnapshotStatus::Failed {
                 reason: reason.to_owned(),
             };
@@ -148,7 +154,10 @@ impl Catalog {
     }
 
     /// Snapshots matching `filter`, oldest first.
-    pub(crate) fn list(&self, filter: &SnapshotFilter) -> Result<Vec<SnapshotRecord>, CatalogError> {
+    pub(crate) fn list(
+        &self,
+        filter: &SnapshotFilter,
+    ) -> Result<Vec<SnapshotRecord>, CatalogError> {
         let mut out = Vec::new();
         for item in self.snapshots.iter() {
             let (_, v) = item?;
@@ -301,6 +310,9 @@ mod tests {
         let rec = record(SnapshotId(42), SnapshotStatus::Completed);
         let cat = Catalog::open(dir.path(), || vec![rec.clone()]).unwrap();
         assert_eq!(cat.get(SnapshotId(42)).unwrap(), rec);
-        assert_eq!(cat.last_completed("a", "s").unwrap().unwrap().id, SnapshotId(42));
+        assert_eq!(
+            cat.last_completed("a", "s").unwrap().unwrap().id,
+            SnapshotId(42)
+        );
     }
 }

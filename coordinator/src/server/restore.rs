@@ -29,8 +29,7 @@ impl Session {
         let allowed = match self.identity.role {
             Role::Operator => true,
             Role::Agent => {
-                rec.agent == self.identity.name
-                    || self.state.live.granted(self.name(), snapshot)
+                rec.agent == self.identity.name || self.state.live.granted(self.name(), snapshot)
             }
             _ => false,
         };
@@ -40,10 +39,17 @@ impl Session {
                 format!("snapshot {snapshot} belongs to agent {}; only an operator can restore it elsewhere", rec.agent),
             ));
         }
-        let Some(root) = rec.root.clone().filter(|_| rec.status == SnapshotStatus::Completed) else {
+        let Some(root) = rec
+            .root
+            .clone()
+            .filter(|_| rec.status == SnapshotStatus::Completed)
+        else {
             return Err(Failure::Reply(
                 ErrorCode::NotFound,
-                format!("snapshot {snapshot} is {}, not completed", rec.status.name()),
+                format!(
+                    "snapshot {snapshot} is {}, not completed",
+                    rec.status.name()
+                ),
             ));
         };
         let this = self.clone();

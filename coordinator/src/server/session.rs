@@ -101,7 +101,10 @@ pub(super) async fn run(incoming: quinn::Incoming, state: Arc<State>, token: Can
         Ok(id) => id,
         Err(e) => {
             warn!(%remote, error = %e, "refusing peer without a fleet identity");
-            conn.close(close::NOT_AUTHORIZED.into(), b"no fleet identity in certificate");
+            conn.close(
+                close::NOT_AUTHORIZED.into(),
+                b"no fleet identity in certificate",
+            );
             return;
         }
     };
@@ -109,7 +112,12 @@ pub(super) async fn run(incoming: quinn::Incoming, state: Arc<State>, token: Can
     serve(conn, identity, state, token).instrument(span).await
 }
 
-async fn serve(conn: quinn::Connection, identity: Identity, state: Arc<State>, token: CancellationToken) {
+async fn serve(
+    conn: quinn::Connection,
+    identity: Identity,
+    state: Arc<State>,
+    token: CancellationToken,
+) {
     if !matches!(identity.role, Role::Agent | Role::Operator) {
         warn!("refusing role that may not connect here");
         conn.close(close::NOT_AUTHORIZED.into(), b"role not allowed");
@@ -124,7 +132,10 @@ async fn serve(conn: quinn::Connection, identity: Identity, state: Arc<State>, t
     };
     if identity.role == Role::Agent {
         let sw = software.clone();
-        if let Err(e) = state.catalog.touch_agent(&identity.name, |r| r.version = sw) {
+        if let Err(e) = state
+            .catalog
+            .touch_agent(&identity.name, |r| r.version = sw)
+        {
             warn!(error = %e, "cannot record agent");
         }
     }
@@ -198,7 +209,13 @@ async fn hello(conn: &quinn::Connection, identity: &Identity) -> Result<String, 
             "protocol version {} is not supported (coordinator speaks {PROTOCOL_VERSION})",
             hello.protocol
         );
-        let _ = write_frame(&mut send, &HelloReply::Refused { reason: reason.clone() }).await;
+        let _ = write_frame(
+            &mut send,
+            &HelloReply::Refused {
+                reason: reason.clone(),
+            },
+        )
+        .await;
         let _ = send.finish();
         let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
         conn.close(close::VERSION_MISMATCH.into(), reason.as_bytes());
@@ -272,7 +289,9 @@ impl Session {
             Request::Register { sources } => {
                 self.require(Role::Agent)?;
                 let s = sources.clone();
-                self.state.catalog.touch_agent(self.name(), |r| r.sources = s)?;
+                self.state
+                    .catalog
+                    .touch_agent(self.name(), |r| r.sources = s)?;
                 self.state.live.register(
                     self.name(),
                     self.conn.clone(),
@@ -296,7 +315,10 @@ impl Session {
                 if rec.status.name() != "completed" {
                     return Err(Failure::Reply(
                         ErrorCode::NotFound,
-                        format!("snapshot {snapshot} is {}, not completed", rec.status.name()),
+                        format!(
+                            "snapshot {snapshot} is {}, not completed",
+                            rec.status.name()
+                        ),
                     ));
                 }
                 self.state

@@ -38,7 +38,10 @@ pub(super) fn load_manifest(
     root: &StreamManifest,
 ) -> Result<(Manifest, Vec<Vec<u8>>), String> {
     if root.len > fleetvault_common::protocol::MAX_FRAME_LEN as u64 * 128 {
-        return Err(format!("snapshot {snapshot}: manifest of {} bytes is too large", root.len));
+        return Err(format!(
+            "snapshot {snapshot}: manifest of {} bytes is too large",
+            root.len
+        ));
     }
     let mut bytes = Vec::with_capacity(root.len as usize);
     let mut envelopes = Vec::with_capacity(root.chunks.len());
@@ -47,16 +50,21 @@ pub(super) fn load_manifest(
             .get(&c.id)
             .map_err(|e| format!("snapshot {snapshot}: {e}"))?
             .ok_or_else(|| format!("snapshot {snapshot}: manifest chunk {} is missing", c.id))?;
-        let plain = chunk::open_verified(&env, &c.id)
-            .map_err(|e| format!("snapshot {snapshot}: manifest chunk {} is damaged: {e}", c.id))?;
+        let plain = chunk::open_verified(&env, &c.id).map_err(|e| {
+            format!(
+                "snapshot {snapshot}: manifest chunk {} is damaged: {e}",
+                c.id
+            )
+        })?;
         bytes.extend_from_slice(&plain);
         envelopes.push(env);
     }
     if bytes.len() as u64 != root.len || *blake3::hash(&bytes).as_bytes() != root.checksum {
-        return Err(format!("snapshot {snapshot}: manifest checksum does not match"));
+        return Err(format!(
+            "snapshot {snapshot}: manifest checksum does not match"
+        ));
     }
-    let manifest = Manifest::decode(&bytes)
-        .map_err(|e| format!("snapshot {snapshot}: {e}"))?;
+    let manifest = Manifest::decode(&bytes).map_err(|e| format!("snapshot {snapshot}: {e}"))?;
     Ok((manifest, envelopes))
 }
 
@@ -106,9 +114,16 @@ impl Session {
     ) -> Result<(), Failure> {
         self.require(Role::Agent)?;
         if count > MAX_PUT_BATCH {
-            return Err(Failure::Protocol(format!("{count} chunks in one PutChunks, over the limit")));
+            return Err(Failure::Protocol(format!(
+                "{count} chunks in one PutChunks, over the limit"
+            )));
         }
-        if !self.running.lock().expect("running lock").contains_key(&snapshot) {
+        if !self
+            .running
+            .lock()
+            .expect("running lock")
+            .contains_key(&snapshot)
+        {
             return Err(Failure::Reply(
                 ErrorCode::BadRequest,
                 format!("snapshot {snapshot} is not a backup in progress on this connection"),
@@ -131,7 +146,9 @@ impl Session {
                 }
             }
             if batch_bytes >= WRITE_BATCH_BYTES || i + 1 == count {
-                new += self.write_batch(snapshot, std::mem::take(&mut batch)).await?;
+                new += self
+                    .write_batch(snapshot, std::mem::take(&mut batch))
+                    .await?;
                 batch_bytes = 0;
             }
         }
@@ -160,7 +177,12 @@ impl Session {
             }
         };
         self.uploaded.lock().expect("uploaded lock").extend(ids);
-        if let Some(b) = self.running.lock().expect("running lock").get_mut(&snapshot) {
+        if let Some(b) = self
+            .running
+            .lock()
+            .expect("running lock")
+            .get_mut(&snapshot)
+        {
             b.new_chunks += u64::from(outcome.new);
             b.new_bytes += outcome.new_plain;
             b.stored_bytes += outcome.new_stored;
@@ -175,7 +197,10 @@ impl Session {
     ) -> Result<(), Failure> {
         self.require(Role::Agent)?;
         if b.source.is_empty() || b.source.len() > 128 || b.source.contains(['/', '\0']) {
-            return Err(Failure::Reply(ErrorCode::BadRequest, format!("invalid source name {:?}", b.source)));
+            return Err(Failure::Reply(
+                ErrorCode::BadRequest,
+                format!("invalid source name {:?}", b.source),
+            ));
         }
         b.chunker
             .validate()
@@ -214,7 +239,14 @@ impl Session {
             .expect("running lock")
             .insert(id, Backup::default());
         info!(snapshot = %id, source = %rec.source, "backup started");
-        Ok(write_frame(send, &Response::Begun { snapshot: id, parent }).await?)
+        Ok(write_frame(
+            send,
+            &Response::Begun {
+                snapshot: id,
+                parent,
+            },
+        )
+        .await?)
     }
 
     pub(super) async fn commit(
@@ -224,7 +256,12 @@ impl Session {
     ) -> Result<(), Failure> {
         self.require(Role::Agent)?;
         let snapshot = c.snapshot;
-        if !self.running.lock().expect("running lock").contains_key(&snapshot) {
+        if !self
+            .running
+            .lock()
+            .expect("running lock")
+            .contains_key(&snapshot)
+        {
             return Err(Failure::Reply(
                 ErrorCode::BadRequest,
                 format!("snapshot {snapshot} is not a backup in progress on this connection"),
@@ -304,7 +341,13 @@ impl Session {
         send: &mut quinn::SendStream,
     ) -> Result<(), Failure> {
         self.require(Role::Agent)?;
-        if self.running.lock().expect("running lock").remove(&snapshot).is_none() {
+        if self
+            .running
+            .lock()
+            .expect("running lock")
+            .remove(&snapshot)
+            .is_none()
+        {
             return Err(Failure::Reply(
                 ErrorCode::BadRequest,
                 format!("snapshot {snapshot} is not a backup in progress on this connection"),
@@ -316,4 +359,3 @@ impl Session {
         Ok(write_frame(send, &Response::Ok).await?)
     }
 }
-

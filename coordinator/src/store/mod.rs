@@ -116,7 +116,10 @@ impl ChunkStore {
     /// Verifies and durably stores a batch of sealed chunks. Returns after every chunk of the
     /// batch is on disk with its directory entry synced; on error, chunks of the batch that
     /// were already renamed into place are complete and valid (never partial).
-    pub(crate) fn put_batch(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<PutOutcome, StoreError> {
+    pub(crate) fn put_batch(
+        &self,
+        chunks: &[(ChunkId, Vec<u8>)],
+    ) -> Result<PutOutcome, StoreError> {
         let mut outcome = PutOutcome::default();
         let mut pending = Vec::new();
         for (id, envelope) in chunks {
