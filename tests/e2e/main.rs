@@ -6,6 +6,8 @@ mod command_stream;
 mod corruption;
 mod crash;
 mod files;
+mod hostile;
+mod memory;
 mod push;
 mod security;
 mod shutdown;
