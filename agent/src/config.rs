@@ -122,7 +122,7 @@ impl AgentConfig {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config {}", path.display()))?;
         let raw: RawConfig =
-            toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?;
+            fleetvault_common::parse_toml(path, &text).map_err(anyhow::Error::msg)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let c = raw.coordinator;

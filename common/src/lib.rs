@@ -18,6 +18,7 @@
 pub mod chunk;
 mod chunker;
 mod client;
+mod config;
 mod id;
 mod manifest;
 pub mod protocol;
@@ -26,6 +27,7 @@ mod transport;
 
 pub use chunker::{Chunk, Chunker, ChunkerParams};
 pub use client::{Client, ClientError};
+pub use config::parse_toml;
 pub use id::{AgentName, ChunkId, ParseIdError, SnapshotId};
 pub use manifest::{
     ChunkRef, EntryKind, Manifest, ManifestError, StreamManifest, TreeEntry, TreeManifest,

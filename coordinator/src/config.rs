@@ -91,7 +91,7 @@ impl DataDir {
             )
         })?;
         let cfg: CoordinatorConfig =
-            toml::from_str(&text).with_context(|| format!("invalid {}", path.display()))?;
+            fleetvault_common::parse_toml(&path, &text).map_err(anyhow::Error::msg)?;
         cfg.listen_addr()
             .with_context(|| format!("invalid {}: key `listen`", path.display()))?;
         if cfg.server_name.is_empty() {

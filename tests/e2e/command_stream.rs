@@ -93,3 +93,50 @@ fn one_percent_change_to_a_stream_uploads_under_five_percent() -> anyhow::Result
     assert_eq!(hash_file(&old)?, original_hash, "first version differs");
     Ok(())
 }
+
+#[test]
+fn failing_or_missing_dump_and_restore_commands_fail_with_their_stderr() -> anyhow::Result<()> {
+    let coordinator = Coordinator::start()?;
+    let agent = coordinator.agent("db-01")?;
+    let sources = [
+        (
+            "wrong-password",
+            "printf 'partial dump'; echo 'pg_dump: error: FATAL: password authentication failed for user \"app\"' >&2; exit 1",
+            "password authentication failed",
+        ),
+        ("missing-tool", "pg_dump_not_installed_here app", "not found"),
+    ];
+    for (name, command, _) in sources {
+        agent.add_command_source(&CommandSource {
+            name: name.into(),
+            backup_command: command.into(),
+            ..CommandSource::default()
+        })?;
+    }
+    for (name, _, want) in sources {
+        let stderr = agent.backup(name)?.ensure_failure()?;
+        assert!(stderr.contains(want), "{name}: {want:?} not in {stderr}");
+        let listed = coordinator.snapshots_json(&["--source", name])?;
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0]["status"], "failed", "{}", listed[0]);
+        let reason = listed[0]["reason"].as_str().unwrap_or("");
+        assert!(reason.contains(want), "{name}: reason {reason:?}");
+    }
+
+    agent.add_command_source(&CommandSource {
+        name: "restore-fails".into(),
+        backup_command: "printf 'a small dump'".into(),
+        restore_command: Some(
+            "cat > /dev/null; echo 'psql: error: database \"chat\" does not exist' >&2; exit 2"
+                .into(),
+        ),
+        ..CommandSource::default()
+    })?;
+    let id = snapshot_id(&agent.backup_json("restore-fails")?)?;
+    let stderr = agent.restore(&id, None)?.ensure_failure()?;
+    assert!(
+        stderr.contains("database \"chat\" does not exist"),
+        "{stderr}"
+    );
+    Ok(())
+}

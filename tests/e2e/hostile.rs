@@ -113,7 +113,9 @@ fn forged_chunk_is_refused_and_malformed_frames_close_only_that_connection() -> 
 
         // Everyone else is still served, on a fresh connection and from the command line.
         let client = connect(&coordinator, &honest).await?;
-        let (mut send, mut recv) = client.open(&Request::ListSnapshots(Default::default())).await?;
+        let (mut send, mut recv) = client
+            .open(&Request::ListSnapshots(Default::default()))
+            .await?;
         let _ = send.finish();
         let reply: Option<Response> = read_frame(&mut recv).await?;
         assert!(matches!(reply, Some(Response::Snapshots(_))), "{reply:?}");

@@ -85,7 +85,8 @@ pub(crate) async fn run(
         }),
         Err(e) => {
             let reason = format!("{e:#}");
-            warn!(snapshot = %snapshot, %reason, "backup failed");
+            // info, not warn: a one-shot command prints the error itself, once.
+            info!(snapshot = %snapshot, %reason, "backup failed");
             let abort = Request::Abort { snapshot, reason };
             if let Err(abort_err) = client.call(&abort).await {
                 warn!(error = %abort_err, "cannot report the failure to the coordinator");

@@ -9,8 +9,8 @@
 //!   followed. Sockets, FIFOs and devices are skipped with a warning.
 //! - A file whose size, mtime and inode match its entry in the parent snapshot is not read
 //!   again: its chunk list is reused.
-//! - A file that changes while it is read is reported as a warning and recorded with the
-//!   metadata seen *before* reading, so the next backup reads it again.
+//! - A file that changes while it is read is reported as a warning, stored as read, and
+//!   marked (inode 0) so that the next backup reads it again.
 //! - A file or directory that cannot be opened (permission denied, vanished) is skipped with a
 //!   warning; a failure while chunking (the upload stopped) ends the backup.
 
@@ -224,8 +224,9 @@ impl Walker<'_, '_> {
                 "file {} changed while being read: stored as read, it will be read again next time",
                 path.display()
             ));
-            // Recorded with the pre-read mtime and the bytes actually read: the next backup
-            // sees a different size or mtime and reads the file again.
+            // Inode 0 never matches a real file: the next backup reads it again even when
+            // the change kept its size and fell within the same mtime tick.
+            entry.inode = 0;
         }
         entry.size = read;
         entry.chunks = chunks;
@@ -315,5 +316,52 @@ mod tests {
         assert_eq!(report.files_unchanged, 2);
         assert!(store.is_empty(), "unchanged files were read again");
         assert_eq!(again, tree);
+    }
+
+    #[test]
+    fn a_file_changed_while_read_is_reported_and_read_again_next_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("src");
+        fs::create_dir(&root).unwrap();
+        let log = root.join("app.log");
+        fs::write(&log, vec![b'x'; 10_000]).unwrap();
+        let spec = FilesSpec {
+            paths: vec![root.clone()],
+            exclude: Vec::new(),
+        };
+        // A writer appends to the file while the backup reads it.
+        let mut grow = |r: &mut dyn Read| -> io::Result<Vec<ChunkRef>> {
+            let mut buf = vec![0u8; 4096];
+            r.read_exact(&mut buf)?;
+            let mut f = fs::OpenOptions::new().append(true).open(&log)?;
+            std::io::Write::write_all(&mut f, b"appended during the backup\n")?;
+            r.read_to_end(&mut buf)?;
+            Ok(vec![ChunkRef {
+                id: ChunkId::of(&buf),
+                len: buf.len() as u32,
+            }])
+        };
+        let (tree, report) = walk(&spec, None, &mut grow, &mut |_| {}).unwrap();
+        assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+        assert!(report.warnings[0].contains("changed while being read"));
+        let entry = tree.entries.last().unwrap();
+        assert_eq!(
+            entry.size,
+            entry.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>()
+        );
+
+        let mut store = Vec::new();
+        let (_, again) = walk(
+            &spec,
+            Some(&tree),
+            &mut one_chunk_per_file(&mut store),
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(
+            again.files_unchanged, 0,
+            "the torn file was trusted as unchanged"
+        );
+        assert_eq!(store.len(), 1);
     }
 }

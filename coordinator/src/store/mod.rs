@@ -123,8 +123,16 @@ impl ChunkStore {
         let mut outcome = PutOutcome::default();
         let mut pending = Vec::new();
         for (id, envelope) in chunks {
-            let plain = chunk::open_verified(envelope, id)
-                .map_err(|source| StoreError::BadChunk { id: *id, source })?;
+            let plain = match chunk::open_verified(envelope, id) {
+                Ok(p) => p,
+                Err(source) => {
+                    // Nothing of a refused batch is kept, not even in tmp/.
+                    for (tmp, _) in &pending {
+                        let _ = fs::remove_file(tmp);
+                    }
+                    return Err(StoreError::BadChunk { id: *id, source });
+                }
+            };
             let dest = self.chunk_path(id);
             if dest.exists() || pending.iter().any(|(_, d): &(PathBuf, PathBuf)| *d == dest) {
                 continue;
@@ -239,7 +247,12 @@ mod tests {
         assert_eq!(store.put_batch(&[(id, env.clone())]).unwrap().new, 0);
         assert_eq!(store.get(&id).unwrap().unwrap(), env);
         let wrong = ChunkId::of(b"other");
-        let err = store.put_batch(&[(wrong, env)]).unwrap_err();
+        let fresh = b"fresh chunk".to_vec();
+        let fresh_id = ChunkId::of(&fresh);
+        let err = store
+            .put_batch(&[(fresh_id, seal(&fresh, 3)), (wrong, env)])
+            .unwrap_err();
+        assert!(!store.contains(&fresh_id), "a refused batch stored a chunk");
         assert!(matches!(err, StoreError::BadChunk { .. }), "{err}");
         assert!(!store.contains(&wrong));
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
