@@ -6,6 +6,7 @@ mod command_stream;
 mod corruption;
 mod crash;
 mod files;
+mod full_disk;
 mod hostile;
 mod memory;
 mod push;

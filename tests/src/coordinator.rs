@@ -25,6 +25,8 @@ pub struct Coordinator {
     starts: u32,
     data_dir: PathBuf,
     logs: PathBuf,
+    /// A tmpfs mounted on the data dir ([`Coordinator::init_on_small_disk`]), unmounted on drop.
+    mounted: bool,
     root: Option<tempfile::TempDir>,
 }
 
@@ -38,6 +40,16 @@ fn free_udp_port() -> anyhow::Result<u16> {
 impl Coordinator {
     /// `init` a data dir listening on a free port on 127.0.0.1, without serving.
     pub fn init() -> anyhow::Result<Self> {
+        Self::init_with(None)
+    }
+
+    /// `init` on a data dir that is a tmpfs of `mib` MiB, to fill the coordinator's disk.
+    /// Needs root (`mount`); the error says so otherwise.
+    pub fn init_on_small_disk(mib: u64) -> anyhow::Result<Self> {
+        Self::init_with(Some(mib))
+    }
+
+    fn init_with(small_disk_mib: Option<u64>) -> anyhow::Result<Self> {
         let root = tempfile::Builder::new()
             .prefix("fv-coordinator-")
             .tempdir()?;
@@ -46,14 +58,33 @@ impl Coordinator {
         std::fs::create_dir(&logs)?;
         let port = free_udp_port()?;
         eprintln!("coordinator dir {} port {port}", root.path().display());
-        let c = Self {
+        let mut c = Self {
             serve: None,
             port,
             starts: 0,
             data_dir,
             logs,
+            mounted: false,
             root: Some(root),
         };
+        if let Some(mib) = small_disk_mib {
+            std::fs::create_dir(&c.data_dir)?;
+            run(
+                Command::new("mount")
+                    .args([
+                        "-t",
+                        "tmpfs",
+                        "-o",
+                        &format!("size={mib}m,mode=0700"),
+                        "tmpfs",
+                    ])
+                    .arg(&c.data_dir),
+                COMMAND_TIMEOUT,
+            )?
+            .ensure_success()
+            .context("mounting a small tmpfs for the data dir (the full-disk test runs as root)")?;
+            c.mounted = true;
+        }
         run(
             Command::new(bin("fleetvault-coordinator")?)
                 .arg("init")
@@ -268,6 +299,9 @@ impl Drop for Coordinator {
     fn drop(&mut self) {
         // The log tail is printed by the Proc guard; only the dir is left to handle.
         drop(self.serve.take());
+        if self.mounted {
+            let _ = Command::new("umount").arg(&self.data_dir).status();
+        }
         if let Some(root) = self.root.take() {
             crate::keep_or_remove(root);
         }

@@ -138,7 +138,12 @@ impl ChunkStore {
                 continue;
             }
             let tmp = self.tmp_path(&id.to_hex()[..16]);
-            write_synced(&tmp, envelope)?;
+            if let Err(e) = write_synced(&tmp, envelope) {
+                for (tmp, _) in &pending {
+                    let _ = fs::remove_file(tmp);
+                }
+                return Err(e);
+            }
             outcome.new += 1;
             outcome.new_plain += plain.len() as u64;
             outcome.new_stored += envelope.len() as u64;
@@ -217,10 +222,19 @@ impl ChunkStore {
 
 /// temp file, write, fsync: the first half of DESIGN.md rule 7 (the caller renames and syncs
 /// the directory).
+///
+/// On failure (a full disk) the partial file is removed, so a refused write leaves nothing.
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let mut f = File::create_new(path).map_err(io_err("creating", path))?;
-    f.write_all(bytes).map_err(io_err("writing", path))?;
-    f.sync_all().map_err(io_err("syncing", path))
+    let written = f
+        .write_all(bytes)
+        .map_err(io_err("writing", path))
+        .and_then(|()| f.sync_all().map_err(io_err("syncing", path)));
+    if written.is_err() {
+        drop(f);
+        let _ = fs::remove_file(path);
+    }
+    written
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
