@@ -6,17 +6,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use fleetvault_common::protocol::frame::{read_frame, write_frame};
-use fleetvault_common::protocol::{Push, PushReply, Request, Response};
+use fleetvault_common::protocol::{Push, PushReply, Request, Response, RestoreOptions};
 use fleetvault_common::{Client, JobReport, SnapshotId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
-use crate::config::{AgentConfig, SourceKind};
-use crate::restore::Target;
+use crate::config::AgentConfig;
 
 /// Runs until `shutdown` is cancelled.
 pub(crate) async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -113,8 +111,14 @@ async fn serve_push(
                 crate::backup::run(client.clone(), source, job.clone(), progress).await
             }
             Push::Restore { snapshot, target } => {
-                let target = pushed_target(&client, &config, *snapshot, target.clone()).await?;
-                crate::restore::run(client.clone(), *snapshot, target, progress).await
+                let options = RestoreOptions {
+                    target: target.clone(),
+                    ..RestoreOptions::default()
+                };
+                pushed_restore(&client, &config, *snapshot, &options, progress).await
+            }
+            Push::RestoreInto { snapshot, options } => {
+                pushed_restore(&client, &config, *snapshot, options, progress).await
             }
         }
     };
@@ -135,11 +139,14 @@ async fn serve_push(
                 status: "failed".into(),
                 error: Some(format!("{e:#}")),
                 snapshot_id: match &push {
-                    Push::Restore { snapshot, .. } => snapshot.to_string(),
+                    Push::Restore { snapshot, .. } | Push::RestoreInto { snapshot, .. } => {
+                        snapshot.to_string()
+                    }
                     Push::Backup { .. } => String::new(),
                 },
                 source: match &push {
                     Push::Backup { source, .. } => source.clone(),
+                    Push::RestoreInto { options, .. } => options.source.clone().unwrap_or_default(),
                     Push::Restore { .. } => String::new(),
                 },
                 agent: client.identity().trim_start_matches("agent/").to_owned(),
@@ -152,38 +159,18 @@ async fn serve_push(
     let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
 }
 
-/// Where a pushed restore goes: a directory for a files snapshot; for a stream snapshot the
-/// restore command of this agent's source of the same name, or a new file at `target`.
-async fn pushed_target(
-    client: &Client,
+/// A pushed restore: into this agent's source of the snapshot's name (or `options.source`),
+/// or to a path on this host; never to the agent's stdout.
+async fn pushed_restore(
+    client: &Arc<Client>,
     config: &AgentConfig,
     snapshot: SnapshotId,
-    target: Option<String>,
-) -> anyhow::Result<Target> {
-    if let Some(t) = target {
-        anyhow::ensure!(
-            t != "-",
-            "a pushed restore cannot write to the agent's stdout"
-        );
-        return Ok(Target::Path(t.into()));
-    }
-    let list = match client
-        .call(&Request::ListSnapshots(Default::default()))
-        .await?
-    {
-        Response::Snapshots(l) => l,
-        other => anyhow::bail!("unexpected reply {other:?}"),
-    };
-    let source_name = list
-        .iter()
-        .find(|r| r.id == snapshot)
-        .map(|r| r.source.clone())
-        .context("no --target given, and the snapshot is not one of this agent's")?;
-    match &config.source(&source_name)?.kind {
-        SourceKind::Command {
-            restore_command: Some(cmd),
-            ..
-        } => Ok(Target::Command(cmd.clone())),
-        _ => anyhow::bail!("no --target given and source {source_name} has no restore_command"),
-    }
+    options: &RestoreOptions,
+    progress: impl Fn(fleetvault_common::protocol::Progress) + Send + Sync + 'static,
+) -> anyhow::Result<JobReport> {
+    anyhow::ensure!(
+        options.target.as_deref() != Some("-"),
+        "a pushed restore cannot write to the agent's stdout"
+    );
+    crate::restore::run_into(client.clone(), config, snapshot, options, progress).await
 }

@@ -13,11 +13,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use fleetvault_common::protocol::{Request, Response};
+use fleetvault_common::protocol::{Request, Response, RestoreOptions};
 use fleetvault_common::{report, Client, Credentials, SnapshotId};
 
-use config::{AgentConfig, SourceKind};
-use restore::Target;
+use config::AgentConfig;
 
 /// Software name and version, sent in the hello.
 const SOFTWARE: &str = concat!("fleetvault-agent/", env!("CARGO_PKG_VERSION"));
@@ -64,6 +63,18 @@ enum Command {
         /// Target directory (files), file or `-` for stdout (streams).
         #[arg(long)]
         target: Option<String>,
+        /// The source to restore into (default: the snapshot's own source).
+        #[arg(long)]
+        source: Option<String>,
+        /// Restore into this database (created if absent) instead of the source's own.
+        #[arg(long)]
+        database: Option<String>,
+        /// Replace the existing database (a safety snapshot of it is taken first).
+        #[arg(long)]
+        replace: bool,
+        /// With --replace: do not take the safety snapshot.
+        #[arg(long, requires = "replace")]
+        no_safety_snapshot: bool,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -175,19 +186,25 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             config,
             snapshot_id,
             target,
+            source,
+            database,
+            replace,
+            no_safety_snapshot,
             json,
         } => {
             let snapshot: SnapshotId = snapshot_id.parse()?;
             let config = AgentConfig::load(&config)?;
             let client = Arc::new(connect(&config, &config.credentials()?).await?);
-            let target = match target.as_deref() {
-                Some("-") => Target::Stdout,
-                Some(dir) => Target::Path(dir.into()),
-                None => default_target(&client, &config, snapshot).await?,
+            let options = RestoreOptions {
+                source,
+                database,
+                replace,
+                no_safety_snapshot,
+                target,
             };
             let bar = report::progress_bar(None);
             let b = bar.clone();
-            let result = restore::run(client.clone(), snapshot, target, move |p| {
+            let result = restore::run_into(client.clone(), &config, snapshot, &options, move |p| {
                 if let (Some(t), None) = (p.total, b.length()) {
                     b.set_length(t);
                 }
@@ -219,37 +236,6 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             link::run(config, token).await?;
             Ok(ExitCode::SUCCESS)
         }
-    }
-}
-
-/// Without `--target`: a stream snapshot goes into its source's restore_command.
-async fn default_target(
-    client: &Client,
-    config: &AgentConfig,
-    snapshot: SnapshotId,
-) -> anyhow::Result<Target> {
-    let list = match client
-        .call(&Request::ListSnapshots(Default::default()))
-        .await?
-    {
-        Response::Snapshots(l) => l,
-        other => bail!("unexpected reply {other:?}"),
-    };
-    let rec = list
-        .iter()
-        .find(|r| r.id == snapshot)
-        .with_context(|| format!("snapshot {snapshot} is not one of this agent's snapshots"))?;
-    let source = config.source(&rec.source)?;
-    match &source.kind {
-        SourceKind::Command {
-            restore_command: Some(cmd),
-            ..
-        } => Ok(Target::Command(cmd.clone())),
-        SourceKind::Command { .. } => bail!(
-            "source {} has no restore_command; give --target FILE or --target - for stdout",
-            source.name
-        ),
-        SourceKind::Files { .. } => bail!("a files snapshot needs --target DIR"),
     }
 }
 

@@ -59,15 +59,24 @@ pub fn job_summary(r: &JobReport, restore: bool) -> String {
     let secs = r.duration_ms as f64 / 1000.0;
     let rate = |b: u64| human_bytes((b as f64 / secs.max(0.001)) as u64);
     let mut s = if restore {
-        format!(
-            "restored snapshot {} ({} of {}): {} written in {:.1}s ({}/s)",
+        let into = r
+            .restored_to
+            .as_ref()
+            .map(|t| format!(" into {t}"))
+            .unwrap_or_default();
+        let mut line = format!(
+            "restored snapshot {} ({} of {}){into}: {} written in {:.1}s ({}/s)",
             r.snapshot_id,
             r.source,
             r.agent,
             human_bytes(r.bytes_written),
             secs,
             rate(r.bytes_written)
-        )
+        );
+        if let Some(safety) = &r.safety_snapshot_id {
+            line.push_str(&format!("; safety snapshot of what was there: {safety}"));
+        }
+        line
     } else {
         format!(
             "snapshot {} of {}/{} {}: {} read, {} chunks, {} new, {} uploaded, in {:.1}s ({}/s)",

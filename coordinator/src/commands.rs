@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use fleetvault_certs::{Ca, Role};
-use fleetvault_common::protocol::{Request, Response, SnapshotFilter};
+use fleetvault_common::protocol::{Request, Response, RestoreOptions, SnapshotFilter};
 use fleetvault_common::report;
 use fleetvault_common::{Client, Credentials, JobReport, SnapshotId};
 use tracing::info;
@@ -425,21 +425,31 @@ pub(crate) fn push_restore(
     root: &Path,
     snapshot: &str,
     agent: &str,
-    target: Option<String>,
+    options: RestoreOptions,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let snapshot: SnapshotId = snapshot.parse()?;
+    // The plain form stays the original request, so older agents keep working with it.
+    let plain = options.source.is_none()
+        && options.database.is_none()
+        && !options.replace
+        && !options.no_safety_snapshot;
+    let req = if plain {
+        Request::PushRestore {
+            snapshot,
+            agent: agent.to_owned(),
+            target: options.target,
+        }
+    } else {
+        Request::PushRestoreInto {
+            snapshot,
+            agent: agent.to_owned(),
+            options,
+        }
+    };
     runtime()?.block_on(async {
         let client = operator(root).await?;
-        let report = follow(
-            &client,
-            Request::PushRestore {
-                snapshot,
-                agent: agent.to_owned(),
-                target,
-            },
-        )
-        .await?;
+        let report = follow(&client, req).await?;
         client.close().await;
         finish_job(report, json, true)
     })

@@ -120,6 +120,18 @@ enum Command {
         /// Target directory on that agent (files snapshots).
         #[arg(long)]
         target: Option<String>,
+        /// The agent's source to restore into (database snapshots; default: the same name).
+        #[arg(long)]
+        source: Option<String>,
+        /// Restore into this database (created if absent) instead of the source's own.
+        #[arg(long)]
+        database: Option<String>,
+        /// Replace the existing database (a safety snapshot of it is taken first).
+        #[arg(long)]
+        replace: bool,
+        /// With --replace: do not take the safety snapshot.
+        #[arg(long, requires = "replace")]
+        no_safety_snapshot: bool,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -161,8 +173,24 @@ fn main() -> ExitCode {
             snapshot_id,
             agent,
             target,
+            source,
+            database,
+            replace,
+            no_safety_snapshot,
             json,
-        } => commands::push_restore(&dir.data_dir, &snapshot_id, &agent, target, json),
+        } => commands::push_restore(
+            &dir.data_dir,
+            &snapshot_id,
+            &agent,
+            fleetvault_common::protocol::RestoreOptions {
+                source,
+                database,
+                replace,
+                no_safety_snapshot,
+                target,
+            },
+            json,
+        ),
     };
     match result {
         Ok(code) => code,

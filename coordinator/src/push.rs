@@ -8,7 +8,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use fleetvault_common::protocol::frame::{read_frame, write_frame};
-use fleetvault_common::protocol::{ErrorCode, Push, PushReply, Response, SourceInfo};
+use fleetvault_common::protocol::{
+    ErrorCode, Push, PushReply, Response, RestoreOptions, SourceInfo,
+};
 use fleetvault_common::SnapshotId;
 use tracing::{info, warn};
 
@@ -124,6 +126,28 @@ impl LiveAgents {
         let conn = self.conn(agent)?;
         info!(agent, %source, "pushing backup");
         relay(agent, &conn, &Push::Backup { source, job: None }, reply).await
+    }
+
+    /// Pushes a restore of `snapshot` into one of `agent`'s sources, relaying progress.
+    pub(crate) async fn push_restore_into(
+        &self,
+        agent: &str,
+        snapshot: SnapshotId,
+        options: RestoreOptions,
+        reply: &mut quinn::SendStream,
+    ) -> Result<(), Failure> {
+        let conn = self.conn(agent)?;
+        info!(agent, snapshot = %snapshot, "pushing restore into a source");
+        self.set_grant(agent, snapshot, true);
+        let result = relay(
+            agent,
+            &conn,
+            &Push::RestoreInto { snapshot, options },
+            reply,
+        )
+        .await;
+        self.set_grant(agent, snapshot, false);
+        result
     }
 
     /// Pushes a restore of `snapshot` to `agent`, relaying progress to `reply`.

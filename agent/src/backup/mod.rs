@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use crate::config::{SourceConfig, SourceKind};
 use crate::source::command::ShellCommand;
 use crate::source::files::{self, FilesSpec};
-use chunking::Batcher;
+pub(crate) use chunking::Batcher;
 use upload::UploadStats;
 
 /// Batches queued between chunking and upload.
@@ -49,13 +49,37 @@ pub(crate) async fn run(
     job: Option<String>,
     progress: impl Fn(Progress) + Send + 'static,
 ) -> anyhow::Result<JobReport> {
+    run_tagged(client, source, job, Vec::new(), progress).await
+}
+
+/// The tag recording a PostgreSQL snapshot's dump format (its restore depends on it).
+pub(crate) const PG_FORMAT_TAG: &str = "pg-format:";
+
+/// [`run`] with extra tags on the snapshot (e.g. `safety-snapshot`).
+pub(crate) async fn run_tagged(
+    client: Arc<Client>,
+    source: &SourceConfig,
+    job: Option<String>,
+    mut tags: Vec<String>,
+    progress: impl Fn(Progress) + Send + 'static,
+) -> anyhow::Result<JobReport> {
     let started = Instant::now();
+    if let SourceKind::Database(db) = &source.kind {
+        if db.engine == crate::config::Engine::Postgres {
+            let format = match db.format {
+                crate::config::PgFormat::Tables => "tables",
+                crate::config::PgFormat::Plain => "plain",
+                crate::config::PgFormat::Custom => "custom",
+            };
+            tags.push(format!("{PG_FORMAT_TAG}{format}"));
+        }
+    }
     let begin = Begin {
         source: source.name.clone(),
         kind: source.kind_name().to_owned(),
         chunker: source.chunker,
         job,
-        tags: Vec::new(),
+        tags,
     };
     let (snapshot, parent) = match client.call(&Request::Begin(begin)).await? {
         Response::Begun { snapshot, parent } => (snapshot, parent),
@@ -82,6 +106,8 @@ pub(crate) async fn run(
             files_unchanged: chunked.files_unchanged,
             warnings: chunked.warnings,
             error: None,
+            safety_snapshot_id: None,
+            restored_to: None,
         }),
         Err(e) => {
             let reason = format!("{e:#}");
@@ -107,6 +133,23 @@ async fn run_inner(
     read: Arc<AtomicU64>,
     progress: impl Fn(Progress) + Send + 'static,
 ) -> anyhow::Result<(SnapshotRecord, Arc<UploadStats>, Chunked)> {
+    if let SourceKind::Database(db) = &source.kind {
+        // Tools present, server reachable, credentials right: checked before any data flows,
+        // and what was found is recorded in the snapshot.
+        let info = crate::source::database::probe(db)
+            .await
+            .with_context(|| format!("{} source {}", db.engine.kind_name(), source.name))?;
+        let describe = Request::Describe {
+            snapshot,
+            db_type: db.engine.kind_name().to_owned(),
+            db_version: info.db_version,
+            database: info.database,
+        };
+        match client.call(&describe).await? {
+            Response::Ok => {}
+            other => bail!("unexpected reply to Describe: {other:?}"),
+        }
+    }
     let parent_tree = match (&source.kind, parent) {
         (SourceKind::Files { .. }, Some(p)) => {
             match crate::restore::read_manifest(client, p.id).await {
@@ -189,6 +232,12 @@ fn chunk_source(
             cmd.finish().map_err(|e| anyhow!(e))?;
             let checksum = stream.checksum;
             (Manifest::Stream(stream), Some(checksum), Vec::new(), 0)
+        }
+        SourceKind::Database(db) => {
+            // A blocking thread of the runtime: the client library's futures run on it.
+            let rt = tokio::runtime::Handle::current();
+            let (manifest, checksum) = crate::source::database::backup(db, &mut batcher, &rt)?;
+            (manifest, checksum, Vec::new(), 0)
         }
         SourceKind::Files { paths, exclude } => {
             let spec = FilesSpec {

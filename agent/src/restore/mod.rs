@@ -17,10 +17,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use fleetvault_common::chunk;
-use fleetvault_common::protocol::{Progress, ReadPart, Request, Response};
+use fleetvault_common::protocol::{Progress, ReadPart, Request, Response, RestoreOptions};
 use fleetvault_common::{Client, JobReport, Manifest, SnapshotId, SnapshotRecord};
 use tokio::sync::mpsc;
 
+use crate::config::{AgentConfig, SourceConfig, SourceKind};
+use crate::sink::database::{self as db_sink, DbRestore};
 use crate::sink::files as files_sink;
 use crate::source::command::ShellCommand;
 pub(crate) use reassemble::Reassembler;
@@ -34,6 +36,8 @@ pub(crate) enum Target {
     Stdout,
     /// A stream snapshot into this command's stdin.
     Command(String),
+    /// A database snapshot into a database.
+    Database(Box<DbRestore>),
 }
 
 /// Chunks buffered between the network and the sink.
@@ -98,6 +102,12 @@ pub(crate) async fn run(
     progress: impl Fn(Progress) + Send + 'static,
 ) -> anyhow::Result<JobReport> {
     let started = Instant::now();
+    let restored_to = match &target {
+        Target::Path(p) => Some(p.display().to_string()),
+        Target::Stdout => Some("-".into()),
+        Target::Command(c) => Some(format!("restore_command `{c}`")),
+        Target::Database(r) => Some(r.db.database.clone()),
+    };
     let (rec, manifest, mut recv) = open_read(&client, snapshot, ReadPart::All).await?;
     let total = manifest.logical_len();
     let (tx, rx) = mpsc::channel(QUEUE);
@@ -151,6 +161,8 @@ pub(crate) async fn run(
         files_unchanged: 0,
         warnings: Vec::new(),
         error: None,
+        safety_snapshot_id: None,
+        restored_to,
     })
 }
 
@@ -167,6 +179,10 @@ fn write_sink(
                 written.fetch_add(n, Ordering::Relaxed);
             })?;
             Ok(())
+        }
+        (_, Target::Database(r)) => {
+            let rt = tokio::runtime::Handle::current();
+            db_sink::restore(r, manifest, reasm, written, &rt)
         }
         (Manifest::Tree(_), _) => bail!("a files snapshot needs a target directory (--target DIR)"),
         (Manifest::Stream(stream), Target::Stdout) => {
@@ -204,5 +220,141 @@ fn write_sink(
                 }
             }
         }
+    }
+}
+
+/// Restores `snapshot` into one of this agent's sources (or to `options.target`): the
+/// snapshot's own source by default, or `options.source`. Everything is checked before
+/// anything is touched: the kinds match, the target database is empty (or `--replace`), the
+/// server is not older than the dump's. A replace first takes a safety snapshot of what is
+/// there, and a failure says where things stand and how to get it back.
+pub(crate) async fn run_into(
+    client: Arc<Client>,
+    config: &AgentConfig,
+    snapshot: SnapshotId,
+    options: &RestoreOptions,
+    progress: impl Fn(Progress) + Send + Sync + 'static,
+) -> anyhow::Result<JobReport> {
+    let (rec, _manifest, _) = open_read(&client, snapshot, ReadPart::Manifest).await?;
+    if let Some(t) = &options.target {
+        let target = if t == "-" {
+            Target::Stdout
+        } else {
+            Target::Path(t.into())
+        };
+        return run(client, snapshot, target, progress).await;
+    }
+    if rec.kind == "files" {
+        bail!("a files snapshot needs --target DIR");
+    }
+    let name = options.source.clone().unwrap_or_else(|| rec.source.clone());
+    let source = config.source(&name)?;
+    let refuse_kinds = || {
+        anyhow::anyhow!(
+            "snapshot {snapshot} is a {} snapshot and source {name} is {}: restoring across kinds is refused (nothing was touched)",
+            rec.kind,
+            source.kind_name()
+        )
+    };
+    match &source.kind {
+        SourceKind::Files { .. } => bail!("a files snapshot needs --target DIR"),
+        SourceKind::Command {
+            restore_command, ..
+        } => {
+            if rec.kind != "command" {
+                return Err(refuse_kinds());
+            }
+            let cmd = restore_command.clone().with_context(|| {
+                format!("source {name} has no restore_command; give --target FILE or --target -")
+            })?;
+            run(client, snapshot, Target::Command(cmd), progress).await
+        }
+        SourceKind::Database(db) => {
+            if rec.kind != db.engine.kind_name() {
+                return Err(refuse_kinds());
+            }
+            let target_db = options
+                .database
+                .clone()
+                .unwrap_or_else(|| db.database.clone());
+            let target = db.with_database(&target_db);
+            let state = db_sink::inspect(&target)
+                .await
+                .with_context(|| format!("inspecting the restore target {target_db:?}"))?;
+            if db.engine == crate::config::Engine::Postgres {
+                crate::sink::postgres::check_versions(
+                    rec.db_version.as_deref(),
+                    state.server_version.as_deref(),
+                )?;
+            }
+            if state.exists && !state.empty && !options.replace {
+                bail!(
+                    "database {target_db:?} exists and is not empty: add --replace to replace it (a safety snapshot is taken first) or restore under another name with --database NEWNAME"
+                );
+            }
+            let needs_safety = options.replace
+                && !options.no_safety_snapshot
+                && state.exists
+                && (!state.empty || db.engine == crate::config::Engine::Mongodb);
+            let progress = Arc::new(progress);
+            let safety = if needs_safety {
+                let safety_source = SourceConfig {
+                    kind: SourceKind::Database(target.clone()),
+                    ..source.clone()
+                };
+                let p = progress.clone();
+                let report = crate::backup::run_tagged(
+                    client.clone(),
+                    &safety_source,
+                    None,
+                    vec![format!("safety-snapshot-before-restore:{snapshot}")],
+                    move |x| p(x),
+                )
+                .await
+                .with_context(|| {
+                    format!("taking the safety snapshot of {target_db:?} (nothing was touched)")
+                })?;
+                tracing::info!(safety = %report.snapshot_id, "safety snapshot taken");
+                eprintln!("safety snapshot of {target_db:?}: {}", report.snapshot_id);
+                Some(report.snapshot_id)
+            } else {
+                None
+            };
+            let format = pg_format_of(&rec);
+            let plan = DbRestore {
+                db: target,
+                format,
+                replace: options.replace,
+                from_database: rec.database.clone().unwrap_or_else(|| db.database.clone()),
+                tag: snapshot.to_string(),
+            };
+            let p = progress.clone();
+            match run(client, snapshot, Target::Database(Box::new(plan)), move |x| p(x)).await {
+                Ok(mut report) => {
+                    report.safety_snapshot_id = safety;
+                    Ok(report)
+                }
+                Err(e) => Err(match safety {
+                    Some(id) => e.context(format!(
+                        "the safety snapshot {id} holds {target_db:?} as it was: `fleetvault-agent restore {id} --replace` brings it back"
+                    )),
+                    None => e,
+                }),
+            }
+        }
+    }
+}
+
+/// The PostgreSQL dump format a snapshot was taken with (recorded as a tag).
+fn pg_format_of(rec: &SnapshotRecord) -> crate::config::PgFormat {
+    use crate::config::PgFormat;
+    let tag = rec
+        .tags
+        .iter()
+        .find_map(|t| t.strip_prefix(crate::backup::PG_FORMAT_TAG));
+    match tag {
+        Some("tables") => PgFormat::Tables,
+        Some("custom") => PgFormat::Custom,
+        _ => PgFormat::Plain,
     }
 }

@@ -1,4 +1,10 @@
 //! Sinks: where restored bytes go. A stream goes to a command's stdin, a file or stdout; a
-//! file tree is recreated under a target directory.
+//! file tree is recreated under a target directory; a database dump is loaded by its own
+//! tools (`postgres`, `mysql`, `sqlite`, `mongodb`).
 
+pub(crate) mod database;
 pub(crate) mod files;
+pub(crate) mod mongodb;
+pub(crate) mod mysql;
+pub(crate) mod postgres;
+pub(crate) mod sqlite;

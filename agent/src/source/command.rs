@@ -25,9 +25,21 @@ impl ShellCommand {
         stdin: Stdio,
         stdout: Stdio,
     ) -> Result<Self, String> {
-        let mut child = Command::new("/bin/sh")
-            .arg("-c")
-            .arg(command)
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c").arg(command);
+        Self::spawn_command(what, command, cmd, stdin, stdout)
+    }
+
+    /// Starts `cmd` (shown in errors as `shown`: never put a secret in it).
+    pub(crate) fn spawn_command(
+        what: &'static str,
+        shown: &str,
+        mut cmd: Command,
+        stdin: Stdio,
+        stdout: Stdio,
+    ) -> Result<Self, String> {
+        let command = shown;
+        let mut child = cmd
             .stdin(stdin)
             .stdout(stdout)
             .stderr(Stdio::piped())
@@ -100,6 +112,11 @@ impl ShellCommand {
                 format!(": {text}")
             }
         ))
+    }
+
+    /// Whether the command has already exited (a restore tool that stopped reading).
+    pub(crate) fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
     /// Kills the command (its consumer must not see a clean end of stream) and reaps it.

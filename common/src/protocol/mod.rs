@@ -222,6 +222,41 @@ pub enum Request {
         /// Target directory for a files snapshot.
         target: Option<String>,
     },
+    /// What database a running backup is dumping (sent once the server has been reached).
+    Describe {
+        /// The snapshot from `Begun`.
+        snapshot: SnapshotId,
+        /// `postgres`, `mysql`, `sqlite`, `mongodb`.
+        db_type: String,
+        /// The server's version, when known.
+        db_version: Option<String>,
+        /// The database name (a path for SQLite).
+        database: String,
+    },
+    /// Operators: have a live agent restore a snapshot into one of its sources.
+    PushRestoreInto {
+        /// What to restore.
+        snapshot: SnapshotId,
+        /// Onto which agent.
+        agent: String,
+        /// How.
+        options: RestoreOptions,
+    },
+}
+
+/// How a database (or any) snapshot is restored into an agent's source.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreOptions {
+    /// The agent's source to restore into (default: the snapshot's source name).
+    pub source: Option<String>,
+    /// Another database name (or SQLite path) than the source's own.
+    pub database: Option<String>,
+    /// Replace an existing, non-empty database (after a safety snapshot).
+    pub replace: bool,
+    /// Skip the safety snapshot before a replace.
+    pub no_safety_snapshot: bool,
+    /// Target directory or file (files and command snapshots).
+    pub target: Option<String>,
 }
 
 /// Why a request failed, for the caller to act on.
@@ -272,6 +307,10 @@ pub struct JobReport {
     pub warnings: Vec<String>,
     /// Failure reason when `status` is `failed`.
     pub error: Option<String>,
+    /// The safety snapshot taken before a replacing restore.
+    pub safety_snapshot_id: Option<String>,
+    /// Where a restore went (database name, path or directory).
+    pub restored_to: Option<String>,
 }
 
 /// Progress of a running job.
@@ -372,10 +411,18 @@ pub enum Push {
         /// Target directory (files snapshots).
         target: Option<String>,
     },
+    /// Restore a snapshot into one of the agent's sources, with options.
+    RestoreInto {
+        /// What to restore.
+        snapshot: SnapshotId,
+        /// How.
+        options: RestoreOptions,
+    },
 }
 
 /// The agent's answers on a push stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[allow(clippy::large_enum_variant)] // one Done per job: boxing would buy nothing
 pub enum PushReply {
     /// Work progresses.
     Progress(Progress),

@@ -326,6 +326,55 @@ impl Session {
                     .push_restore(&agent, snapshot, target, send)
                     .await
             }
+            Request::Describe {
+                snapshot,
+                db_type,
+                db_version,
+                database,
+            } => {
+                self.require(Role::Agent)?;
+                if !self
+                    .running
+                    .lock()
+                    .expect("running lock")
+                    .contains_key(&snapshot)
+                {
+                    return Err(Failure::Reply(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "snapshot {snapshot} is not a backup in progress on this connection"
+                        ),
+                    ));
+                }
+                let clip = |s: String| s.chars().take(256).collect::<String>();
+                let mut rec = self.state.catalog.get(snapshot)?;
+                rec.db_type = Some(clip(db_type));
+                rec.db_version = db_version.map(clip);
+                rec.database = Some(clip(database));
+                self.state.catalog.begin(&rec)?;
+                Ok(write_frame(send, &Response::Ok).await?)
+            }
+            Request::PushRestoreInto {
+                snapshot,
+                agent,
+                options,
+            } => {
+                self.require(Role::Operator)?;
+                let rec = self.state.catalog.get(snapshot)?;
+                if rec.status.name() != "completed" {
+                    return Err(Failure::Reply(
+                        ErrorCode::NotFound,
+                        format!(
+                            "snapshot {snapshot} is {}, not completed",
+                            rec.status.name()
+                        ),
+                    ));
+                }
+                self.state
+                    .live
+                    .push_restore_into(&agent, snapshot, options, send)
+                    .await
+            }
             Request::Chunk { .. } => Err(Failure::Protocol(
                 "chunk frame outside a PutChunks stream".into(),
             )),

@@ -1,0 +1,307 @@
+//! The `postgres` sink: restores a `plain`, `custom` or `tables` dump into a database.
+//!
+//! A restore never writes into a database that holds data: it creates a fresh one (from
+//! `template0`) under a temporary name when the target exists, restores there, and only after
+//! the restore succeeded renames the old database away, renames the new one into place and
+//! drops the old one. A failed restore drops what it created and leaves the target as it was.
+//!
+//! `tables` dumps are restored in order: pre-data with `psql`, every table with
+//! `COPY … FROM STDIN` (tokio-postgres), sequences and large objects with `psql`, then
+//! post-data (indexes and constraints are built once, after the rows are in).
+
+use std::io::Write;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use fleetvault_common::{Manifest, StreamManifest, TreeManifest};
+use futures_util::SinkExt;
+use tokio::runtime::Handle;
+
+use crate::restore::Reassembler;
+use crate::source::command::ShellCommand;
+use crate::source::database::{major_version, DbSource, PgFormat};
+use crate::source::postgres::{self as pg, pg_error, quote_ident, DumpMeta, PgSettings};
+
+use super::database::{feed_tool, TargetState};
+
+/// The maintenance database used to create, rename and drop databases.
+const MAINTENANCE_DB: &str = "postgres";
+
+/// Whether the target database exists, holds anything, and the server's major version.
+pub(crate) async fn inspect(db: &DbSource) -> anyhow::Result<TargetState> {
+    let settings = PgSettings::of(db)?;
+    let admin = settings.connect(MAINTENANCE_DB).await?;
+    let version = pg::server_version(&admin).await?;
+    let exists = admin
+        .query_opt(
+            "SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1",
+            &[&db.database],
+        )
+        .await
+        .map_err(|e| anyhow!("looking up database {:?}: {}", db.database, pg_error(&e)))?
+        .is_some();
+    let empty = if exists {
+        let client = settings.connect(&db.database).await?;
+        let row = client
+            .query_one(
+                "SELECT NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                   WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+                     AND n.nspname NOT LIKE 'pg\\_toast%'
+                     AND c.relkind IN ('r', 'v', 'm', 'S', 'f', 'p'))",
+                &[],
+            )
+            .await
+            .map_err(|e| anyhow!("inspecting database {:?}: {}", db.database, pg_error(&e)))?;
+        row.get(0)
+    } else {
+        true
+    };
+    Ok(TargetState {
+        exists,
+        empty,
+        server_version: Some(version),
+    })
+}
+
+/// Restores `manifest` (a dump of `format`) into `db.database`; blocking.
+pub(crate) fn restore(
+    db: &DbSource,
+    format: PgFormat,
+    manifest: &Manifest,
+    reasm: &mut Reassembler,
+    written: &AtomicU64,
+    tag: &str,
+    rt: &Handle,
+) -> anyhow::Result<()> {
+    let settings = PgSettings::of(db)?;
+    let target = db.database.as_str();
+    let admin = rt.block_on(settings.connect(MAINTENANCE_DB))?;
+    let exists = rt
+        .block_on(admin.query_opt(
+            "SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1",
+            &[&target],
+        ))
+        .map_err(|e| anyhow!("looking up database {target:?}: {}", pg_error(&e)))?
+        .is_some();
+    // Restore beside the target when it exists; swap only after success.
+    let work = if exists {
+        let mut w = format!("{target}__fv_{tag}");
+        w.truncate(63);
+        w
+    } else {
+        target.to_owned()
+    };
+    let exec = |sql: String| {
+        rt.block_on(admin.batch_execute(&sql))
+            .map_err(|e| anyhow!("{sql}: {}", pg_error(&e)))
+    };
+    if exists {
+        exec(format!("DROP DATABASE IF EXISTS {}", quote_ident(&work)))?;
+    }
+    exec(format!(
+        "CREATE DATABASE {} TEMPLATE template0",
+        quote_ident(&work)
+    ))?;
+    let restored = match (format, manifest) {
+        (PgFormat::Tables, Manifest::Tree(tree)) => {
+            restore_tables(&settings, &work, tree, reasm, written, rt)
+        }
+        (PgFormat::Plain, Manifest::Stream(s)) => {
+            let mut cmd = settings.tool("psql", &work);
+            cmd.args([
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "--single-transaction",
+                "--no-password",
+            ]);
+            pipe(cmd, "psql", s, reasm, written)
+        }
+        (PgFormat::Custom, Manifest::Stream(s)) => {
+            let mut cmd = settings.tool("pg_restore", &work);
+            cmd.args([
+                "--exit-on-error",
+                "--no-password",
+                "--single-transaction",
+                "-d",
+                &work,
+            ]);
+            pipe(cmd, "pg_restore", s, reasm, written)
+        }
+        _ => Err(anyhow!("the snapshot's manifest does not match its format")),
+    };
+    if let Err(e) = restored {
+        let cleanup = exec(format!("DROP DATABASE IF EXISTS {}", quote_ident(&work)));
+        let state = if exists {
+            format!("database {target:?} was not touched")
+        } else {
+            format!("the partly restored database {target:?} was dropped")
+        };
+        let cleanup = match cleanup {
+            Ok(()) => String::new(),
+            Err(c) => format!(" (dropping {work:?} failed too: {c:#})"),
+        };
+        return Err(e.context(format!("restore into {target:?} failed; {state}{cleanup}")));
+    }
+    if exists {
+        let old = {
+            let mut o = format!("{target}__fv_old_{tag}");
+            o.truncate(63);
+            o
+        };
+        exec(format!("DROP DATABASE IF EXISTS {}", quote_ident(&old)))?;
+        // Other sessions block the rename: end them (the operator asked for a replace).
+        rt.block_on(admin.execute(
+            "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity
+             WHERE datname = $1 AND pid <> pg_catalog.pg_backend_pid()",
+            &[&target],
+        ))
+        .map_err(|e| anyhow!("closing sessions on {target:?}: {}", pg_error(&e)))?;
+        exec(format!(
+            "ALTER DATABASE {} RENAME TO {}",
+            quote_ident(target),
+            quote_ident(&old)
+        ))
+        .with_context(|| format!("the restored copy is complete in database {work:?}"))?;
+        exec(format!(
+            "ALTER DATABASE {} RENAME TO {}",
+            quote_ident(&work),
+            quote_ident(target)
+        ))
+        .with_context(|| {
+            format!("the previous database is now {old:?} and the restored one {work:?}")
+        })?;
+        exec(format!("DROP DATABASE {}", quote_ident(&old)))?;
+    }
+    Ok(())
+}
+
+/// Streams a dump into a tool's stdin, verifying the whole stream's checksum.
+fn pipe(
+    cmd: std::process::Command,
+    what: &'static str,
+    stream: &StreamManifest,
+    reasm: &mut Reassembler,
+    written: &AtomicU64,
+) -> anyhow::Result<()> {
+    let child = ShellCommand::spawn_command(what, what, cmd, Stdio::piped(), Stdio::null())
+        .map_err(|e| anyhow!(e))?;
+    feed_tool(child, |stdin| reasm.stream(stream, stdin, written))
+}
+
+fn restore_tables(
+    settings: &PgSettings,
+    work: &str,
+    tree: &TreeManifest,
+    reasm: &mut Reassembler,
+    written: &AtomicU64,
+    rt: &Handle,
+) -> anyhow::Result<()> {
+    let mut entries = tree.entries.iter();
+    let mut next = |name: &str| {
+        let e = entries
+            .next()
+            .with_context(|| format!("the dump ends before {name}"))?;
+        if e.path != name.as_bytes() {
+            bail!(
+                "the dump has {:?} where {name} was expected",
+                String::from_utf8_lossy(&e.path)
+            );
+        }
+        Ok(e)
+    };
+    let meta_entry = next(pg::META)?;
+    let mut meta_bytes = Vec::new();
+    for c in &meta_entry.chunks {
+        meta_bytes.extend(reasm.next_checked(c)?);
+    }
+    let meta: DumpMeta = serde_json::from_slice(&meta_bytes).context("reading meta.json")?;
+    let psql = |name: &str, e: &fleetvault_common::TreeEntry, reasm: &mut Reassembler| {
+        let mut cmd = settings.tool("psql", work);
+        cmd.args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "--single-transaction",
+            "--no-password",
+        ]);
+        let stream = StreamManifest {
+            chunks: e.chunks.clone(),
+            len: e.size,
+            checksum: [0; 32],
+        };
+        pipe_unchecked(cmd, &stream, reasm, written).with_context(|| format!("restoring {name}"))
+    };
+    let pre = next(pg::PRE_DATA)?;
+    psql(pg::PRE_DATA, pre, reasm)?;
+    let client = rt.block_on(settings.connect(work))?;
+    for (i, t) in meta.tables.iter().enumerate() {
+        let e = next(&pg::data_entry(i))?;
+        let sql = format!("COPY {} ({}) FROM STDIN", t.qualified(), t.column_list());
+        let copy = |reasm: &mut Reassembler| -> anyhow::Result<()> {
+            let sink = rt
+                .block_on(client.copy_in::<_, Bytes>(sql.as_str()))
+                .map_err(|e| anyhow!("{}", pg_error(&e)))?;
+            let mut sink = Box::pin(sink);
+            for c in &e.chunks {
+                let plain = reasm.next_checked(c)?;
+                let n = plain.len() as u64;
+                rt.block_on(sink.send(Bytes::from(plain)))
+                    .map_err(|e| anyhow!("{}", pg_error(&e)))?;
+                written.fetch_add(n, Ordering::Relaxed);
+            }
+            rt.block_on(sink.as_mut().finish())
+                .map_err(|e| anyhow!("{}", pg_error(&e)))?;
+            Ok(())
+        };
+        copy(reasm).with_context(|| format!("restoring the rows of {}", t.qualified()))?;
+    }
+    for name in [pg::SEQUENCES, pg::LARGE_OBJECTS, pg::POST_DATA] {
+        let e = next(name)?;
+        psql(name, e, reasm)?;
+    }
+    if let Some(extra) = entries.next() {
+        bail!(
+            "unexpected entry {:?} after post-data",
+            String::from_utf8_lossy(&extra.path)
+        );
+    }
+    Ok(())
+}
+
+/// Like [`pipe`] for a part of a tree: every chunk is verified; the part has no checksum of
+/// its own (the manifest holding its chunk list is itself checksummed).
+fn pipe_unchecked(
+    cmd: std::process::Command,
+    stream: &StreamManifest,
+    reasm: &mut Reassembler,
+    written: &AtomicU64,
+) -> anyhow::Result<()> {
+    let child = ShellCommand::spawn_command("psql", "psql", cmd, Stdio::piped(), Stdio::null())
+        .map_err(|e| anyhow!(e))?;
+    feed_tool(child, |stdin| {
+        for c in &stream.chunks {
+            let plain = reasm.next_checked(c)?;
+            stdin.write_all(&plain).context("writing to psql")?;
+            written.fetch_add(plain.len() as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    })
+}
+
+/// Refuses a restore onto an older PostgreSQL major version than the dump came from.
+pub(crate) fn check_versions(dump: Option<&str>, server: Option<&str>) -> anyhow::Result<()> {
+    if let (Some(d), Some(s)) = (dump.and_then(major_version), server.and_then(major_version)) {
+        if s < d {
+            bail!(
+                "the snapshot was dumped from PostgreSQL {d}; this server runs PostgreSQL {s}, an older major version that cannot load it"
+            );
+        }
+    }
+    Ok(())
+}

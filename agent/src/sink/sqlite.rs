@@ -1,0 +1,101 @@
+//! The `sqlite` sink: the dump is loaded into a new file beside the target, synced, and
+//! renamed over it only when the load succeeded, so a failed restore leaves the target as it
+//! was. Stop the application first: a replaced database file must not be open elsewhere.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicU64;
+
+use anyhow::{anyhow, Context};
+use fleetvault_common::Manifest;
+
+use super::database::{feed_tool, TargetState};
+use crate::restore::Reassembler;
+use crate::source::command::ShellCommand;
+use crate::source::database::DbSource;
+
+/// Whether the target file exists and holds any table.
+pub(crate) fn inspect(db: &DbSource) -> anyhow::Result<TargetState> {
+    let path = Path::new(&db.database);
+    let exists = path.exists();
+    let empty = if exists {
+        let out = Command::new("sqlite3")
+            .arg("-readonly")
+            .arg(path)
+            .arg("SELECT COUNT(*) FROM sqlite_master")
+            .output()
+            .context("running sqlite3")?;
+        if !out.status.success() {
+            return Err(anyhow!(
+                "{} is not a readable SQLite database: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        String::from_utf8_lossy(&out.stdout).trim() == "0"
+    } else {
+        true
+    };
+    Ok(TargetState {
+        exists,
+        empty,
+        server_version: None,
+    })
+}
+
+/// Restores a dump into the file `db.database` (blocking).
+pub(crate) fn restore(
+    db: &DbSource,
+    manifest: &Manifest,
+    reasm: &mut Reassembler,
+    written: &AtomicU64,
+    tag: &str,
+) -> anyhow::Result<()> {
+    let Manifest::Stream(stream) = manifest else {
+        return Err(anyhow!("a SQLite snapshot holds one stream"));
+    };
+    let target = PathBuf::from(&db.database);
+    let dir = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name = target
+        .file_name()
+        .with_context(|| format!("{} is not a file path", target.display()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".fleetvault-{tag}"));
+    let tmp = dir.join(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let mut cmd = Command::new("sqlite3");
+    cmd.arg("-bail").arg(&tmp);
+    let child =
+        ShellCommand::spawn_command("sqlite3", "sqlite3", cmd, Stdio::piped(), Stdio::null())
+            .map_err(|e| anyhow!(e))?;
+    let loaded = feed_tool(child, |stdin| reasm.stream(stream, stdin, written)).and_then(|()| {
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("syncing {}", tmp.display()))
+    });
+    if let Err(e) = loaded {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.context(format!(
+            "restore into {} failed; it was not touched",
+            target.display()
+        )));
+    }
+    // The old database's journal files belong to the old file: never pair them with the new.
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let mut p = target.clone().into_os_string();
+        p.push(suffix);
+        let _ = std::fs::remove_file(PathBuf::from(p));
+    }
+    #[allow(clippy::disallowed_methods)] // temp, fsync, rename: the target is replaced whole
+    std::fs::rename(&tmp, &target)
+        .with_context(|| format!("renaming into {}", target.display()))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}

@@ -1,0 +1,142 @@
+//! The `mysql` source (MySQL and MariaDB): one consistent, order-stable stream from
+//! `mariadb-dump` (or `mysqldump`): `--single-transaction --order-by-primary`, with routines,
+//! triggers and events, and without `CREATE DATABASE`/`USE`, so that it restores under any
+//! name. Credentials go in a private option file (`--defaults-extra-file`), never in argv.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{anyhow, bail, Context};
+use fleetvault_common::Manifest;
+
+use super::database::{dump_tool, require_tool, secret_dir, write_secret, DbInfo, DbSource};
+use crate::backup::Batcher;
+
+/// A MariaDB/MySQL client tool with the source's credentials in a private option file.
+pub(crate) struct MyTool {
+    /// Holds the option file; removed on drop.
+    _dir: tempfile::TempDir,
+    options: PathBuf,
+}
+
+/// The first of `names` that is installed.
+fn pick(names: &[&'static str], package: &str) -> anyhow::Result<&'static str> {
+    let mut last = None;
+    for n in names {
+        match require_tool(n, package) {
+            Ok(_) => return Ok(n),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow!("no tool to try")))
+}
+
+/// The dump tool's name (`mariadb-dump`, else `mysqldump`).
+pub(crate) fn dump_program() -> anyhow::Result<&'static str> {
+    pick(
+        &["mariadb-dump", "mysqldump"],
+        "the MariaDB or MySQL client (Debian: mariadb-client)",
+    )
+}
+
+/// The client's name (`mariadb`, else `mysql`).
+pub(crate) fn client_program() -> anyhow::Result<&'static str> {
+    pick(
+        &["mariadb", "mysql"],
+        "the MariaDB or MySQL client (Debian: mariadb-client)",
+    )
+}
+
+impl MyTool {
+    pub(crate) fn new(db: &DbSource) -> anyhow::Result<Self> {
+        let dir = secret_dir()?;
+        let options = dir.path().join("client.cnf");
+        let mut text = String::from("[client]\n");
+        let esc = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
+        if let Some(h) = &db.host {
+            if h.starts_with('/') {
+                text.push_str(&format!("socket=\"{}\"\n", esc(h)));
+            } else {
+                text.push_str(&format!("host=\"{}\"\n", esc(h)));
+            }
+        }
+        if let Some(p) = db.port {
+            text.push_str(&format!("port={p}\n"));
+        }
+        if let Some(u) = &db.user {
+            text.push_str(&format!("user=\"{}\"\n", esc(u)));
+        }
+        if let Some(pw) = db.password()? {
+            text.push_str(&format!("password=\"{}\"\n", esc(&pw)));
+        }
+        write_secret(&options, &text)?;
+        Ok(Self { _dir: dir, options })
+    }
+
+    /// `program --defaults-extra-file=…` (that option must come first).
+    pub(crate) fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.arg(format!("--defaults-extra-file={}", self.options.display()));
+        cmd
+    }
+
+    /// Runs one SQL statement with the client, returning its tab-separated output.
+    pub(crate) fn query(&self, database: Option<&str>, sql: &str) -> anyhow::Result<String> {
+        let mut cmd = self.command(client_program()?);
+        cmd.args(["--batch", "--skip-column-names", "-e", sql]);
+        if let Some(d) = database {
+            cmd.arg("--").arg(d);
+        }
+        let out = cmd.output().context("running the MariaDB client")?;
+        if !out.status.success() {
+            bail!(
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+                    .trim()
+                    .replace('\n', " | ")
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// `` `name` `` with embedded backticks doubled.
+pub(crate) fn quote_ident(name: &str) -> String {
+    format!("`{}`", name.replace('`', "``"))
+}
+
+/// Checks the tools, the server and the database before a backup.
+pub(crate) async fn probe(db: &DbSource) -> anyhow::Result<DbInfo> {
+    dump_program()?;
+    let tool = MyTool::new(db)?;
+    let version = tool
+        .query(Some(&db.database), "SELECT VERSION()")
+        .with_context(|| format!("connecting to MySQL/MariaDB database {:?}", db.database))?;
+    Ok(DbInfo {
+        db_version: Some(version.trim().to_owned()),
+        database: db.database.clone(),
+    })
+}
+
+/// Dumps `db` as one stream (blocking).
+pub(crate) fn backup(
+    db: &DbSource,
+    batcher: &mut Batcher,
+) -> anyhow::Result<(Manifest, Option<[u8; 32]>)> {
+    let tool = MyTool::new(db)?;
+    let program = dump_program()?;
+    let mut cmd = tool.command(program);
+    let args = [
+        "--single-transaction",
+        "--order-by-primary",
+        "--routines",
+        "--triggers",
+        "--events",
+        "--hex-blob",
+        "--skip-dump-date",
+        "--no-tablespaces",
+    ];
+    cmd.args(args).arg("--").arg(&db.database);
+    let shown = format!("{program} {} {}", args.join(" "), db.database);
+    dump_tool("mariadb-dump", &shown, cmd, batcher)
+}
