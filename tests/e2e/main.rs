@@ -9,6 +9,7 @@ mod files;
 mod full_disk;
 mod hostile;
 mod memory;
+mod postgres;
 mod push;
 mod security;
 mod shutdown;

@@ -17,6 +17,7 @@ mod agent;
 mod bins;
 mod coordinator;
 pub mod data;
+pub mod databases;
 mod process;
 pub mod report;
 pub mod tree;
