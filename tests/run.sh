@@ -6,6 +6,25 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# What the end-to-end tests need besides the binaries: PostgreSQL and MariaDB servers (the
+# tests start their own throwaway ones), the sqlite3 shell, python3 (test data generators).
+need=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql postgresql-client)
+command -v mariadbd >/dev/null 2>&1 || need+=(mariadb-server)
+command -v mariadb >/dev/null 2>&1 || need+=(mariadb-client)
+command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+if ((${#need[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "tests/run.sh: missing ${need[*]}; run as root (or install them) first" >&2
+        exit 1
+    fi
+    echo "installing: ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
 cargo build --workspace --bins
 # The e2e harness would otherwise check the binaries are up to date once per test process.
 export FLEETVAULT_TEST_NO_BUILD=1

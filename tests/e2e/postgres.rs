@@ -81,18 +81,34 @@ fn postgres_chat_database_restores_under_a_new_name_rolls_back_and_moves_servers
     assert_ne!(day1, day2);
     let second = host_a.backup_json("chat")?;
     let id2 = snapshot_id(&second)?;
-    let (read, uploaded) = (u64_field(&second, "bytes_read")?, u64_field(&second, "bytes_uploaded")?);
-    eprintln!("postgres tables: day 2 read {read} bytes, uploaded {uploaded} (first uploaded {})", u64_field(&first, "bytes_uploaded")?);
-    assert!(uploaded * 5 < read, "a chat day uploaded {uploaded} of {read} bytes: {second}");
+    let (read, uploaded) = (
+        u64_field(&second, "bytes_read")?,
+        u64_field(&second, "bytes_uploaded")?,
+    );
+    eprintln!(
+        "postgres tables: day 2 read {read} bytes, uploaded {uploaded} (first uploaded {})",
+        u64_field(&first, "bytes_uploaded")?
+    );
+    assert!(
+        uploaded * 5 < read,
+        "a chat day uploaded {uploaded} of {read} bytes: {second}"
+    );
 
     let listed = coordinator.snapshots_json(&["--agent", "chat-a"])?;
     let rec = find_snapshot(&listed, &id2)?;
     assert_eq!(rec["db_type"], "postgres", "{rec}");
     assert_eq!(rec["database"], "chat", "{rec}");
-    assert!(rec["db_version"].as_str().is_some_and(|v| v.starts_with(char::is_numeric)), "{rec}");
+    assert!(
+        rec["db_version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with(char::is_numeric)),
+        "{rec}"
+    );
 
     // 1. Into another database on the same server.
-    host_a.cli("restore", &[&id2, "--database", "chat_copy", "--json"])?.ensure_success()?;
+    host_a
+        .cli("restore", &[&id2, "--database", "chat_copy", "--json"])?
+        .ensure_success()?;
     assert_eq!(pg_a.content("chat_copy")?, day2, "restored copy differs");
 
     // A restore over a database that holds data needs --replace, and touches nothing.
@@ -101,23 +117,44 @@ fn postgres_chat_database_restores_under_a_new_name_rolls_back_and_moves_servers
     assert_eq!(pg_a.content("chat")?, day2);
 
     // 2. Rollback in place, after a safety snapshot of what is there.
-    let rollback = host_a.cli("restore", &[&id1, "--replace", "--json"])?.ensure_success()?.json()?;
-    let safety = rollback["safety_snapshot_id"].as_str().unwrap_or_default().to_owned();
+    let rollback = host_a
+        .cli("restore", &[&id1, "--replace", "--json"])?
+        .ensure_success()?
+        .json()?;
+    let safety = rollback["safety_snapshot_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     assert_eq!(safety.len(), 16, "no safety snapshot: {rollback}");
-    assert_eq!(pg_a.content("chat")?, day1, "rollback did not bring day one back");
     assert_eq!(
-        pg_a.sql("postgres", "SELECT count(*) FROM pg_database WHERE datname LIKE 'chat\\_\\_fv%'")?,
+        pg_a.content("chat")?,
+        day1,
+        "rollback did not bring day one back"
+    );
+    assert_eq!(
+        pg_a.sql(
+            "postgres",
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'chat\\_\\_fv%'"
+        )?,
         "0",
         "temporary databases left behind"
     );
-    host_a.cli("restore", &[&safety, "--database", "chat_safety"])?.ensure_success()?;
-    assert_eq!(pg_a.content("chat_safety")?, day2, "the safety snapshot is not what was replaced");
+    host_a
+        .cli("restore", &[&safety, "--database", "chat_safety"])?
+        .ensure_success()?;
+    assert_eq!(
+        pg_a.content("chat_safety")?,
+        day2,
+        "the safety snapshot is not what was replaced"
+    );
 
     // 3. Cross-server: the operator pushes host a's snapshot into host b's source.
     let _link_b = host_b.run()?;
     coordinator.wait_agent_connected("chat-b", std::time::Duration::from_secs(60))?;
     coordinator
-        .cli(&["restore", &id2, "--agent", "chat-b", "--source", "chat", "--json"])?
+        .cli(&[
+            "restore", &id2, "--agent", "chat-b", "--source", "chat", "--json",
+        ])?
         .ensure_success()?;
     assert_eq!(pg_b.content("chat")?, day2, "cross-server restore differs");
     Ok(())
@@ -140,12 +177,17 @@ fn postgres_plain_and_custom_dumps_round_trip_and_deduplicate() -> anyhow::Resul
     let day2 = pg.content("chat")?;
     for format in ["plain", "custom"] {
         let report = agent.backup_json(format)?;
-        let (read, uploaded) = (u64_field(&report, "bytes_read")?, u64_field(&report, "bytes_uploaded")?);
+        let (read, uploaded) = (
+            u64_field(&report, "bytes_read")?,
+            u64_field(&report, "bytes_uploaded")?,
+        );
         eprintln!("postgres {format}: day 2 read {read} bytes, uploaded {uploaded}");
         assert!(uploaded < read, "{report}");
         let id = snapshot_id(&report)?;
         let copy = format!("chat_{format}");
-        agent.cli("restore", &[&id, "--database", &copy])?.ensure_success()?;
+        agent
+            .cli("restore", &[&id, "--database", &copy])?
+            .ensure_success()?;
         assert_eq!(pg.content(&copy)?, day2, "{format} restore differs");
     }
     Ok(())

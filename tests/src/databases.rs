@@ -25,7 +25,10 @@ fn free_tcp_port() -> anyhow::Result<u16> {
 
 fn chown(path: &Path, user: &str) -> anyhow::Result<()> {
     run(
-        Command::new("chown").arg("-R").arg(format!("{user}:")).arg(path),
+        Command::new("chown")
+            .arg("-R")
+            .arg(format!("{user}:"))
+            .arg(path),
         COMMAND_TIMEOUT,
     )?
     .ensure_success()?;
@@ -35,7 +38,9 @@ fn chown(path: &Path, user: &str) -> anyhow::Result<()> {
 /// The newest installed PostgreSQL server's `bin` directory.
 fn pg_bin() -> anyhow::Result<PathBuf> {
     let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .context("PostgreSQL is not installed (apt-get install postgresql): no /usr/lib/postgresql")?
+        .context(
+            "PostgreSQL is not installed (apt-get install postgresql): no /usr/lib/postgresql",
+        )?
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let v: u32 = e.file_name().to_str()?.parse().ok()?;
@@ -86,7 +91,10 @@ impl Postgres {
         // The agent (root) reads its password from a file only it may read.
         let password_file = root.path().join("../").join(format!(
             "{}.pw",
-            root.path().file_name().and_then(|n| n.to_str()).unwrap_or("pg")
+            root.path()
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("pg")
         ));
         write_private(&password_file, DB_PASSWORD)?;
         let port = free_tcp_port()?;
@@ -101,7 +109,14 @@ impl Postgres {
                 .arg(port.to_string())
                 .arg("-k")
                 .arg(dir)
-                .args(["-c", "listen_addresses=", "-c", "fsync=off", "-c", "max_connections=50"]),
+                .args([
+                    "-c",
+                    "listen_addresses=",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "max_connections=50",
+                ]),
             &format!("postgres {name}"),
             &logs,
             &dir.join("server.stdout"),
@@ -118,7 +133,9 @@ impl Postgres {
 
     /// The socket directory (the `host` of a source).
     pub fn host(&self) -> &Path {
-        self.root.as_ref().map_or(Path::new("/nonexistent"), |r| r.path())
+        self.root
+            .as_ref()
+            .map_or(Path::new("/nonexistent"), |r| r.path())
     }
 
     /// The port.
@@ -159,7 +176,16 @@ impl Postgres {
                 .arg(self.host())
                 .arg("-p")
                 .arg(self.port.to_string())
-                .args(["-U", "postgres", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+                .args([
+                    "-U",
+                    "postgres",
+                    "-X",
+                    "-q",
+                    "-A",
+                    "-t",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                ])
                 .arg("-d")
                 .arg(db)
                 .arg("-c")
@@ -298,7 +324,10 @@ impl MariaDb {
         proc.wait_for_line("ready for connections", Duration::from_secs(90))?;
         let password_file = root.path().join("../").join(format!(
             "{}.pw",
-            root.path().file_name().and_then(|n| n.to_str()).unwrap_or("maria")
+            root.path()
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("maria")
         ));
         write_private(&password_file, DB_PASSWORD)?;
         let m = Self {
@@ -307,9 +336,11 @@ impl MariaDb {
             root: Some(root),
             password_file,
         };
-        let out = m.client(None, &format!(
-            "ALTER USER root@localhost IDENTIFIED BY '{DB_PASSWORD}'; FLUSH PRIVILEGES"
-        ), false)?;
+        let out = m.client(
+            None,
+            &format!("ALTER USER root@localhost IDENTIFIED BY '{DB_PASSWORD}'; FLUSH PRIVILEGES"),
+            false,
+        )?;
         if !out.success() {
             bail!("setting the root password: {}", out.stderr);
         }
@@ -318,7 +349,14 @@ impl MariaDb {
     }
 
     fn dir(&self) -> &Path {
-        self.root.as_ref().map_or(Path::new("/nonexistent"), |r| r.path())
+        self.root
+            .as_ref()
+            .map_or(Path::new("/nonexistent"), |r| r.path())
+    }
+
+    /// The server's TCP port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// The server's socket (the `host` of a source).
