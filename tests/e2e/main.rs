@@ -10,6 +10,7 @@ mod full_disk;
 mod hostile;
 mod mariadb;
 mod memory;
+mod mongodb;
 mod postgres;
 mod push;
 mod security;

@@ -305,3 +305,17 @@ pub(crate) fn check_versions(dump: Option<&str>, server: Option<&str>) -> anyhow
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_server_major_is_refused() {
+        assert!(check_versions(Some("15.18"), Some("16.2")).is_ok());
+        assert!(check_versions(Some("15.18"), Some("15.2")).is_ok());
+        let err = check_versions(Some("16.1"), Some("15.18")).unwrap_err();
+        assert!(err.to_string().contains("older major version"), "{err}");
+        assert!(check_versions(None, Some("15.18")).is_ok());
+    }
+}

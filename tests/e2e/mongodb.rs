@@ -1,0 +1,93 @@
+//! MongoDB sources: `mongodump --archive` backed up, restored under another database name and
+//! replaced with `--drop`. MongoDB has no Debian package: without `mongod`, `mongodump` and
+//! `mongorestore` on PATH this scenario says so on stderr and checks nothing else.
+
+use std::process::Command;
+use std::time::Duration;
+
+use fleetvault_tests::report::snapshot_id;
+use fleetvault_tests::{scratch, Coordinator, Proc};
+
+fn installed(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn mongosh(uri: &str, js: &str) -> anyhow::Result<String> {
+    let out = Command::new("mongosh")
+        .args(["--quiet", uri, "--eval", js])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+#[test]
+fn mongodb_database_restores_under_a_new_name_when_mongod_is_available() -> anyhow::Result<()> {
+    let missing: Vec<&str> = ["mongod", "mongodump", "mongorestore", "mongosh"]
+        .into_iter()
+        .filter(|t| !installed(t))
+        .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "SKIPPED: MongoDB scenario needs {} on PATH (no Debian package exists)",
+            missing.join(", ")
+        );
+        return Ok(());
+    }
+    let work = scratch("mongo")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let data = work.path().join("db");
+    std::fs::create_dir(&data)?;
+    let mongod = Proc::spawn(
+        Command::new("mongod").arg("--dbpath").arg(&data).args([
+            "--bind_ip",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+        ]),
+        "mongod",
+        &work.path().join("mongod.log"),
+        &work.path().join("mongod.stdout"),
+    )?;
+    let uri = format!("mongodb://127.0.0.1:{port}");
+    fleetvault_tests::wait_until("mongod", Duration::from_secs(60), || {
+        Ok(mongosh(&uri, "db.runCommand({ping: 1}).ok").is_ok())
+    })?;
+    mongosh(
+        &format!("{uri}/chat"),
+        "for (let i = 0; i < 1000; i++) db.messages.insertOne({i, text: 'héllo ' + i})",
+    )?;
+
+    let coordinator = Coordinator::start()?;
+    let agent = coordinator.agent("rocket-01")?;
+    agent.append_config(&format!(
+        "\n[[sources]]\nname = \"chat\"\nkind = \"mongodb\"\nuri = \"{uri}\"\ndatabase = \"chat\"\n"
+    ))?;
+    let id = snapshot_id(&agent.backup_json("chat")?)?;
+    agent
+        .cli("restore", &[&id, "--database", "chat_copy"])?
+        .ensure_success()?;
+    let count = mongosh(&format!("{uri}/chat_copy"), "db.messages.countDocuments()")?;
+    assert_eq!(count, "1000");
+    mongosh(
+        &format!("{uri}/chat"),
+        "db.messages.deleteMany({i: {$gte: 500}})",
+    )?;
+    agent
+        .cli("restore", &[&id, "--replace"])?
+        .ensure_success()?;
+    assert_eq!(
+        mongosh(&format!("{uri}/chat"), "db.messages.countDocuments()")?,
+        "1000"
+    );
+    drop(mongod);
+    Ok(())
+}
