@@ -257,6 +257,7 @@ impl AgentConfig {
                         password_file: password_file.map(abs),
                         uri: None,
                         format,
+                        restrict_key: None,
                     })
                 }
                 RawSource::Mysql {
@@ -275,6 +276,7 @@ impl AgentConfig {
                     password_file: password_file.map(abs),
                     uri: None,
                     format: PgFormat::Plain,
+                    restrict_key: None,
                 }),
                 RawSource::Sqlite { path: db_path, .. } => SourceKind::Database(DbSource {
                     engine: Engine::Sqlite,
@@ -285,6 +287,7 @@ impl AgentConfig {
                     password_file: None,
                     uri: None,
                     format: PgFormat::Plain,
+                    restrict_key: None,
                 }),
                 RawSource::Mongodb { uri, database, .. } => SourceKind::Database(DbSource {
                     engine: Engine::Mongodb,
@@ -295,6 +298,7 @@ impl AgentConfig {
                     password_file: None,
                     uri: Some(non_empty(uri, "uri", &at)?),
                     format: PgFormat::Plain,
+                    restrict_key: None,
                 }),
                 RawSource::Command {
                     backup_command,
@@ -326,6 +330,20 @@ impl AgentConfig {
                 kind,
                 chunker,
             });
+        }
+        // pg_dump writes a random `\restrict` key into every plain dump unless given one:
+        // derive a stable one, secret to this agent, so unchanged schemas stay identical.
+        if let Ok(key) = std::fs::read(&coordinator.key) {
+            for s in &mut sources {
+                if let SourceKind::Database(db) = &mut s.kind {
+                    if db.engine == Engine::Postgres {
+                        let mut h =
+                            blake3::Hasher::new_derive_key("fleetvault pg_dump restrict key v1");
+                        h.update(&key);
+                        db.restrict_key = Some(h.finalize().to_hex()[..32].to_string());
+                    }
+                }
+            }
         }
         Ok(Self {
             coordinator,

@@ -111,6 +111,16 @@ fn postgres_chat_database_restores_under_a_new_name_rolls_back_and_moves_servers
         .ensure_success()?;
     assert_eq!(pg_a.content("chat_copy")?, day2, "restored copy differs");
 
+    // The reloaded copy has another physical order; its dump is the same bytes.
+    host_a.append_config(&pg_a.source_toml("chat-copy", "chat_copy", "tables"))?;
+    let reloaded = host_a.backup_json("chat-copy")?;
+    let again = u64_field(&reloaded, "bytes_uploaded")?;
+    eprintln!("postgres tables: reloaded copy uploaded {again} bytes");
+    assert!(
+        again * 100 < u64_field(&first, "bytes_uploaded")?,
+        "a reloaded copy uploaded {again} bytes: {reloaded}"
+    );
+
     // A restore over a database that holds data needs --replace, and touches nothing.
     let refused = host_a.cli("restore", &[&id1])?.ensure_failure()?;
     assert!(refused.contains("--replace"), "{refused}");

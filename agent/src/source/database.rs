@@ -67,6 +67,9 @@ pub(crate) struct DbSource {
     pub(crate) uri: Option<String>,
     /// PostgreSQL dump format.
     pub(crate) format: PgFormat,
+    /// A stable key for pg_dump's `\restrict` lines (derived from the agent's private key),
+    /// so that they do not change every dump; `None` lets pg_dump pick a random one.
+    pub(crate) restrict_key: Option<String>,
 }
 
 impl DbSource {

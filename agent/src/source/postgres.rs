@@ -244,11 +244,30 @@ fn dump_stream(
 ) -> anyhow::Result<(Manifest, Option<[u8; 32]>)> {
     let mut cmd = settings.tool("pg_dump", &db.database);
     cmd.args(args).arg("--no-password");
+    let plain = args.contains(&"-Fp");
+    if let Some(key) = db
+        .restrict_key
+        .as_deref()
+        .filter(|_| plain && supports_restrict_key())
+    {
+        cmd.arg(format!("--restrict-key={key}"));
+    }
     if let Some(s) = snapshot {
         cmd.arg(format!("--snapshot={s}"));
     }
     let shown = format!("pg_dump {}", args.join(" "));
     super::database::dump_tool("pg_dump", &shown, cmd, batcher)
+}
+
+/// Whether this pg_dump knows `--restrict-key` (15.14, 16.10, 17.6 and later).
+fn supports_restrict_key() -> bool {
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        Command::new("pg_dump")
+            .arg("--help")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--restrict-key"))
+    })
 }
 
 const TABLES_SQL: &str = r"
