@@ -55,7 +55,13 @@ pub(crate) async fn run(config: AgentConfig, shutdown: CancellationToken) -> any
         info!(address = %config.coordinator.address, identity = client.identity(), "connected to coordinator");
         loop {
             let accepted = tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = shutdown.cancelled() => {
+                    // Tell the coordinator now, not after its idle timeout.
+                    tracker.close();
+                    let _ = tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await;
+                    client.shutdown().await;
+                    break;
+                }
                 a = client.connection().accept_bi() => a,
             };
             match accepted {

@@ -136,6 +136,15 @@ impl Client {
         lost(&self.conn, what)
     }
 
+    /// Closes the connection (even while other handles to this client exist) and waits, at
+    /// most a few seconds, until the peer has been told.
+    pub async fn shutdown(&self) {
+        self.conn
+            .close(crate::protocol::close::NORMAL.into(), b"shutting down");
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), self.endpoint.wait_idle())
+            .await;
+    }
+
     /// Closes the connection and waits until the peer has been told.
     pub async fn close(self) {
         self.conn

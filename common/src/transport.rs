@@ -250,10 +250,24 @@ pub fn server_endpoint(
     let quic = QuicServerConfig::try_from(Arc::new(tls)).map_err(tls_error)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(transport_config());
-    quinn::Endpoint::server(config, listen).map_err(|source| TransportError::Bind {
+    // Stateless resets keyed by the coordinator's own key: after a crash and restart on the
+    // same address, the new process can reset the old connections, so agents learn at once
+    // that they must reconnect instead of waiting for the idle timeout.
+    let seed = blake3::derive_key("fleetvault quic stateless reset v1", &creds.key_pem);
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed);
+    let endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    let bind = |source| TransportError::Bind {
         addr: listen,
         source,
-    })
+    };
+    let socket = std::net::UdpSocket::bind(listen).map_err(bind)?;
+    quinn::Endpoint::new(
+        endpoint_config,
+        Some(config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind)
 }
 
 /// The agent's or operator's endpoint: trusts only the fleet CA and presents its certificate.

@@ -11,3 +11,14 @@ pub(crate) fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// Now, as a `SystemTime` (file modification times are compared against it).
+#[allow(clippy::disallowed_methods)] // this module is where wall time is allowed
+pub(crate) fn now_system() -> SystemTime {
+    SystemTime::now()
+}
+
+/// Now, for schedules (UTC).
+pub(crate) fn now_utc() -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_millis(now_ms() as i64).unwrap_or_default()
+}

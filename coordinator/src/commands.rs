@@ -17,7 +17,6 @@ use tracing::info;
 
 use crate::catalog::Catalog;
 use crate::config::{CoordinatorConfig, DataDir};
-use crate::push::LiveAgents;
 use crate::store::ChunkStore;
 use crate::State;
 
@@ -75,6 +74,9 @@ pub(crate) fn init(root: &Path, listen: &str, server_name: &str) -> anyhow::Resu
         listen: listen.to_owned(),
         server_name: server_name.to_owned(),
         advertise: None,
+        gc_schedule: None,
+        gc_min_age_secs: None,
+        jobs: Vec::new(),
     };
     let addr = cfg.listen_addr()?;
     fleetvault_certs::validate_name(server_name)
@@ -235,19 +237,73 @@ pub(crate) fn serve(root: &Path) -> anyhow::Result<ExitCode> {
     if let Some(e) = rebuild_error {
         bail!("rebuilding the catalog from the store: {e}");
     }
-    let state = Arc::new(State {
-        store,
-        catalog,
-        live: LiveAgents::default(),
-    });
+    let state = Arc::new(State::new(store, catalog, cfg.jobs.clone()));
+    state.gc_min_age.store(
+        cfg.gc_min_age_secs.unwrap_or(3600),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     runtime()?.block_on(async move {
         let endpoint = fleetvault_common::server_endpoint(cfg.listen_addr()?, &creds)?;
         let local = endpoint.local_addr().context("reading the bound address")?;
-        info!(%local, data_dir = %dir.root().display(), "coordinator listening");
+        info!(%local, data_dir = %dir.root().display(), jobs = cfg.jobs.len(), "coordinator listening");
         eprintln!("fleetvault-coordinator listening on {local}");
-        crate::server::run(endpoint, state, shutdown_signal()).await
+        let token = tokio_util::sync::CancellationToken::new();
+        let tracker = tokio_util::task::TaskTracker::new();
+        let reload = Arc::new(tokio::sync::Notify::new());
+        let gc = cfg.gc_schedule.clone().map(|s| {
+            (s, std::time::Duration::from_secs(cfg.gc_min_age_secs.unwrap_or(3600)))
+        });
+        tracker.spawn(crate::jobs::scheduler::run(
+            state.clone(),
+            gc,
+            token.clone(),
+            reload.clone(),
+            tracker.clone(),
+        ));
+        tracker.spawn(reload_on_sighup(dir.clone(), state.clone(), reload, token.clone()));
+        let result = crate::server::run(endpoint, state, shutdown_signal()).await;
+        token.cancel();
+        tracker.close();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), tracker.wait()).await;
+        result
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Re-reads `coordinator.toml` on SIGHUP: new jobs take effect at once; a broken file is
+/// reported (file, line, key) and the previous jobs stay.
+async fn reload_on_sighup(
+    dir: DataDir,
+    state: Arc<State>,
+    reload: Arc<tokio::sync::Notify>,
+    token: tokio_util::sync::CancellationToken,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; config reload disabled");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            got = hup.recv() => if got.is_none() { return },
+        }
+        match dir.load_config() {
+            Ok(cfg) => {
+                let n = cfg.jobs.len();
+                *state.jobs.write().expect("jobs lock") = cfg.jobs;
+                state.gc_min_age.store(
+                    cfg.gc_min_age_secs.unwrap_or(3600),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                reload.notify_one();
+                info!(jobs = n, "configuration reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "configuration not reloaded; keeping the previous one")
+            }
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -291,6 +347,7 @@ pub(crate) fn snapshots(
     agent: Option<String>,
     source: Option<String>,
     status: Option<String>,
+    job: Option<String>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
@@ -299,6 +356,7 @@ pub(crate) fn snapshots(
             agent,
             source,
             status,
+            job,
         };
         let list = match client.call(&Request::ListSnapshots(filter)).await? {
             Response::Snapshots(l) => l,
@@ -453,4 +511,145 @@ pub(crate) fn push_restore(
         client.close().await;
         finish_job(report, json, true)
     })
+}
+
+/// One operator request, one reply.
+fn call(root: &Path, req: Request) -> anyhow::Result<Response> {
+    runtime()?.block_on(async {
+        let client = operator(root).await?;
+        let reply = client.call(&req).await;
+        client.close().await;
+        Ok(reply?)
+    })
+}
+
+pub(crate) fn run_job(root: &Path, job: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let reports = match call(
+        root,
+        Request::RunJob {
+            job: job.to_owned(),
+        },
+    )? {
+        Response::Reports(r) => r,
+        other => bail!("unexpected reply {other:?}"),
+    };
+    if json {
+        let v: Vec<_> = reports.iter().map(report::job_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for r in &reports {
+            match &r.error {
+                None => println!("{}", report::job_summary(r, false)),
+                Some(e) => println!("{}/{}: failed: {e}", r.agent, r.source),
+            }
+        }
+    }
+    let failed = reports.iter().filter(|r| r.status != "completed").count();
+    if failed > 0 {
+        bail!("{failed} of {} backups of job {job} failed", reports.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn protect(root: &Path, snapshot: &str, on: bool) -> anyhow::Result<ExitCode> {
+    let snapshot: SnapshotId = snapshot.parse()?;
+    call(
+        root,
+        Request::Protect {
+            snapshot,
+            protected: on,
+        },
+    )?;
+    println!(
+        "snapshot {snapshot} {}",
+        if on { "protected" } else { "unprotected" }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn delete(root: &Path, snapshot: &str) -> anyhow::Result<ExitCode> {
+    let snapshot: SnapshotId = snapshot.parse()?;
+    call(root, Request::Delete { snapshot })?;
+    println!("snapshot {snapshot} deleted; run `fleetvault-coordinator gc` to free its chunks");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn forget(
+    root: &Path,
+    job: &str,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let decisions = match call(
+        root,
+        Request::Forget {
+            job: job.to_owned(),
+            dry_run,
+        },
+    )? {
+        Response::Retention(d) => d,
+        other => bail!("unexpected reply {other:?}"),
+    };
+    if json {
+        let v: Vec<_> = decisions
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "id": d.snapshot.to_string(),
+                    "agent": d.agent,
+                    "source": d.source,
+                    "started": report::format_time(d.started_ms),
+                    "keep": d.keep,
+                    "reasons": d.reasons,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let verb = if dry_run { "would forget" } else { "forgotten" };
+        for d in &decisions {
+            let what = if d.keep {
+                format!("keep ({})", d.reasons.join(", "))
+            } else {
+                verb.to_owned()
+            };
+            println!(
+                "{}  {}/{}  {}  {what}",
+                d.snapshot,
+                d.agent,
+                d.source,
+                report::format_time(d.started_ms)
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn gc(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let r = match call(root, Request::Gc)? {
+        Response::GcDone(r) => r,
+        other => bail!("unexpected reply {other:?}"),
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "live_chunks": r.live_chunks,
+                "deleted_chunks": r.deleted_chunks,
+                "freed_bytes": r.freed_bytes,
+                "young_chunks": r.young_chunks,
+                "duration_ms": r.duration_ms,
+            })
+        );
+    } else {
+        println!(
+            "gc: {} chunks deleted, {} freed; {} live, {} unreferenced but younger than the minimum age; {:.1}s",
+            r.deleted_chunks,
+            report::human_bytes(r.freed_bytes),
+            r.live_chunks,
+            r.young_chunks,
+            r.duration_ms as f64 / 1000.0
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -24,6 +24,15 @@ pub(crate) struct CoordinatorConfig {
     /// Address written into agent configs, when it differs from `listen`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) advertise: Option<String>,
+    /// When garbage collection runs by itself (cron), if at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) gc_schedule: Option<String>,
+    /// Unreferenced chunks younger than this many seconds are kept (default 3600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) gc_min_age_secs: Option<u64>,
+    /// Scheduled backups (`[[jobs]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) jobs: Vec<crate::jobs::JobConfig>,
 }
 
 impl CoordinatorConfig {
@@ -96,6 +105,23 @@ impl DataDir {
             .with_context(|| format!("invalid {}: key `listen`", path.display()))?;
         if cfg.server_name.is_empty() {
             bail!("invalid {}: key `server_name` is empty", path.display());
+        }
+        if let Some(g) = &cfg.gc_schedule {
+            crate::jobs::parse_schedule(g).map_err(|e| {
+                anyhow::anyhow!("invalid config {}: key `gc_schedule`: {e}", path.display())
+            })?;
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, job) in cfg.jobs.iter().enumerate() {
+            let at = format!(
+                "invalid config {}: jobs[{i}] ({:?})",
+                path.display(),
+                job.name
+            );
+            if job.name.is_empty() || !names.insert(job.name.clone()) {
+                bail!("{at}: key `name` is empty or used by another job");
+            }
+            job.validate().map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
         }
         Ok(cfg)
     }

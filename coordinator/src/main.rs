@@ -4,6 +4,7 @@ mod catalog;
 mod clock;
 mod commands;
 mod config;
+mod jobs;
 mod push;
 mod server;
 mod state;
@@ -82,12 +83,68 @@ enum Command {
         /// Only with this status (pending, running, completed, failed).
         #[arg(long)]
         status: Option<String>,
+        /// Only made by this job.
+        #[arg(long)]
+        job: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// List agents: connected or last seen, version, sources.
     Agents {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a job of coordinator.toml now on its agents, and wait for every backup.
+    Run {
+        /// Job name.
+        job: String,
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Print the reports as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Protect a snapshot: retention never removes it.
+    Protect {
+        /// Snapshot id.
+        snapshot_id: String,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+    /// Lift a snapshot's protection.
+    Unprotect {
+        /// Snapshot id.
+        snapshot_id: String,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+    /// Delete a snapshot record (its chunks are freed by the next gc).
+    Delete {
+        /// Snapshot id.
+        snapshot_id: String,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+    /// Apply a job's retention policy to its snapshots.
+    Forget {
+        /// The job whose policy applies.
+        #[arg(long)]
+        job: String,
+        /// Only show what would be forgotten and why each kept snapshot stays.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete chunks that no completed snapshot references (safe while backups run).
+    Gc {
         #[command(flatten)]
         dir: DataDirArg,
         /// Print JSON.
@@ -159,8 +216,24 @@ fn main() -> ExitCode {
             agent,
             source,
             status,
+            job,
             json,
-        } => commands::snapshots(&dir.data_dir, agent, source, status, json),
+        } => commands::snapshots(&dir.data_dir, agent, source, status, job, json),
+        Command::Run { job, dir, json } => commands::run_job(&dir.data_dir, &job, json),
+        Command::Protect { snapshot_id, dir } => {
+            commands::protect(&dir.data_dir, &snapshot_id, true)
+        }
+        Command::Unprotect { snapshot_id, dir } => {
+            commands::protect(&dir.data_dir, &snapshot_id, false)
+        }
+        Command::Delete { snapshot_id, dir } => commands::delete(&dir.data_dir, &snapshot_id),
+        Command::Forget {
+            job,
+            dry_run,
+            dir,
+            json,
+        } => commands::forget(&dir.data_dir, &job, dry_run, json),
+        Command::Gc { dir, json } => commands::gc(&dir.data_dir, json),
         Command::Agents { dir, json } => commands::agents(&dir.data_dir, json),
         Command::Backup {
             dir,

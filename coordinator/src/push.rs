@@ -11,7 +11,7 @@ use fleetvault_common::protocol::frame::{read_frame, write_frame};
 use fleetvault_common::protocol::{
     ErrorCode, Push, PushReply, Response, RestoreOptions, SourceInfo,
 };
-use fleetvault_common::SnapshotId;
+use fleetvault_common::{JobReport, SnapshotId};
 use tracing::{info, warn};
 
 use crate::server::Failure;
@@ -128,6 +128,26 @@ impl LiveAgents {
         relay(agent, &conn, &Push::Backup { source, job: None }, reply).await
     }
 
+    /// Runs a backup of `source` on `agent` for `job` and waits for its report.
+    pub(crate) async fn run_backup(
+        &self,
+        agent: &str,
+        source: String,
+        job: Option<String>,
+    ) -> Result<JobReport, String> {
+        let conn = self.conn(agent).map_err(|f| match f {
+            Failure::Reply(_, m) | Failure::Protocol(m) => m,
+            Failure::Gone => "agent gone".into(),
+        })?;
+        info!(agent, %source, ?job, "starting backup");
+        exchange(agent, &conn, &Push::Backup { source, job }, None)
+            .await
+            .map_err(|f| match f {
+                Failure::Reply(_, m) | Failure::Protocol(m) => m,
+                Failure::Gone => "agent gone".into(),
+            })
+    }
+
     /// Pushes a restore of `snapshot` into one of `agent`'s sources, relaying progress.
     pub(crate) async fn push_restore_into(
         &self,
@@ -174,6 +194,17 @@ async fn relay(
     push: &Push,
     reply: &mut quinn::SendStream,
 ) -> Result<(), Failure> {
+    let report = exchange(agent, conn, push, Some(reply)).await?;
+    Ok(write_frame(reply, &Response::JobDone(report)).await?)
+}
+
+/// Sends `push` and waits for the agent's result, forwarding progress to `reply` if given.
+async fn exchange(
+    agent: &str,
+    conn: &quinn::Connection,
+    push: &Push,
+    mut reply: Option<&mut quinn::SendStream>,
+) -> Result<JobReport, Failure> {
     let lost = |e: &dyn std::fmt::Display| {
         Failure::Reply(
             ErrorCode::JobFailed,
@@ -186,11 +217,13 @@ async fn relay(
     loop {
         match read_frame::<PushReply, _>(&mut recv).await {
             Ok(Some(PushReply::Progress(p))) => {
-                write_frame(reply, &Response::Progress(p)).await?;
+                if let Some(r) = reply.as_deref_mut() {
+                    write_frame(r, &Response::Progress(p)).await?;
+                }
             }
             Ok(Some(PushReply::Done(report))) => {
                 info!(agent, status = %report.status, "pushed job finished");
-                return Ok(write_frame(reply, &Response::JobDone(report)).await?);
+                return Ok(report);
             }
             Ok(None) => return Err(lost(&"stream ended without a result")),
             Err(e) => {

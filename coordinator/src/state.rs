@@ -1,6 +1,10 @@
 //! What every session shares: the chunk store, the catalog and the live agents.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
 use fleetvault_common::protocol::AgentInfo;
+use fleetvault_common::ChunkId;
 
 use crate::catalog::{Catalog, CatalogError};
 use crate::push::LiveAgents;
@@ -11,6 +15,70 @@ pub(crate) struct State {
     pub(crate) store: ChunkStore,
     pub(crate) catalog: Catalog,
     pub(crate) live: LiveAgents,
+    /// The `[[jobs]]` of `coordinator.toml`, replaced on SIGHUP.
+    pub(crate) jobs: std::sync::RwLock<Vec<crate::jobs::JobConfig>>,
+    /// Chunks that running backups were told are present or have uploaded, per connection:
+    /// garbage collection never deletes them (DESIGN.md rule 9). The lock also serializes a
+    /// "which are missing?" answer with a deletion of the same chunk.
+    pub(crate) pins: Mutex<Pins>,
+    /// Unreferenced chunks younger than this are kept by garbage collection.
+    pub(crate) gc_min_age: std::sync::atomic::AtomicU64,
+}
+
+/// Chunks garbage collection must not delete besides those of completed snapshots.
+#[derive(Default)]
+pub(crate) struct Pins {
+    /// Per connection: chunks its running backups were answered "present" for or uploaded.
+    pub(crate) by_conn: HashMap<usize, HashSet<ChunkId>>,
+    /// Whether a garbage collection is between marking and the end of deleting.
+    pub(crate) gc_running: bool,
+    /// Pins released (a backup committed) while a collection runs: its marking predates
+    /// that commit, so these stay live until it ends.
+    pub(crate) released: HashSet<ChunkId>,
+}
+
+impl Pins {
+    /// The pins of `conn` are no longer needed by a running backup.
+    pub(crate) fn release(&mut self, conn: usize) {
+        if let Some(set) = self.by_conn.remove(&conn) {
+            if self.gc_running {
+                self.released.extend(set);
+            }
+        }
+    }
+
+    /// Whether a collection must keep `id`.
+    pub(crate) fn holds(&self, id: &ChunkId) -> bool {
+        self.released.contains(id) || self.by_conn.values().any(|s| s.contains(id))
+    }
+}
+
+impl State {
+    /// A new state around an opened store and catalog.
+    pub(crate) fn new(
+        store: ChunkStore,
+        catalog: Catalog,
+        jobs: Vec<crate::jobs::JobConfig>,
+    ) -> Self {
+        Self {
+            store,
+            catalog,
+            live: LiveAgents::default(),
+            jobs: std::sync::RwLock::new(jobs),
+            pins: Mutex::default(),
+            gc_min_age: std::sync::atomic::AtomicU64::new(3600),
+        }
+    }
+
+    /// The configured minimum age of a chunk before garbage collection may delete it.
+    pub(crate) fn gc_min_age_secs(&self) -> u64 {
+        self.gc_min_age.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The jobs now configured.
+    pub(crate) fn jobs(&self) -> Vec<crate::jobs::JobConfig> {
+        self.jobs.read().expect("jobs lock").clone()
+    }
 }
 
 impl State {

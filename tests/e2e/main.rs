@@ -13,6 +13,7 @@ mod memory;
 mod mongodb;
 mod postgres;
 mod push;
+mod schedule;
 mod security;
 mod shutdown;
 mod sqlite;

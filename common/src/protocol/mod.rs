@@ -155,6 +155,8 @@ pub struct SnapshotFilter {
     pub source: Option<String>,
     /// Only with this status (`completed`, `failed`, …).
     pub status: Option<String>,
+    /// Only made by this job.
+    pub job: Option<String>,
 }
 
 /// First frame of a client-opened stream.
@@ -242,6 +244,64 @@ pub enum Request {
         /// How.
         options: RestoreOptions,
     },
+    /// Operators: run a configured job now; answered with `Reports`.
+    RunJob {
+        /// The job's name.
+        job: String,
+    },
+    /// Operators: protect a snapshot from retention, or lift that.
+    Protect {
+        /// The snapshot.
+        snapshot: SnapshotId,
+        /// Protected or not.
+        protected: bool,
+    },
+    /// Operators: delete a snapshot record (its chunks go at the next GC).
+    Delete {
+        /// The snapshot.
+        snapshot: SnapshotId,
+    },
+    /// Operators: apply a job's retention (or only say what it would do).
+    Forget {
+        /// The job whose policy applies, to its snapshots.
+        job: String,
+        /// Decide and report, delete nothing.
+        dry_run: bool,
+    },
+    /// Operators: collect garbage now.
+    Gc,
+}
+
+/// What retention decided for one snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetentionDecision {
+    /// The snapshot.
+    pub snapshot: SnapshotId,
+    /// Its agent.
+    pub agent: String,
+    /// Its source.
+    pub source: String,
+    /// When it started (coordinator clock, unix ms).
+    pub started_ms: u64,
+    /// Kept, or forgotten.
+    pub keep: bool,
+    /// Why it is kept (`last`, `daily`, `protected`, …); empty when forgotten.
+    pub reasons: Vec<String>,
+}
+
+/// What a garbage collection did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcReport {
+    /// Chunks referenced by completed snapshots or pinned by running backups.
+    pub live_chunks: u64,
+    /// Chunks deleted.
+    pub deleted_chunks: u64,
+    /// Bytes freed.
+    pub freed_bytes: u64,
+    /// Unreferenced chunks kept because they are younger than the minimum age.
+    pub young_chunks: u64,
+    /// Wall time.
+    pub duration_ms: u64,
 }
 
 /// How a database (or any) snapshot is restored into an agent's source.
@@ -392,6 +452,12 @@ pub enum Response {
     Progress(Progress),
     /// A pushed job finished (successfully or not: see `status`).
     JobDone(JobReport),
+    /// The results of a job's backups.
+    Reports(Vec<JobReport>),
+    /// Retention decisions.
+    Retention(Vec<RetentionDecision>),
+    /// A garbage collection finished.
+    GcDone(GcReport),
 }
 
 /// Work the coordinator pushes to a live agent.
@@ -511,6 +577,43 @@ pub struct SnapshotRecord {
 }
 
 impl SnapshotRecord {
+    /// A new record with nothing measured yet: `status` at `started_ms`.
+    pub fn new(
+        id: SnapshotId,
+        agent: &str,
+        source: &str,
+        kind: &str,
+        chunker: ChunkerParams,
+        started_ms: u64,
+        status: SnapshotStatus,
+    ) -> Self {
+        Self {
+            id,
+            agent: agent.to_owned(),
+            source: source.to_owned(),
+            kind: kind.to_owned(),
+            db_type: None,
+            db_version: None,
+            database: None,
+            started_ms,
+            ended_ms: None,
+            status,
+            logical_bytes: 0,
+            new_bytes: 0,
+            stored_bytes: 0,
+            chunks: 0,
+            new_chunks: 0,
+            root: None,
+            checksum: None,
+            chunker,
+            parent: None,
+            job: None,
+            tags: Vec::new(),
+            protected: false,
+            warnings: Vec::new(),
+        }
+    }
+
     /// Plaintext over stored bytes of what this snapshot added (1.0 when nothing was new).
     pub fn compression_ratio(&self) -> f64 {
         if self.stored_bytes == 0 {

@@ -167,12 +167,32 @@ impl Catalog {
                 && filter
                     .status
                     .as_ref()
-                    .is_none_or(|s| s == rec.status.name());
+                    .is_none_or(|s| s == rec.status.name())
+                && filter
+                    .job
+                    .as_ref()
+                    .is_none_or(|j| Some(j) == rec.job.as_ref());
             if keep {
                 out.push(rec);
             }
         }
         Ok(out)
+    }
+
+    /// Removes a snapshot record, flushed.
+    pub(crate) fn delete(&self, id: SnapshotId) -> Result<(), CatalogError> {
+        if self.snapshots.remove(id.0.to_be_bytes())?.is_none() {
+            return Err(CatalogError::NotFound(id));
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Stores an updated record of a finished snapshot (e.g. its protected flag), flushed.
+    pub(crate) fn update(&self, rec: &SnapshotRecord) -> Result<(), CatalogError> {
+        self.put(rec)?;
+        self.db.flush()?;
+        Ok(())
     }
 
     /// The newest completed snapshot of an agent's source.
@@ -261,31 +281,7 @@ mod tests {
     use fleetvault_common::ChunkerParams;
 
     pub(crate) fn record(id: SnapshotId, status: SnapshotStatus) -> SnapshotRecord {
-        SnapshotRecord {
-            id,
-            agent: "a".into(),
-            source: "s".into(),
-            kind: "command".into(),
-            db_type: None,
-            db_version: None,
-            database: None,
-            started_ms: 1,
-            ended_ms: None,
-            status,
-            logical_bytes: 0,
-            new_bytes: 0,
-            stored_bytes: 0,
-            chunks: 0,
-            new_chunks: 0,
-            root: None,
-            checksum: None,
-            chunker: ChunkerParams::default(),
-            parent: None,
-            job: None,
-            tags: vec![],
-            protected: false,
-            warnings: vec![],
-        }
+        SnapshotRecord::new(id, "a", "s", "command", ChunkerParams::default(), 1, status)
     }
 
     #[test]

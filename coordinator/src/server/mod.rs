@@ -10,6 +10,7 @@ mod session;
 mod upload;
 
 pub(crate) use session::Failure;
+pub(crate) use upload::load_manifest;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -74,6 +74,24 @@ impl Session {
         &self.identity.name
     }
 
+    /// Runs blocking catalog or store work off the reactor; its error goes back to the caller.
+    pub(super) async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, String> + Send + 'static,
+    ) -> Result<T, Failure> {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| Failure::Reply(ErrorCode::Internal, e.to_string()))?
+            .map_err(|e| {
+                let code = if e.contains("not found") {
+                    ErrorCode::NotFound
+                } else {
+                    ErrorCode::BadRequest
+                };
+                Failure::Reply(code, e)
+            })
+    }
+
     /// Refuses a request that this role may not make.
     pub(super) fn require(&self, role: Role) -> Result<(), Failure> {
         if self.identity.role == role {
@@ -184,6 +202,11 @@ async fn serve(
         }
     }
     state.live.remove(session.name(), conn.stable_id());
+    state
+        .pins
+        .lock()
+        .expect("pins lock")
+        .release(conn.stable_id());
 }
 
 async fn hello(conn: &quinn::Connection, identity: &Identity) -> Result<String, String> {
@@ -374,6 +397,58 @@ impl Session {
                     .live
                     .push_restore_into(&agent, snapshot, options, send)
                     .await
+            }
+            Request::RunJob { job } => {
+                self.require(Role::Operator)?;
+                let Some(job) = self.state.jobs().into_iter().find(|j| j.name == job) else {
+                    return Err(Failure::Reply(
+                        ErrorCode::NotFound,
+                        format!("no job named {job:?} in coordinator.toml"),
+                    ));
+                };
+                let reports = crate::jobs::ops::run_job(self.state.clone(), job).await;
+                Ok(write_frame(send, &Response::Reports(reports)).await?)
+            }
+            Request::Protect {
+                snapshot,
+                protected,
+            } => {
+                self.require(Role::Operator)?;
+                let st = self.state.clone();
+                self.blocking(move || crate::jobs::ops::protect(&st, snapshot, protected))
+                    .await?;
+                Ok(write_frame(send, &Response::Ok).await?)
+            }
+            Request::Delete { snapshot } => {
+                self.require(Role::Operator)?;
+                let st = self.state.clone();
+                self.blocking(move || crate::jobs::ops::delete(&st, snapshot))
+                    .await?;
+                info!(snapshot = %snapshot, "snapshot deleted by an operator");
+                Ok(write_frame(send, &Response::Ok).await?)
+            }
+            Request::Forget { job, dry_run } => {
+                self.require(Role::Operator)?;
+                let Some(job) = self.state.jobs().into_iter().find(|j| j.name == job) else {
+                    return Err(Failure::Reply(
+                        ErrorCode::NotFound,
+                        format!("no job named {job:?} in coordinator.toml"),
+                    ));
+                };
+                let st = self.state.clone();
+                let decisions = self
+                    .blocking(move || crate::jobs::ops::forget(&st, &job, dry_run))
+                    .await?;
+                Ok(write_frame(send, &Response::Retention(decisions)).await?)
+            }
+            Request::Gc => {
+                self.require(Role::Operator)?;
+                let st = self.state.clone();
+                let min_age = std::time::Duration::from_secs(self.state.gc_min_age_secs());
+                let report = self
+                    .blocking(move || crate::jobs::gc::collect(&st, min_age))
+                    .await?;
+                Ok(write_frame(send, &Response::GcDone(report)).await?)
             }
             Request::Chunk { .. } => Err(Failure::Protocol(
                 "chunk frame outside a PutChunks stream".into(),

@@ -32,7 +32,7 @@ fn internal(e: impl std::fmt::Display) -> Failure {
 }
 
 /// Reads and verifies the encoded manifest that `root` describes.
-pub(super) fn load_manifest(
+pub(crate) fn load_manifest(
     store: &ChunkStore,
     snapshot: SnapshotId,
     root: &StreamManifest,
@@ -69,6 +69,18 @@ pub(super) fn load_manifest(
 }
 
 impl Session {
+    /// Drops this connection's pins once it has no backup running: what it committed is now
+    /// referenced by completed snapshots, what it aborted may go.
+    pub(super) fn release_pins(&self) {
+        if self.running.lock().expect("running lock").is_empty() {
+            self.state
+                .pins
+                .lock()
+                .expect("pins lock")
+                .release(self.conn.stable_id());
+        }
+    }
+
     fn owns(&self, id: &ChunkId) -> Result<bool, Failure> {
         if self.uploaded.lock().expect("uploaded lock").contains(id) {
             return Ok(true);
@@ -91,10 +103,16 @@ impl Session {
         let this = self.clone();
         let missing = tokio::task::spawn_blocking(move || -> Result<Vec<ChunkId>, Failure> {
             let mut out = Vec::new();
+            // Under the pins lock: a chunk answered "present" is pinned before a garbage
+            // collection can look at it, and one being deleted is not answered "present".
+            let mut pins = this.state.pins.lock().expect("pins lock");
+            let pinned = pins.by_conn.entry(this.conn.stable_id()).or_default();
             for id in ids {
                 // A chunk counts as present only if this agent has proven it holds it: the
                 // answer is not an oracle for what other hosts store.
-                if !(this.state.store.contains(&id) && this.owns(&id)?) {
+                if this.state.store.contains(&id) && this.owns(&id)? {
+                    pinned.insert(id);
+                } else {
                     out.push(id);
                 }
             }
@@ -176,6 +194,14 @@ impl Session {
                 return Err(internal(e));
             }
         };
+        self.state
+            .pins
+            .lock()
+            .expect("pins lock")
+            .by_conn
+            .entry(self.conn.stable_id())
+            .or_default()
+            .extend(ids.iter().copied());
         self.uploaded.lock().expect("uploaded lock").extend(ids);
         if let Some(b) = self
             .running
@@ -208,31 +234,18 @@ impl Session {
         let catalog = &self.state.catalog;
         let parent = catalog.last_completed(self.name(), &b.source)?;
         let id = catalog.next_id();
-        let rec = SnapshotRecord {
+        let mut rec = SnapshotRecord::new(
             id,
-            agent: self.name().to_owned(),
-            source: b.source,
-            kind: b.kind,
-            db_type: None,
-            db_version: None,
-            database: None,
-            started_ms: clock::now_ms(),
-            ended_ms: None,
-            status: SnapshotStatus::Running,
-            logical_bytes: 0,
-            new_bytes: 0,
-            stored_bytes: 0,
-            chunks: 0,
-            new_chunks: 0,
-            root: None,
-            checksum: None,
-            chunker: b.chunker,
-            parent: parent.as_ref().map(|p| p.id),
-            job: b.job,
-            tags: b.tags,
-            protected: false,
-            warnings: Vec::new(),
-        };
+            self.name(),
+            &b.source,
+            &b.kind,
+            b.chunker,
+            clock::now_ms(),
+            SnapshotStatus::Running,
+        );
+        rec.parent = parent.as_ref().map(|p| p.id);
+        rec.job = b.job;
+        rec.tags = b.tags;
         catalog.begin(&rec)?;
         self.running
             .lock()
@@ -272,6 +285,7 @@ impl Session {
             .await
             .map_err(internal)?;
         let backup = self.running.lock().expect("running lock").remove(&snapshot);
+        self.release_pins();
         match result {
             Ok(rec) => {
                 info!(snapshot = %snapshot, chunks = rec.chunks, new_chunks = rec.new_chunks, "backup completed");
@@ -353,6 +367,7 @@ impl Session {
                 format!("snapshot {snapshot} is not a backup in progress on this connection"),
             ));
         }
+        self.release_pins();
         let reason: String = reason.chars().take(4000).collect();
         warn!(snapshot = %snapshot, %reason, "backup failed on the agent");
         self.state.catalog.fail(snapshot, &reason)?;

@@ -195,6 +195,61 @@ impl ChunkStore {
         sync_dir(&self.root.join("snapshots"))
     }
 
+    /// Removes a snapshot's record file (deleting a snapshot: before the catalog forgets it,
+    /// so that a rebuilt catalog never brings it back).
+    pub(crate) fn remove_record(&self, id: SnapshotId) -> Result<(), StoreError> {
+        let path = self.record_path(id);
+        match fs::remove_file(&path) {
+            Ok(()) => sync_dir(&self.root.join("snapshots")),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("removing", &path)(e)),
+        }
+    }
+
+    /// Every chunk file: its id, size and modification time. Any listing error is returned
+    /// (garbage collection must fail closed).
+    pub(crate) fn list_chunks(
+        &self,
+    ) -> Result<Vec<(ChunkId, u64, std::time::SystemTime)>, StoreError> {
+        let mut out = Vec::new();
+        let chunks = self.root.join("chunks");
+        for fan in fs::read_dir(&chunks).map_err(io_err("listing", &chunks))? {
+            let fan = fan.map_err(io_err("listing", &chunks))?.path();
+            if !fan.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(&fan).map_err(io_err("listing", &fan))? {
+                let entry = entry.map_err(io_err("listing", &fan))?;
+                let name = entry.file_name();
+                let Some(id) = name.to_str().and_then(|n| n.parse::<ChunkId>().ok()) else {
+                    continue;
+                };
+                let md = entry.metadata().map_err(io_err("reading", &entry.path()))?;
+                let mtime = md.modified().map_err(io_err("reading", &entry.path()))?;
+                out.push((id, md.len(), mtime));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes a chunk file (garbage collection only).
+    pub(crate) fn delete_chunk(&self, id: &ChunkId) -> Result<(), StoreError> {
+        let path = self.chunk_path(id);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("deleting", &path)(e)),
+        }
+    }
+
+    /// Syncs every fan-out directory (after deletions).
+    pub(crate) fn sync_chunk_dirs(&self) -> Result<(), StoreError> {
+        for b in 0..=255u8 {
+            sync_dir(&self.root.join("chunks").join(format!("{b:02x}")))?;
+        }
+        Ok(())
+    }
+
     /// Every immutable snapshot record, for rebuilding the catalog.
     pub(crate) fn read_records(&self) -> Result<Vec<SnapshotRecord>, StoreError> {
         let dir = self.root.join("snapshots");
