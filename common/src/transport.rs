@@ -255,7 +255,14 @@ pub fn server_endpoint(
     // that they must reconnect instead of waiting for the idle timeout.
     let seed = blake3::derive_key("fleetvault quic stateless reset v1", &creds.key_pem);
     let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed);
-    let endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    // Connection ids are validated with a keyed hash; the same key after a restart lets the
+    // new process recognise the old ids, which it must do to answer them with a reset.
+    let cid_key = blake3::derive_key("fleetvault quic connection ids v1", &creds.key_pem);
+    let cid_key = u64::from_le_bytes(cid_key[..8].try_into().expect("8 of 32 bytes"));
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
     let bind = |source| TransportError::Bind {
         addr: listen,
         source,
