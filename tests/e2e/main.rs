@@ -7,6 +7,7 @@ mod corruption;
 mod crash;
 mod files;
 mod full_disk;
+mod gc;
 mod hostile;
 mod mariadb;
 mod memory;

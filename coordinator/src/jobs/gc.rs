@@ -77,7 +77,18 @@ fn mark_and_sweep(
         live_chunks: live.len() as u64,
         ..GcReport::default()
     };
+    // Test-only fault switch: die after this many deletions, as a crash mid-collection would.
+    let abort_after: Option<u64> = std::env::var("FLEETVAULT_FAULT_GC_ABORT_AFTER")
+        .ok()
+        .and_then(|v| v.parse().ok());
     for (id, size, mtime) in files {
+        if abort_after.is_some_and(|n| report.deleted_chunks >= n) {
+            tracing::error!(
+                "fault switch FLEETVAULT_FAULT_GC_ABORT_AFTER: aborting mid-collection"
+            );
+            eprintln!("fault switch: aborting mid-collection");
+            std::process::abort();
+        }
         if live.contains(&id) {
             continue;
         }
