@@ -75,6 +75,7 @@ pub(crate) fn init(root: &Path, listen: &str, server_name: &str) -> anyhow::Resu
         server_name: server_name.to_owned(),
         advertise: None,
         gc_schedule: None,
+        verify_schedule: None,
         gc_min_age_secs: None,
         jobs: Vec::new(),
     };
@@ -256,6 +257,7 @@ pub(crate) fn serve(root: &Path) -> anyhow::Result<ExitCode> {
         tracker.spawn(crate::jobs::scheduler::run(
             state.clone(),
             gc,
+            cfg.verify_schedule.clone(),
             token.clone(),
             reload.clone(),
             tracker.clone(),
@@ -649,6 +651,61 @@ pub(crate) fn gc(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
             r.live_chunks,
             r.young_chunks,
             r.duration_ms as f64 / 1000.0
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn verify(root: &Path, snapshot: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+    let snapshot = snapshot.map(str::parse::<SnapshotId>).transpose()?;
+    let results = match call(root, Request::Verify { snapshot })? {
+        Response::Verified(r) => r,
+        other => bail!("unexpected reply {other:?}"),
+    };
+    let bad: Vec<_> = results
+        .iter()
+        .filter(|r| !r.damaged.is_empty() || !r.missing.is_empty())
+        .collect();
+    if json {
+        let v: Vec<_> = results
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "id": r.snapshot.to_string(),
+                    "agent": r.agent,
+                    "source": r.source,
+                    "chunks": r.chunks,
+                    "ok": r.damaged.is_empty() && r.missing.is_empty(),
+                    "damaged": r.damaged.iter().map(|c| c.to_hex()).collect::<Vec<_>>(),
+                    "missing": r.missing.iter().map(|c| c.to_hex()).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for r in &results {
+            let state = if r.damaged.is_empty() && r.missing.is_empty() {
+                "ok"
+            } else {
+                "DAMAGED"
+            };
+            println!(
+                "{}  {}/{}  {} chunks  {state}",
+                r.snapshot, r.agent, r.source, r.chunks
+            );
+            for c in &r.damaged {
+                println!("    damaged chunk {c} (quarantined)");
+            }
+            for c in &r.missing {
+                println!("    missing chunk {c}");
+            }
+        }
+    }
+    if !bad.is_empty() {
+        bail!(
+            "{} of {} snapshots are damaged; the next backup of the same data re-uploads the quarantined chunks",
+            bad.len(),
+            results.len()
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -27,6 +27,9 @@ pub(crate) struct CoordinatorConfig {
     /// When garbage collection runs by itself (cron), if at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) gc_schedule: Option<String>,
+    /// When every completed snapshot is verified by itself (cron), if at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) verify_schedule: Option<String>,
     /// Unreferenced chunks younger than this many seconds are kept (default 3600).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) gc_min_age_secs: Option<u64>,

@@ -151,6 +151,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Re-read and re-hash every chunk of every completed snapshot (or one); damaged chunks are
+    /// quarantined and their snapshots tagged `damaged`. Exits non-zero when any is damaged.
+    Verify {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Only this snapshot.
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Have a running agent back up one of its sources now, and wait for the result.
     Backup {
         #[command(flatten)]
@@ -234,6 +246,11 @@ fn main() -> ExitCode {
             json,
         } => commands::forget(&dir.data_dir, &job, dry_run, json),
         Command::Gc { dir, json } => commands::gc(&dir.data_dir, json),
+        Command::Verify {
+            dir,
+            snapshot,
+            json,
+        } => commands::verify(&dir.data_dir, snapshot.as_deref(), json),
         Command::Agents { dir, json } => commands::agents(&dir.data_dir, json),
         Command::Backup {
             dir,

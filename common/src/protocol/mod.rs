@@ -270,6 +270,28 @@ pub enum Request {
     },
     /// Operators: collect garbage now.
     Gc,
+    /// Operators: re-read and re-hash what snapshots reference; answered with `Verified`.
+    Verify {
+        /// Only this snapshot (default: every completed one).
+        snapshot: Option<SnapshotId>,
+    },
+}
+
+/// What verifying one snapshot found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyResult {
+    /// The snapshot.
+    pub snapshot: SnapshotId,
+    /// Its agent.
+    pub agent: String,
+    /// Its source.
+    pub source: String,
+    /// Chunks checked (manifest and data, each distinct chunk once).
+    pub chunks: u64,
+    /// Chunks whose content does not match their id (now quarantined).
+    pub damaged: Vec<ChunkId>,
+    /// Chunks the store does not have.
+    pub missing: Vec<ChunkId>,
 }
 
 /// What retention decided for one snapshot.
@@ -458,6 +480,8 @@ pub enum Response {
     Retention(Vec<RetentionDecision>),
     /// A garbage collection finished.
     GcDone(GcReport),
+    /// Verification results, one per snapshot.
+    Verified(Vec<VerifyResult>),
 }
 
 /// Work the coordinator pushes to a live agent.

@@ -14,6 +14,7 @@
 pub(crate) mod gc;
 pub(crate) mod retention;
 pub(crate) mod scheduler;
+pub(crate) mod verify;
 
 use std::str::FromStr;
 

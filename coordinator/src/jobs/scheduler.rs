@@ -1,5 +1,5 @@
-//! The scheduler: starts each job at its cron times (UTC), and garbage collection at
-//! `gc_schedule`. One run of a job at a time: an occurrence that finds the previous run still
+//! The scheduler: starts each job at its cron times (UTC), garbage collection at
+//! `gc_schedule` and verification at `verify_schedule`. One run of a job at a time: an occurrence that finds the previous run still
 //! going is skipped with a log line, as is one missed while the coordinator was down. The job
 //! list is re-read when `reload` is notified (SIGHUP).
 
@@ -18,11 +18,14 @@ use crate::State;
 
 /// The GC's pseudo job name in the schedule.
 const GC: &str = "\0gc";
+/// Scheduled verification's pseudo job name.
+const VERIFY: &str = "\0verify";
 
 /// Runs until `token` is cancelled; spawned runs are tracked by `tracker`.
 pub(crate) async fn run(
     state: Arc<State>,
     gc: Option<(String, Duration)>,
+    verify: Option<String>,
     token: CancellationToken,
     reload: Arc<Notify>,
     tracker: TaskTracker,
@@ -39,6 +42,9 @@ pub(crate) async fn run(
             .collect();
         if let Some((schedule, _)) = &gc {
             entries.push((GC.to_owned(), schedule.clone()));
+        }
+        if let Some(schedule) = &verify {
+            entries.push((VERIFY.to_owned(), schedule.clone()));
         }
         let mut next: Option<(DateTime<Utc>, String)> = None;
         for (name, schedule) in entries {

@@ -450,6 +450,14 @@ impl Session {
                     .await?;
                 Ok(write_frame(send, &Response::GcDone(report)).await?)
             }
+            Request::Verify { snapshot } => {
+                self.require(Role::Operator)?;
+                let st = self.state.clone();
+                let results = self
+                    .blocking(move || crate::jobs::verify::verify(&st, snapshot))
+                    .await?;
+                Ok(write_frame(send, &Response::Verified(results)).await?)
+            }
             Request::Chunk { .. } => Err(Failure::Protocol(
                 "chunk frame outside a PutChunks stream".into(),
             )),

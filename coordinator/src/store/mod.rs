@@ -232,6 +232,26 @@ impl ChunkStore {
         Ok(out)
     }
 
+    /// Moves a damaged chunk out of the way (`quarantine/`): the store then lacks it, so the
+    /// next backup holding that data uploads it again and heals every snapshot that uses it.
+    pub(crate) fn quarantine(&self, id: &ChunkId) -> Result<(), StoreError> {
+        let dir = self.root.join("quarantine");
+        fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        let from = self.chunk_path(id);
+        let to = dir.join(id.to_hex());
+        #[allow(clippy::disallowed_methods)] // store/ is where renames belong
+        match fs::rename(&from, &to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err("quarantining", &from)(e)),
+        }
+        sync_dir(&dir)?;
+        if let Some(parent) = from.parent() {
+            sync_dir(parent)?;
+        }
+        Ok(())
+    }
+
     /// Deletes a chunk file (garbage collection only).
     pub(crate) fn delete_chunk(&self, id: &ChunkId) -> Result<(), StoreError> {
         let path = self.chunk_path(id);
