@@ -134,7 +134,12 @@ pub fn snapshots_table(records: &[SnapshotRecord]) -> String {
                 r.agent.clone(),
                 r.source.clone(),
                 r.kind.clone(),
-                r.status.name().to_owned(),
+                r.job.clone().unwrap_or_else(|| "-".into()),
+                if r.tags.iter().any(|t| t == "damaged") {
+                    format!("{} (damaged)", r.status.name())
+                } else {
+                    r.status.name().to_owned()
+                },
                 format_time(r.started_ms),
                 r.ended_ms
                     .map(|e| format!("{:.1}s", e.saturating_sub(r.started_ms) as f64 / 1000.0))
@@ -143,6 +148,7 @@ pub fn snapshots_table(records: &[SnapshotRecord]) -> String {
                 human_bytes(r.new_bytes),
                 human_bytes(r.stored_bytes),
                 r.chunks.to_string(),
+                format!("{:.1}x", r.compression_ratio()),
                 if dedup.is_finite() {
                     format!("{dedup:.1}x")
                 } else {

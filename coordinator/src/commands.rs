@@ -394,21 +394,40 @@ pub(crate) fn agents(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
                         "last_seen": report::format_time(a.last_seen_ms),
                         "version": a.version,
                         "sources": a.sources.iter().map(|s| serde_json::json!({"name": s.name, "kind": s.kind})).collect::<Vec<_>>(),
+                        "last_backup": a.last_backup.as_ref().map(|l| serde_json::json!({
+                            "id": l.snapshot.to_string(),
+                            "source": l.source,
+                            "status": l.status.name(),
+                            "reason": match &l.status {
+                                fleetvault_common::SnapshotStatus::Failed { reason } => Some(reason.clone()),
+                                _ => None,
+                            },
+                            "started": report::format_time(l.started_ms),
+                        })),
                     })
                 })
                 .collect();
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
-            println!("{:<24} {:<10} {:<20} {:<32} SOURCES", "NAME", "STATE", "LAST SEEN (UTC)", "VERSION");
+            println!(
+                "{:<24} {:<10} {:<20} {:<32} {:<36} SOURCES",
+                "NAME", "STATE", "LAST SEEN (UTC)", "VERSION", "LAST BACKUP"
+            );
             for a in &list {
                 let sources: Vec<String> =
                     a.sources.iter().map(|s| format!("{} ({})", s.name, s.kind)).collect();
+                let last = a
+                    .last_backup
+                    .as_ref()
+                    .map(|l| format!("{} {} {}", l.source, l.status.name(), report::format_time(l.started_ms)))
+                    .unwrap_or_else(|| "-".into());
                 println!(
-                    "{:<24} {:<10} {:<20} {:<32} {}",
+                    "{:<24} {:<10} {:<20} {:<32} {:<36} {}",
                     a.name,
                     if a.connected { "connected" } else { "offline" },
                     report::format_time(a.last_seen_ms),
                     a.version,
+                    last,
                     sources.join(", ")
                 );
             }
@@ -708,5 +727,38 @@ pub(crate) fn verify(root: &Path, snapshot: Option<&str>, json: bool) -> anyhow:
             results.len()
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn rebuild_catalog(root: &Path) -> anyhow::Result<ExitCode> {
+    let dir = DataDir::new(root);
+    dir.load_config()?;
+    let store = ChunkStore::open(&dir.store())
+        .with_context(|| format!("opening the chunk store {}", dir.store().display()))?;
+    let records = store
+        .read_records()
+        .context("reading the store's snapshot records")?;
+    let catalog_path = dir.catalog();
+    if catalog_path.exists() {
+        // sled locks its files: opening it here fails while a coordinator serves this dir.
+        drop(Catalog::open(&catalog_path, Vec::new).with_context(|| {
+            format!(
+                "opening {} (stop `fleetvault-coordinator serve` first)",
+                catalog_path.display()
+            )
+        })?);
+        let aside = root.join(format!("catalog.old-{}", crate::clock::now_ms()));
+        #[allow(clippy::disallowed_methods)] // moving a whole directory aside, not a chunk
+        fs::rename(&catalog_path, &aside)
+            .with_context(|| format!("moving {} aside", catalog_path.display()))?;
+        println!("previous catalog kept as {}", aside.display());
+    }
+    let n = records.len();
+    let catalog = Catalog::open(&catalog_path, || records).context("creating the catalog")?;
+    catalog.flush()?;
+    println!(
+        "catalog rebuilt from {n} snapshot records in {}",
+        dir.store().display()
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -163,6 +163,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Recreate the catalog from the immutable snapshot records in the store (with the
+    /// coordinator stopped). The old catalog is kept beside it as `catalog.old-<time>`.
+    RebuildCatalog {
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
     /// Have a running agent back up one of its sources now, and wait for the result.
     Backup {
         #[command(flatten)]
@@ -246,6 +252,7 @@ fn main() -> ExitCode {
             json,
         } => commands::forget(&dir.data_dir, &job, dry_run, json),
         Command::Gc { dir, json } => commands::gc(&dir.data_dir, json),
+        Command::RebuildCatalog { dir } => commands::rebuild_catalog(&dir.data_dir),
         Command::Verify {
             dir,
             snapshot,

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-use fleetvault_common::protocol::AgentInfo;
+use fleetvault_common::protocol::{AgentInfo, LastBackup};
 use fleetvault_common::ChunkId;
 
 use crate::catalog::{Catalog, CatalogError};
@@ -84,6 +84,23 @@ impl State {
 impl State {
     /// Every known agent, live or not.
     pub(crate) fn agent_infos(&self) -> Result<Vec<AgentInfo>, CatalogError> {
+        let mut last: HashMap<String, LastBackup> = HashMap::new();
+        for r in self.catalog.list(&Default::default())? {
+            let newer = last
+                .get(&r.agent)
+                .is_none_or(|l| r.started_ms >= l.started_ms);
+            if newer {
+                last.insert(
+                    r.agent.clone(),
+                    LastBackup {
+                        snapshot: r.id,
+                        source: r.source,
+                        status: r.status,
+                        started_ms: r.started_ms,
+                    },
+                );
+            }
+        }
         let mut out: Vec<AgentInfo> = self
             .catalog
             .agents()?
@@ -91,6 +108,7 @@ impl State {
             .map(|(name, rec)| {
                 let live = self.live.info(&name);
                 AgentInfo {
+                    last_backup: last.get(&name).cloned(),
                     connected: live.is_some(),
                     sources: live
                         .as_ref()
@@ -106,6 +124,7 @@ impl State {
             if !out.iter().any(|a| a.name == name) {
                 if let Some(l) = self.live.info(&name) {
                     out.push(AgentInfo {
+                        last_backup: last.get(&name).cloned(),
                         name,
                         connected: true,
                         last_seen_ms: crate::clock::now_ms(),

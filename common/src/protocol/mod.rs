@@ -417,6 +417,21 @@ pub struct AgentInfo {
     pub version: String,
     /// Its sources.
     pub sources: Vec<SourceInfo>,
+    /// Its newest snapshot: id, status (with the reason when failed) and start time.
+    pub last_backup: Option<LastBackup>,
+}
+
+/// An agent's newest snapshot, for `agents`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastBackup {
+    /// Snapshot id.
+    pub snapshot: SnapshotId,
+    /// Source name.
+    pub source: String,
+    /// Its status.
+    pub status: SnapshotStatus,
+    /// Its start (coordinator clock, unix ms).
+    pub started_ms: u64,
 }
 
 /// Replies on a client-opened stream.
