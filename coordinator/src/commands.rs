@@ -762,3 +762,19 @@ pub(crate) fn rebuild_catalog(root: &Path) -> anyhow::Result<ExitCode> {
     );
     Ok(ExitCode::SUCCESS)
 }
+
+pub(crate) fn download(root: &Path, snapshot: &str, out: &Path) -> anyhow::Result<ExitCode> {
+    let snapshot: SnapshotId = snapshot.parse()?;
+    runtime()?.block_on(async {
+        let client = operator(root).await?;
+        let result = crate::download::download(&client, snapshot, out).await;
+        client.close().await;
+        let n = result?;
+        println!(
+            "snapshot {snapshot} written to {} ({} of content, verified)",
+            out.display(),
+            report::human_bytes(n)
+        );
+        Ok(ExitCode::SUCCESS)
+    })
+}

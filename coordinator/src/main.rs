@@ -4,6 +4,7 @@ mod catalog;
 mod clock;
 mod commands;
 mod config;
+mod download;
 mod jobs;
 mod push;
 mod server;
@@ -163,6 +164,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a snapshot to a file without an agent: a stream as its original bytes, a files
+    /// snapshot as a tar archive.
+    Download {
+        /// Snapshot id.
+        snapshot_id: String,
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// The new file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Recreate the catalog from the immutable snapshot records in the store (with the
     /// coordinator stopped). The old catalog is kept beside it as `catalog.old-<time>`.
     RebuildCatalog {
@@ -253,6 +265,11 @@ fn main() -> ExitCode {
         } => commands::forget(&dir.data_dir, &job, dry_run, json),
         Command::Gc { dir, json } => commands::gc(&dir.data_dir, json),
         Command::RebuildCatalog { dir } => commands::rebuild_catalog(&dir.data_dir),
+        Command::Download {
+            snapshot_id,
+            dir,
+            out,
+        } => commands::download(&dir.data_dir, &snapshot_id, &out),
         Command::Verify {
             dir,
             snapshot,

@@ -5,6 +5,7 @@
 mod command_stream;
 mod corruption;
 mod crash;
+mod download;
 mod files;
 mod full_disk;
 mod gc;
