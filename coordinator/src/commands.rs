@@ -75,6 +75,7 @@ pub(crate) fn init(root: &Path, listen: &str, server_name: &str) -> anyhow::Resu
         server_name: server_name.to_owned(),
         advertise: None,
         gc_schedule: None,
+        max_concurrent_backups: None,
         verify_schedule: None,
         gc_min_age_secs: None,
         jobs: Vec::new(),
@@ -238,7 +239,8 @@ pub(crate) fn serve(root: &Path) -> anyhow::Result<ExitCode> {
     if let Some(e) = rebuild_error {
         bail!("rebuilding the catalog from the store: {e}");
     }
-    let state = Arc::new(State::new(store, catalog, cfg.jobs.clone()));
+    let slots = cfg.max_concurrent_backups.unwrap_or(4).max(1) as usize;
+    let state = Arc::new(State::new(store, catalog, cfg.jobs.clone(), slots));
     state.gc_min_age.store(
         cfg.gc_min_age_secs.unwrap_or(3600),
         std::sync::atomic::Ordering::Relaxed,

@@ -27,6 +27,10 @@ pub(crate) struct CoordinatorConfig {
     /// When garbage collection runs by itself (cron), if at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) gc_schedule: Option<String>,
+    /// How many backups the coordinator's jobs run at once (default 4); the rest wait,
+    /// listed as `pending`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) max_concurrent_backups: Option<u32>,
     /// When every completed snapshot is verified by itself (cron), if at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) verify_schedule: Option<String>,

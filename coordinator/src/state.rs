@@ -21,6 +21,8 @@ pub(crate) struct State {
     /// garbage collection never deletes them (DESIGN.md rule 9). The lock also serializes a
     /// "which are missing?" answer with a deletion of the same chunk.
     pub(crate) pins: Mutex<Pins>,
+    /// Backups the coordinator starts (jobs) take a slot; the rest wait, listed `pending`.
+    pub(crate) slots: std::sync::Arc<tokio::sync::Semaphore>,
     /// Unreferenced chunks younger than this are kept by garbage collection.
     pub(crate) gc_min_age: std::sync::atomic::AtomicU64,
 }
@@ -59,6 +61,7 @@ impl State {
         store: ChunkStore,
         catalog: Catalog,
         jobs: Vec<crate::jobs::JobConfig>,
+        slots: usize,
     ) -> Self {
         Self {
             store,
@@ -66,6 +69,7 @@ impl State {
             live: LiveAgents::default(),
             jobs: std::sync::RwLock::new(jobs),
             pins: Mutex::default(),
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(slots)),
             gc_min_age: std::sync::atomic::AtomicU64::new(3600),
         }
     }

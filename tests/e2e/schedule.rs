@@ -194,3 +194,54 @@ fn scheduled_job_keeps_three_survives_a_restart_and_gc_frees_the_rest() -> anyho
     assert!(after.iter().all(|s| s["id"] != id.to_string().as_str()));
     Ok(())
 }
+
+#[test]
+fn backups_beyond_the_concurrency_limit_wait_as_pending() -> anyhow::Result<()> {
+    let mut coordinator = Coordinator::init()?;
+    let config = coordinator.data_dir().join("coordinator.toml");
+    let mut text = std::fs::read_to_string(&config)?;
+    text.push_str(
+        "max_concurrent_backups = 1\n\n[[jobs]]\nname = \"manual\"\nagents = [\"host-*\"]\nschedule = \"0 0 1 1 *\"\n",
+    );
+    std::fs::write(&config, text)?;
+    coordinator.serve()?;
+    let mut links = Vec::new();
+    let mut agents = Vec::new();
+    for n in ["host-1", "host-2", "host-3"] {
+        let a = coordinator.agent(n)?;
+        a.add_command_source(&CommandSource {
+            name: "slow".into(),
+            backup_command: "sleep 1; head -c 100000 /dev/urandom".into(),
+            ..CommandSource::default()
+        })?;
+        links.push(a.run()?);
+        agents.push(a);
+    }
+    let data_dir = coordinator.data_dir().to_path_buf();
+    let run = std::thread::spawn(move || {
+        fleetvault_tests::run(
+            std::process::Command::new(fleetvault_tests::bin("fleetvault-coordinator")?)
+                .args(["run", "manual", "--json", "--data-dir"])
+                .arg(&data_dir),
+            fleetvault_tests::COMMAND_TIMEOUT,
+        )
+    });
+    wait_until("a pending run", Duration::from_secs(30), || {
+        Ok(!coordinator
+            .snapshots_json(&["--status", "pending"])?
+            .is_empty())
+    })?;
+    let out = run.join().expect("run thread")?.ensure_success()?;
+    let reports = out.json()?;
+    assert_eq!(reports.as_array().map(Vec::len), Some(3), "{reports}");
+    assert!(coordinator
+        .snapshots_json(&["--status", "pending"])?
+        .is_empty());
+    assert_eq!(
+        coordinator
+            .snapshots_json(&["--job", "manual", "--status", "completed"])?
+            .len(),
+        3
+    );
+    Ok(())
+}

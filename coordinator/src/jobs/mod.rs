@@ -267,7 +267,23 @@ pub(crate) mod ops {
         job: &str,
         reason: &str,
     ) -> Result<SnapshotRecord, CatalogError> {
+        let status = SnapshotStatus::Failed {
+            reason: reason.to_owned(),
+        };
+        record_run(state, agent, source, kind, job, status)
+    }
+
+    /// Records a run of `job` that holds no data: failed before it started, or pending.
+    fn record_run(
+        state: &State,
+        agent: &str,
+        source: &str,
+        kind: &str,
+        job: &str,
+        status: SnapshotStatus,
+    ) -> Result<SnapshotRecord, CatalogError> {
         let now = crate::clock::now_ms();
+        let finished = matches!(status, SnapshotStatus::Failed { .. });
         let mut rec = SnapshotRecord::new(
             state.catalog.next_id(),
             agent,
@@ -275,11 +291,9 @@ pub(crate) mod ops {
             kind,
             ChunkerParams::default(),
             now,
-            SnapshotStatus::Failed {
-                reason: reason.to_owned(),
-            },
+            status,
         );
-        rec.ended_ms = Some(now);
+        rec.ended_ms = finished.then_some(now);
         rec.job = Some(job.to_owned());
         state.catalog.finish(&rec)?;
         Ok(rec)
@@ -334,11 +348,37 @@ pub(crate) mod ops {
                     source.name.clone(),
                     job.name.clone(),
                 );
+                let kind = source.kind.clone();
                 tasks.spawn(async move {
+                    // A free slot, or a `pending` record while waiting for one.
+                    let permit = match state.slots.clone().try_acquire_owned() {
+                        Ok(p) => p,
+                        Err(_) => {
+                            let pending = record_run(
+                                &state,
+                                &name,
+                                &src,
+                                &kind,
+                                &job_name,
+                                SnapshotStatus::Pending,
+                            );
+                            let p = state
+                                .slots
+                                .clone()
+                                .acquire_owned()
+                                .await
+                                .expect("slots never close");
+                            if let Ok(rec) = pending {
+                                let _ = state.catalog.delete(rec.id);
+                            }
+                            p
+                        }
+                    };
                     let result = state
                         .live
                         .run_backup(&name, src.clone(), Some(job_name))
                         .await;
+                    drop(permit);
                     match result {
                         Ok(r) => r,
                         Err(e) => JobReport {
