@@ -329,7 +329,7 @@ async fn shutdown_signal() {
 /// Connects to the running coordinator with the operator certificate.
 async fn operator(root: &Path) -> anyhow::Result<Client> {
     let dir = DataDir::new(root);
-    let cfg = dir.load_config()?;
+    let cfg = dir.load_connect()?;
     let creds = Credentials::load(
         &dir.tls("ca.pem"),
         &dir.tls("operator.pem"),

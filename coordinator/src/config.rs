@@ -96,6 +96,39 @@ impl DataDir {
         self.root.join("catalog")
     }
 
+    /// What operator commands need to reach the running coordinator (listen address, server
+    /// name), read leniently: a mistake in the jobs must not lock the operator out while the
+    /// server keeps running with its previous configuration.
+    pub(crate) fn load_connect(&self) -> anyhow::Result<CoordinatorConfig> {
+        #[derive(Deserialize)]
+        struct Connect {
+            listen: String,
+            server_name: String,
+            #[serde(default)]
+            advertise: Option<String>,
+        }
+        let full = match self.load_config() {
+            Ok(c) => return Ok(c),
+            Err(e) => e,
+        };
+        let Ok(text) = std::fs::read_to_string(self.config_path()) else {
+            return Err(full);
+        };
+        match toml::from_str::<Connect>(&text) {
+            Ok(c) => Ok(CoordinatorConfig {
+                listen: c.listen,
+                server_name: c.server_name,
+                advertise: c.advertise,
+                gc_schedule: None,
+                max_concurrent_backups: None,
+                verify_schedule: None,
+                gc_min_age_secs: None,
+                jobs: Vec::new(),
+            }),
+            Err(_) => Err(full),
+        }
+    }
+
     /// Reads and checks `coordinator.toml`; errors name the file and the key.
     pub(crate) fn load_config(&self) -> anyhow::Result<CoordinatorConfig> {
         let path = self.config_path();

@@ -245,3 +245,29 @@ fn backups_beyond_the_concurrency_limit_wait_as_pending() -> anyhow::Result<()> 
     );
     Ok(())
 }
+
+#[test]
+fn a_broken_config_on_reload_is_reported_and_the_previous_one_stays() -> anyhow::Result<()> {
+    let coordinator = Coordinator::start()?;
+    let config = coordinator.data_dir().join("coordinator.toml");
+    let good = std::fs::read_to_string(&config)?;
+    let serve = coordinator.serve_process().expect("serving");
+    for (broken, want) in [
+        (
+            format!("{good}\n[[jobs]]\nname = \"x\"\nagents = [\"a\"]\nschedule = \"every day\"\n"),
+            "key `schedule`",
+        ),
+        (
+            format!("{good}\n[[jobs]]\nname = \"x\"\nagentz = [\"a\"]\n"),
+            "line",
+        ),
+    ] {
+        std::fs::write(&config, broken)?;
+        serve.signal("HUP")?;
+        let line = serve.wait_for_line("configuration not reloaded", Duration::from_secs(20))?;
+        assert!(line.contains("coordinator.toml"), "{line}");
+        assert!(line.contains(want), "{want:?} not in {line}");
+        coordinator.snapshots_json(&[])?;
+    }
+    Ok(())
+}
