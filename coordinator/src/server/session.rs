@@ -326,6 +326,14 @@ impl Session {
             }
             Request::PushBackup { agent, source } => {
                 self.require(Role::Operator)?;
+                // Operators' backups count against the same limit as the jobs'.
+                let _slot = self
+                    .state
+                    .slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| Failure::Reply(ErrorCode::Internal, e.to_string()))?;
                 self.state.live.push_backup(&agent, source, send).await
             }
             Request::PushRestore {
