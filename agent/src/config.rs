@@ -79,6 +79,8 @@ enum RawSource {
         #[serde(default)]
         format: Option<String>,
         #[serde(default)]
+        restore_jobs: Option<u32>,
+        #[serde(default)]
         chunk_sizes: Option<[u32; 3]>,
     },
     Mysql {
@@ -237,6 +239,7 @@ impl AgentConfig {
                     user,
                     password_file,
                     format,
+                    restore_jobs,
                     ..
                 } => {
                     let format = match format.as_deref().unwrap_or("tables") {
@@ -257,6 +260,7 @@ impl AgentConfig {
                         password_file: password_file.map(abs),
                         uri: None,
                         format,
+                        restore_jobs: restore_jobs.unwrap_or(2).clamp(1, 64),
                         restrict_key: None,
                     })
                 }
@@ -276,6 +280,7 @@ impl AgentConfig {
                     password_file: password_file.map(abs),
                     uri: None,
                     format: PgFormat::Plain,
+                    restore_jobs: 1,
                     restrict_key: None,
                 }),
                 RawSource::Sqlite { path: db_path, .. } => SourceKind::Database(DbSource {
@@ -287,6 +292,7 @@ impl AgentConfig {
                     password_file: None,
                     uri: None,
                     format: PgFormat::Plain,
+                    restore_jobs: 1,
                     restrict_key: None,
                 }),
                 RawSource::Mongodb { uri, database, .. } => SourceKind::Database(DbSource {
@@ -298,6 +304,7 @@ impl AgentConfig {
                     password_file: None,
                     uri: Some(non_empty(uri, "uri", &at)?),
                     format: PgFormat::Plain,
+                    restore_jobs: 1,
                     restrict_key: None,
                 }),
                 RawSource::Command {

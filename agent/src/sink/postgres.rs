@@ -121,6 +121,9 @@ pub(crate) fn restore(
             ]);
             pipe(cmd, "psql", s, reasm, written)
         }
+        (PgFormat::Custom, Manifest::Stream(s)) if db.restore_jobs > 1 => {
+            restore_custom_parallel(&settings, &work, db.restore_jobs, s, reasm, written)
+        }
         (PgFormat::Custom, Manifest::Stream(s)) => {
             let mut cmd = settings.tool("pg_restore", &work);
             cmd.args([
@@ -269,6 +272,47 @@ fn restore_tables(
         bail!(
             "unexpected entry {:?} after post-data",
             String::from_utf8_lossy(&extra.path)
+        );
+    }
+    Ok(())
+}
+
+/// `pg_restore -j N` needs a seekable archive: the verified stream goes to a private
+/// temporary file first (removed afterwards), then `pg_restore` loads it with `jobs` workers.
+/// The target is a fresh database that is dropped on failure, so nothing is half-done.
+fn restore_custom_parallel(
+    settings: &PgSettings,
+    work: &str,
+    jobs: u32,
+    stream: &StreamManifest,
+    reasm: &mut Reassembler,
+    written: &AtomicU64,
+) -> anyhow::Result<()> {
+    let dir = crate::source::database::secret_dir()?;
+    let path = dir.path().join("dump.pgcustom");
+    let mut f =
+        std::fs::File::create_new(&path).with_context(|| format!("creating {}", path.display()))?;
+    reasm.stream(stream, &mut f, written)?;
+    f.sync_all().context("writing the archive for pg_restore")?;
+    drop(f);
+    let mut cmd = settings.tool("pg_restore", work);
+    cmd.args([
+        "--exit-on-error",
+        "--no-password",
+        "-j",
+        &jobs.to_string(),
+        "-d",
+        work,
+    ])
+    .arg(&path);
+    let out = cmd.output().context("running pg_restore")?;
+    if !out.status.success() {
+        bail!(
+            "pg_restore -j {jobs} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+                .trim()
+                .replace('\n', " | ")
         );
     }
     Ok(())

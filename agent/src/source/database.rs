@@ -67,6 +67,8 @@ pub(crate) struct DbSource {
     pub(crate) uri: Option<String>,
     /// PostgreSQL dump format.
     pub(crate) format: PgFormat,
+    /// Parallel workers of a `custom` restore (`pg_restore -j`); 1 streams it instead.
+    pub(crate) restore_jobs: u32,
     /// A stable key for pg_dump's `\restrict` lines (derived from the agent's private key),
     /// so that they do not change every dump; `None` lets pg_dump pick a random one.
     pub(crate) restrict_key: Option<String>,
