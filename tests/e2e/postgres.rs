@@ -251,3 +251,49 @@ fn wrong_password_missing_database_and_missing_tool_fail_clearly() -> anyhow::Re
     }
     Ok(())
 }
+
+#[test]
+fn a_replace_that_fails_midway_leaves_the_database_untouched() -> anyhow::Result<()> {
+    let pg = Postgres::start("fail")?;
+    let coordinator = Coordinator::start()?;
+    let agent = coordinator.agent("db-01")?;
+    pg.sql("postgres", "CREATE DATABASE chat")?;
+    load(&pg, "chat", DAY_ONE)?;
+    agent.append_config(&pg.source_toml("chat", "chat", "tables"))?;
+    let id = snapshot_id(&agent.backup_json("chat")?)?;
+    load(&pg, "chat", DAY_TWO)?;
+    let now = pg.content("chat")?;
+
+    // Damage the largest chunk (table data) on the coordinator's disk.
+    let mut chunks = coordinator.chunk_files()?;
+    chunks.sort_by_key(|c| std::fs::metadata(c).map(|m| m.len()).unwrap_or(0));
+    let victim = chunks.last().expect("chunks");
+    let mut bytes = std::fs::read(victim)?;
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 16] {
+        *b = !*b;
+    }
+    std::fs::write(victim, bytes)?;
+
+    let stderr = agent
+        .cli("restore", &[&id, "--replace", "--no-safety-snapshot"])?
+        .ensure_failure()?;
+    assert!(
+        stderr.contains("damaged") && stderr.contains("not touched"),
+        "{stderr}"
+    );
+    assert_eq!(
+        pg.content("chat")?,
+        now,
+        "a failed restore changed the database"
+    );
+    assert_eq!(
+        pg.sql(
+            "postgres",
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'chat\\_\\_fv%'"
+        )?,
+        "0",
+        "the half-restored copy was left behind"
+    );
+    Ok(())
+}

@@ -6,8 +6,9 @@
 //! drops the old one. A failed restore drops what it created and leaves the target as it was.
 //!
 //! `tables` dumps are restored in order: pre-data with `psql`, every table with
-//! `COPY … FROM STDIN` (tokio-postgres), sequences and large objects with `psql`, then
-//! post-data (indexes and constraints are built once, after the rows are in).
+//! `COPY … FROM STDIN` (tokio-postgres, `restore_jobs` connections in turn, so one table's COPY
+//! completes while the next streams), sequences and large objects with `psql`, then post-data
+//! (indexes and constraints are built once, after the rows are in).
 
 use std::io::Write;
 use std::process::Stdio;
@@ -107,7 +108,7 @@ pub(crate) fn restore(
     ))?;
     let restored = match (format, manifest) {
         (PgFormat::Tables, Manifest::Tree(tree)) => {
-            restore_tables(&settings, &work, tree, reasm, written, rt)
+            restore_tables(&settings, &work, db.restore_jobs, tree, reasm, written, rt)
         }
         (PgFormat::Plain, Manifest::Stream(s)) => {
             let mut cmd = settings.tool("psql", &work);
@@ -138,7 +139,12 @@ pub(crate) fn restore(
         _ => Err(anyhow!("the snapshot's manifest does not match its format")),
     };
     if let Err(e) = restored {
-        let cleanup = exec(format!("DROP DATABASE IF EXISTS {}", quote_ident(&work)));
+        // FORCE (PostgreSQL 13+) ends the restore's own connections that may still be closing.
+        let cleanup = exec(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            quote_ident(&work)
+        ))
+        .or_else(|_| exec(format!("DROP DATABASE IF EXISTS {}", quote_ident(&work))));
         let state = if exists {
             format!("database {target:?} was not touched")
         } else {
@@ -160,8 +166,8 @@ pub(crate) fn restore(
         // Other sessions block the rename: end them (the operator asked for a replace).
         rt.block_on(admin.execute(
             "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity
-             WHERE datname = $1 AND pid <> pg_catalog.pg_backend_pid()",
-            &[&target],
+             WHERE datname IN ($1, $2) AND pid <> pg_catalog.pg_backend_pid()",
+            &[&target, &work.as_str()],
         ))
         .map_err(|e| anyhow!("closing sessions on {target:?}: {}", pg_error(&e)))?;
         exec(format!(
@@ -199,6 +205,7 @@ fn pipe(
 fn restore_tables(
     settings: &PgSettings,
     work: &str,
+    jobs: u32,
     tree: &TreeManifest,
     reasm: &mut Reassembler,
     written: &AtomicU64,
@@ -242,28 +249,47 @@ fn restore_tables(
     };
     let pre = next(pg::PRE_DATA)?;
     psql(pg::PRE_DATA, pre, reasm)?;
-    let client = rt.block_on(settings.connect(work))?;
+    // Tables load over `jobs` connections in turn: while the server completes one table's
+    // COPY (the last rows, the commit), the next one already streams on another connection.
+    let jobs = jobs.max(1) as usize;
+    let mut clients = Vec::with_capacity(jobs);
+    for _ in 0..jobs {
+        clients.push(rt.block_on(settings.connect(work))?);
+    }
+    type Finishing = tokio::task::JoinHandle<Result<u64, tokio_postgres::Error>>;
+    let mut finishing: Vec<Option<(String, Finishing)>> = (0..jobs).map(|_| None).collect();
+    let wait = |slot: &mut Option<(String, Finishing)>| -> anyhow::Result<()> {
+        if let Some((table, handle)) = slot.take() {
+            rt.block_on(handle)
+                .map_err(|e| anyhow!("COPY task of {table} panicked: {e}"))?
+                .map_err(|e| anyhow!("restoring the rows of {table}: {}", pg_error(&e)))?;
+        }
+        Ok(())
+    };
     for (i, t) in meta.tables.iter().enumerate() {
         let e = next(&pg::data_entry(i))?;
+        let k = i % jobs;
+        wait(&mut finishing[k])?;
         let sql = format!("COPY {} ({}) FROM STDIN", t.qualified(), t.column_list());
-        let copy = |reasm: &mut Reassembler| -> anyhow::Result<()> {
-            let sink = rt
-                .block_on(client.copy_in::<_, Bytes>(sql.as_str()))
-                .map_err(|e| anyhow!("{}", pg_error(&e)))?;
-            let mut sink = Box::pin(sink);
-            for c in &e.chunks {
-                let plain = reasm.next_checked(c)?;
-                let n = plain.len() as u64;
-                rt.block_on(sink.send(Bytes::from(plain)))
-                    .map_err(|e| anyhow!("{}", pg_error(&e)))?;
-                written.fetch_add(n, Ordering::Relaxed);
-            }
-            rt.block_on(sink.as_mut().finish())
-                .map_err(|e| anyhow!("{}", pg_error(&e)))?;
-            Ok(())
-        };
-        copy(reasm).with_context(|| format!("restoring the rows of {}", t.qualified()))?;
+        let table = t.qualified();
+        let sink = rt
+            .block_on(clients[k].copy_in::<_, Bytes>(sql.as_str()))
+            .map_err(|e| anyhow!("restoring the rows of {table}: {}", pg_error(&e)))?;
+        let mut sink = Box::pin(sink);
+        for c in &e.chunks {
+            let plain = reasm.next_checked(c)?;
+            let n = plain.len() as u64;
+            rt.block_on(sink.send(Bytes::from(plain)))
+                .map_err(|e| anyhow!("restoring the rows of {table}: {}", pg_error(&e)))?;
+            written.fetch_add(n, Ordering::Relaxed);
+        }
+        let handle = rt.spawn(async move { sink.as_mut().finish().await });
+        finishing[k] = Some((table, handle));
     }
+    for slot in &mut finishing {
+        wait(slot)?;
+    }
+    drop(clients);
     for name in [pg::SEQUENCES, pg::LARGE_OBJECTS, pg::POST_DATA] {
         let e = next(name)?;
         psql(name, e, reasm)?;
