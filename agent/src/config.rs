@@ -57,6 +57,8 @@ enum RawSource {
         /// Optional chunk sizes `[min, avg, max]` in bytes.
         #[serde(default)]
         chunk_sizes: Option<[u32; 3]>,
+        #[serde(default)]
+        compression_level: Option<i32>,
     },
     Command {
         name: String,
@@ -64,6 +66,8 @@ enum RawSource {
         restore_command: Option<String>,
         #[serde(default)]
         chunk_sizes: Option<[u32; 3]>,
+        #[serde(default)]
+        compression_level: Option<i32>,
     },
     Postgres {
         name: String,
@@ -82,6 +86,8 @@ enum RawSource {
         restore_jobs: Option<u32>,
         #[serde(default)]
         chunk_sizes: Option<[u32; 3]>,
+        #[serde(default)]
+        compression_level: Option<i32>,
     },
     Mysql {
         name: String,
@@ -96,12 +102,16 @@ enum RawSource {
         password_file: Option<PathBuf>,
         #[serde(default)]
         chunk_sizes: Option<[u32; 3]>,
+        #[serde(default)]
+        compression_level: Option<i32>,
     },
     Sqlite {
         name: String,
         path: PathBuf,
         #[serde(default)]
         chunk_sizes: Option<[u32; 3]>,
+        #[serde(default)]
+        compression_level: Option<i32>,
     },
     Mongodb {
         name: String,
@@ -109,6 +119,8 @@ enum RawSource {
         database: String,
         #[serde(default)]
         chunk_sizes: Option<[u32; 3]>,
+        #[serde(default)]
+        compression_level: Option<i32>,
     },
 }
 
@@ -121,6 +133,17 @@ impl RawSource {
             | RawSource::Mysql { name, .. }
             | RawSource::Sqlite { name, .. }
             | RawSource::Mongodb { name, .. } => name,
+        }
+    }
+
+    fn compression_level(&self) -> Option<i32> {
+        match self {
+            RawSource::Files { compression_level, .. }
+            | RawSource::Command { compression_level, .. }
+            | RawSource::Postgres { compression_level, .. }
+            | RawSource::Mysql { compression_level, .. }
+            | RawSource::Sqlite { compression_level, .. }
+            | RawSource::Mongodb { compression_level, .. } => *compression_level,
         }
     }
 
@@ -169,6 +192,8 @@ pub(crate) struct SourceConfig {
     pub(crate) name: String,
     pub(crate) kind: SourceKind,
     pub(crate) chunker: ChunkerParams,
+    /// zstd level of this source's chunks (1-19).
+    pub(crate) zstd_level: i32,
 }
 
 impl SourceConfig {
@@ -218,6 +243,11 @@ impl AgentConfig {
                 bail!("{}: key `name` is used by another source", at());
             }
             let chunk_sizes = s.chunk_sizes();
+            let zstd_level = match s.compression_level() {
+                None => fleetvault_common::chunk::DEFAULT_ZSTD_LEVEL,
+                Some(l) if (1..=19).contains(&l) => l,
+                Some(l) => bail!("{}: key `compression_level`: {l} is not 1-19", at()),
+            };
             let kind = match s {
                 RawSource::Files { paths, exclude, .. } => {
                     if paths.is_empty() {
@@ -336,6 +366,7 @@ impl AgentConfig {
                 name,
                 kind,
                 chunker,
+                zstd_level,
             });
         }
         // pg_dump writes a random `\restrict` key into every plain dump unless given one:

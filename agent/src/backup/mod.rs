@@ -165,7 +165,13 @@ async fn run_inner(
     };
     let (tx, rx) = mpsc::channel(QUEUE);
     let stats = Arc::new(UploadStats::default());
-    let uploader = tokio::spawn(upload::run(client.clone(), snapshot, rx, stats.clone()));
+    let uploader = tokio::spawn(upload::run(
+        client.clone(),
+        snapshot,
+        rx,
+        stats.clone(),
+        source.zstd_level,
+    ));
     let ticker_read = read.clone();
     let ticker = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use fleetvault_common::chunk::{seal, DEFAULT_ZSTD_LEVEL};
+use fleetvault_common::chunk::seal;
 use fleetvault_common::protocol::frame::write_frame;
 use fleetvault_common::protocol::{Request, Response};
 use fleetvault_common::{Chunk, Client, SnapshotId};
@@ -29,6 +29,7 @@ pub(crate) async fn run(
     snapshot: SnapshotId,
     mut rx: mpsc::Receiver<Vec<Chunk>>,
     stats: Arc<UploadStats>,
+    zstd_level: i32,
 ) -> anyhow::Result<()> {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut tasks = JoinSet::new();
@@ -40,7 +41,7 @@ pub(crate) async fn run(
             .context("uploader stopped")?;
         let (client, stats) = (client.clone(), stats.clone());
         tasks.spawn(async move {
-            let r = upload_batch(&client, snapshot, batch, &stats).await;
+            let r = upload_batch(&client, snapshot, batch, &stats, zstd_level).await;
             drop(permit);
             r
         });
@@ -59,6 +60,7 @@ async fn upload_batch(
     snapshot: SnapshotId,
     batch: Vec<Chunk>,
     stats: &UploadStats,
+    zstd_level: i32,
 ) -> anyhow::Result<()> {
     let ids = batch.iter().map(|c| c.id).collect();
     let missing = match client.call(&Request::Missing { ids }).await? {
@@ -76,7 +78,7 @@ async fn upload_batch(
     let sealed = tokio::task::spawn_blocking(move || {
         to_send
             .iter()
-            .map(|c| (c.id, seal(&c.data, DEFAULT_ZSTD_LEVEL)))
+            .map(|c| (c.id, seal(&c.data, zstd_level)))
             .collect::<Vec<_>>()
     })
     .await
