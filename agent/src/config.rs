@@ -138,12 +138,24 @@ impl RawSource {
 
     fn compression_level(&self) -> Option<i32> {
         match self {
-            RawSource::Files { compression_level, .. }
-            | RawSource::Command { compression_level, .. }
-            | RawSource::Postgres { compression_level, .. }
-            | RawSource::Mysql { compression_level, .. }
-            | RawSource::Sqlite { compression_level, .. }
-            | RawSource::Mongodb { compression_level, .. } => *compression_level,
+            RawSource::Files {
+                compression_level, ..
+            }
+            | RawSource::Command {
+                compression_level, ..
+            }
+            | RawSource::Postgres {
+                compression_level, ..
+            }
+            | RawSource::Mysql {
+                compression_level, ..
+            }
+            | RawSource::Sqlite {
+                compression_level, ..
+            }
+            | RawSource::Mongodb {
+                compression_level, ..
+            } => *compression_level,
         }
     }
 

@@ -178,7 +178,9 @@ pub enum Request {
     Chunk {
         /// Claimed id; the coordinator recomputes it.
         id: ChunkId,
-        /// The sealed chunk.
+        /// The sealed chunk (as bytes: the same encoding as a `Vec<u8>`, without per-byte
+        /// serde calls).
+        #[serde(with = "serde_bytes")]
         envelope: Vec<u8>,
     },
     /// Start a backup.
@@ -472,6 +474,7 @@ pub enum Response {
         /// Its id (the reader verifies the content against it).
         id: ChunkId,
         /// The sealed chunk as stored.
+        #[serde(with = "serde_bytes")]
         envelope: Vec<u8>,
     },
     /// A chunk the coordinator does not have.
