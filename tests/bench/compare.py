@@ -1,0 +1,263 @@
+#!/usr/bin/env python3
+"""fleetvault against restic and borg on the same data, side by side in one run.
+
+Generates its data deterministically: a PostgreSQL chat database (throwaway server, see
+pg_dedup.py) dumped with `pg_dump -Fp` on day 1 and again after a day of chat, and an upload
+tree of mixed files (text, incompressible "media", a few large files) with day-2 additions,
+deletions and edits. Then, for each tool in turn (alternating, `--rounds` times): day-1 backup
+of the dump and of the tree, day-2 backup of both, restore of both. fleetvault runs as real
+coordinator and agent processes over loopback QUIC; restic and borg write local repositories.
+
+Prints one Markdown table: per tool and step the median wall time, MB/s, CPU seconds (client
+plus, for fleetvault, the coordinator), peak RSS, stored bytes, and fleetvault's ratio to each.
+
+    python3 tests/bench/compare.py [--posts 400000] [--tree-mb 200] [--rounds 1]
+
+Installs restic and borgbackup from Debian's packages when missing (run as root).
+"""
+
+import argparse
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pg_dedup import Pg, day_one, day_two, dir_size, free_port, REPO  # noqa: E402
+
+
+def run_measured(args, env=None, stdin=None, stdout=subprocess.DEVNULL, extra_pid=None):
+    """Runs a command; returns (wall seconds, CPU seconds, peak RSS KiB)."""
+    extra_before = proc_cpu(extra_pid) if extra_pid else 0.0
+    t = time.time()
+    p = subprocess.Popen(args, env=env, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.time() - t
+    err = p.stderr.read().decode(errors="replace")
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{args[0]} failed: {err.strip()}")
+    cpu = ru.ru_utime + ru.ru_stime
+    if extra_pid:
+        cpu += proc_cpu(extra_pid) - extra_before
+    return wall, cpu, ru.ru_maxrss
+
+
+def proc_cpu(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def make_tree(root, mb, seed):
+    rng = random.Random(seed)
+    os.makedirs(root)
+    total = 0
+    i = 0
+    words = [f"word{n}" for n in range(2000)]
+    while total < mb * 1_000_000:
+        d = os.path.join(root, f"team-{i % 20}", f"channel-{i % 97}")
+        os.makedirs(d, exist_ok=True)
+        kind = i % 10
+        if kind < 6:
+            data = (" ".join(rng.choices(words, k=rng.randint(50, 4000))) + "\n").encode()
+            name = f"post-{i}.txt"
+        elif kind < 9:
+            data = rng.randbytes(rng.randint(20_000, 400_000))
+            name = f"image-{i}.jpg"
+        else:
+            data = rng.randbytes(rng.randint(2_000_000, 8_000_000))
+            name = f"video-{i}.mp4"
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(data)
+        total += len(data)
+        i += 1
+    return i
+
+
+def day_two_tree(root, seed):
+    rng = random.Random(seed)
+    files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs)
+    for f in rng.sample(files, len(files) // 50):  # 2% deleted
+        os.remove(f)
+        files.remove(f)
+    for f in rng.sample(files, len(files) // 50):  # 2% edited
+        with open(f, "ab") as fh:
+            fh.write(b"edited on day two\n")
+    for n in range(len(files) // 20):  # 5% added
+        with open(os.path.join(root, f"new-{n}.jpg"), "wb") as fh:
+            fh.write(rng.randbytes(rng.randint(20_000, 400_000)))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--posts", type=int, default=400_000)
+    ap.add_argument("--tree-mb", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--no-build", action="store_true")
+    args = ap.parse_args()
+    missing = [p for p, t in [("restic", "restic"), ("borgbackup", "borg")] if not shutil.which(t)]
+    if missing:
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True)
+    if not args.no_build:
+        subprocess.run(["cargo", "build", "--release", "--bins"], cwd=REPO, check=True)
+    binv = f"{REPO}/target/release"
+    root = tempfile.mkdtemp(prefix="fv-compare-")
+    os.chmod(root, 0o755)
+    pg = Pg(root)
+    serve = None
+    results = {}  # (tool, step) -> list of (wall, cpu, rss)
+    sizes = {}  # (tool, after) -> stored bytes
+    try:
+        env = dict(os.environ, PGHOST=f"{root}/pg", PGPORT=str(pg.port), PGUSER="postgres")
+        pg.psql("postgres", "CREATE DATABASE chat")
+        pg.psql("chat", day_one(args.posts))
+        pg.psql("chat", "VACUUM ANALYZE")
+        dumps = {}
+        for day in (1, 2):
+            if day == 2:
+                pg.psql("chat", day_two(args.posts))
+                pg.psql("chat", "VACUUM")
+            dumps[day] = f"{root}/dump-day{day}.sql"
+            with open(dumps[day], "wb") as f:
+                subprocess.run(["pg_dump", "-Fp", "chat"], env=env, stdout=f, check=True)
+        pg.stop()
+        pg = None
+        trees = {1: f"{root}/tree1", 2: f"{root}/tree2"}
+        nfiles = make_tree(trees[1], args.tree_mb, 1)
+        shutil.copytree(trees[1], trees[2], symlinks=True)
+        day_two_tree(trees[2], 2)
+        dump_mb = os.path.getsize(dumps[1]) / 1e6
+        tree_mb = dir_size(trees[1]) / 1e6
+        # Both days' inputs live at the same paths when backed up, as on a real host.
+        live_dump, live_tree = f"{root}/live/dump.sql", f"{root}/live/tree"
+        os.makedirs(f"{root}/live")
+
+        def stage(day):
+            shutil.copyfile(dumps[day], live_dump)
+            if os.path.exists(live_tree):
+                shutil.rmtree(live_tree)
+            shutil.copytree(trees[day], live_tree, symlinks=True)
+            subprocess.run(["sync"])
+
+        for rnd in range(args.rounds):
+            for tool in ("fleetvault", "restic", "borg"):
+                work = f"{root}/{tool}-{rnd}"
+                os.makedirs(work)
+                if tool == "fleetvault":
+                    port = free_port(socket.SOCK_DGRAM)
+                    data = f"{work}/coordinator"
+                    subprocess.run([f"{binv}/fleetvault-coordinator", "init", "--data-dir", data,
+                                    "--listen", f"127.0.0.1:{port}"], check=True, stdout=subprocess.DEVNULL)
+                    serve = subprocess.Popen([f"{binv}/fleetvault-coordinator", "serve", "--data-dir", data],
+                                             stderr=open(f"{work}/serve.log", "w"))
+                    while "listening on" not in open(f"{work}/serve.log").read():
+                        time.sleep(0.05)
+                    subprocess.run([f"{binv}/fleetvault-coordinator", "issue-agent", "bench", "--data-dir", data,
+                                    "--out", f"{work}/agent"], check=True, stdout=subprocess.DEVNULL)
+                    conf = f"{work}/agent/agent.toml"
+                    with open(conf, "a") as f:
+                        f.write(f'\n[[sources]]\nname = "dump"\nkind = "command"\nbackup_command = "cat {live_dump}"\n'
+                                f'\n[[sources]]\nname = "tree"\nkind = "files"\npaths = ["{live_tree}"]\n')
+                    repo = f"{data}/store"
+                    ids = {}
+
+                    def backup(source):
+                        out = f"{work}/last.json"
+                        with open(out, "w") as fh:
+                            m = run_measured([f"{binv}/fleetvault-agent", "backup", "--config", conf, "--source",
+                                              source, "--json"], stdout=fh, extra_pid=serve.pid)
+                        import json
+                        ids[source] = json.load(open(out))["snapshot_id"]
+                        return m
+
+                    def restore(source):
+                        target = f"{work}/restore-{source}"
+                        return run_measured([f"{binv}/fleetvault-agent", "restore", "--config", conf,
+                                             ids[source], "--target", target], extra_pid=serve.pid)
+                elif tool == "restic":
+                    repo = f"{work}/repo"
+                    renv = dict(os.environ, RESTIC_PASSWORD="bench", RESTIC_REPOSITORY=repo)
+                    subprocess.run(["restic", "init"], env=renv, check=True, stdout=subprocess.DEVNULL)
+
+                    def backup(source, renv=renv):
+                        path = live_dump if source == "dump" else live_tree
+                        return run_measured(["restic", "backup", "-q", "--tag", source, path], env=renv)
+
+                    def restore(source, renv=renv, work=work):
+                        return run_measured(["restic", "restore", "latest", "--tag", source, "--target",
+                                             f"{work}/restore-{source}"], env=renv)
+                else:
+                    repo = f"{work}/repo"
+                    benv = dict(os.environ, BORG_PASSPHRASE="", BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes")
+                    subprocess.run(["borg", "init", "-e", "none", repo], env=benv, check=True)
+                    counter = {"n": 0}
+
+                    def backup(source, benv=benv, repo=repo, counter=counter):
+                        counter["n"] += 1
+                        path = live_dump if source == "dump" else live_tree
+                        return run_measured(["borg", "create", "--compression", "lz4",
+                                             f"{repo}::{source}-{counter['n']}", path], env=benv)
+
+                    def restore(source, benv=benv, repo=repo, counter=counter, work=work):
+                        target = f"{work}/restore-{source}"
+                        os.makedirs(target)
+                        names = subprocess.run(["borg", "list", "--short", repo], env=benv, check=True,
+                                               capture_output=True, text=True).stdout.split()
+                        last = [n for n in names if n.startswith(source + "-")][-1]
+                        return run_measured(["sh", "-c", f"cd {target} && borg extract {repo}::{last}"], env=benv)
+                for day in (1, 2):
+                    stage(day)
+                    for source in ("dump", "tree"):
+                        results.setdefault((tool, f"day-{day} {source}"), []).append(backup(source))
+                    sizes[(tool, day)] = dir_size(repo)
+                for source in ("dump", "tree"):
+                    results.setdefault((tool, f"restore {source}"), []).append(restore(source))
+                if tool == "fleetvault":
+                    serve.terminate()
+                    serve.wait()
+                    serve = None
+                shutil.rmtree(f"{work}/restore-dump", ignore_errors=True)
+                shutil.rmtree(f"{work}/restore-tree", ignore_errors=True)
+
+        mb_of = {"dump": dump_mb, "tree": tree_mb}
+        print(f"\nInputs: PostgreSQL chat dump {dump_mb:.0f} MB ({args.posts} posts), upload tree "
+              f"{tree_mb:.0f} MB ({nfiles} files); {args.rounds} round(s), medians; 2 cores.\n")
+        print("| step | tool | wall s | MB/s | CPU s | peak RSS MB | fleetvault vs restic | vs borg |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        steps = [f"day-{d} {s}" for d in (1, 2) for s in ("dump", "tree")] + ["restore dump", "restore tree"]
+        for step in steps:
+            med = {}
+            for tool in ("fleetvault", "restic", "borg"):
+                runs = results[(tool, step)]
+                wall = statistics.median(r[0] for r in runs)
+                cpu = statistics.median(r[1] for r in runs)
+                rss = max(r[2] for r in runs) / 1024
+                med[tool] = wall
+                mbps = mb_of[step.split()[-1]] / wall
+                print(f"| {step} | {tool} | {wall:.2f} | {mbps:.0f} | {cpu:.1f} | {rss:.0f} | | |")
+            print(f"| {step} | **ratio** | | | | | {med['restic'] / med['fleetvault']:.2f}x | "
+                  f"{med['borg'] / med['fleetvault']:.2f}x |")
+        print("\n| stored | fleetvault | restic | borg |")
+        print("| --- | --- | --- | --- |")
+        for day in (1, 2):
+            row = [sizes[(t, day)] / 1e6 for t in ("fleetvault", "restic", "borg")]
+            print(f"| after day {day} | {row[0]:.1f} MB | {row[1]:.1f} MB | {row[2]:.1f} MB |")
+        added = [(sizes[(t, 2)] - sizes[(t, 1)]) / 1e6 for t in ("fleetvault", "restic", "borg")]
+        print(f"| added by day 2 | {added[0]:.1f} MB | {added[1]:.1f} MB | {added[2]:.1f} MB |")
+        print(f"\nfleetvault stored / restic stored: day 1 {sizes[('fleetvault', 1)] / sizes[('restic', 1)]:.2f}x, "
+              f"day 2 {sizes[('fleetvault', 2)] / sizes[('restic', 2)]:.2f}x")
+    finally:
+        if serve:
+            serve.terminate()
+        if pg:
+            pg.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
