@@ -62,7 +62,7 @@ pub fn seal(plaintext: &[u8], zstd_level: i32) -> Vec<u8> {
     out.extend_from_slice(&plain_len.to_le_bytes());
     // Compression of an in-memory slice into a Vec can only fail on an invalid level, which
     // the raw fallback below also covers.
-    match zstd::bulk::compress(plaintext, zstd_level) {
+    match compress(plaintext, zstd_level) {
         Ok(compressed) if compressed.len() < plaintext.len() => {
             out.extend_from_slice(&compressed);
         }
@@ -72,6 +72,39 @@ pub fn seal(plaintext: &[u8], zstd_level: i32) -> Vec<u8> {
         }
     }
     out
+}
+
+thread_local! {
+    // One compression and one decompression context per thread, reused: creating a zstd
+    // context per chunk costs allocations and page faults on every chunk.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(plaintext: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        let (_, c) = slot.as_mut().expect("just set");
+        c.compress(plaintext)
+    })
+}
+
+/// Decompresses at most `capacity` bytes (the header's length, itself capped).
+fn decompress(payload: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        slot.as_mut()
+            .expect("just set")
+            .decompress(payload, capacity)
+    })
 }
 
 /// Length of the plaintext an envelope holds, read from its header alone.
@@ -104,8 +137,9 @@ pub fn open(envelope: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
     let payload = &envelope[HEADER_LEN..];
     let plain = match codec {
         CODEC_RAW => payload.to_vec(),
-        _ => zstd::bulk::decompress(payload, len as usize)
-            .map_err(|e| EnvelopeError::Corrupt(e.to_string()))?,
+        _ => {
+            decompress(payload, len as usize).map_err(|e| EnvelopeError::Corrupt(e.to_string()))?
+        }
     };
     if plain.len() != len as usize {
         return Err(EnvelopeError::Corrupt(format!(
