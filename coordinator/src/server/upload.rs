@@ -180,6 +180,17 @@ impl Session {
     ) -> Result<u32, Failure> {
         let this = self.clone();
         let ids: Vec<ChunkId> = batch.iter().map(|(id, _)| *id).collect();
+        // Pinned before the store looks at them: a collection running now must neither delete
+        // a file this batch is about to skip as "already there", nor one it has just written
+        // (its mtime may predate the collection's reference time).
+        self.state
+            .pins
+            .lock()
+            .expect("pins lock")
+            .by_conn
+            .entry(self.conn.stable_id())
+            .or_default()
+            .extend(ids.iter().copied());
         let outcome = tokio::task::spawn_blocking(move || this.state.store.put_batch(&batch))
             .await
             .map_err(internal)?;
@@ -194,14 +205,6 @@ impl Session {
                 return Err(internal(e));
             }
         };
-        self.state
-            .pins
-            .lock()
-            .expect("pins lock")
-            .by_conn
-            .entry(self.conn.stable_id())
-            .or_default()
-            .extend(ids.iter().copied());
         self.uploaded.lock().expect("uploaded lock").extend(ids);
         if let Some(b) = self
             .running
