@@ -8,9 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use fleetvault_common::protocol::frame::{read_frame, write_frame};
-use fleetvault_common::protocol::{
-    ErrorCode, Push, PushReply, Response, RestoreOptions, SourceInfo,
-};
+use fleetvault_common::protocol::{ErrorCode, Push, PushReply, Response, SourceInfo};
 use fleetvault_common::{JobReport, SnapshotId};
 use tracing::{info, warn};
 
@@ -148,40 +146,19 @@ impl LiveAgents {
             })
     }
 
-    /// Pushes a restore of `snapshot` into one of `agent`'s sources, relaying progress.
-    pub(crate) async fn push_restore_into(
-        &self,
-        agent: &str,
-        snapshot: SnapshotId,
-        options: RestoreOptions,
-        reply: &mut quinn::SendStream,
-    ) -> Result<(), Failure> {
-        let conn = self.conn(agent)?;
-        info!(agent, snapshot = %snapshot, "pushing restore into a source");
-        self.set_grant(agent, snapshot, true);
-        let result = relay(
-            agent,
-            &conn,
-            &Push::RestoreInto { snapshot, options },
-            reply,
-        )
-        .await;
-        self.set_grant(agent, snapshot, false);
-        result
-    }
-
-    /// Pushes a restore of `snapshot` to `agent`, relaying progress to `reply`.
+    /// Pushes a restore (`Push::Restore` or `Push::RestoreInto`) of `snapshot` to `agent`,
+    /// granting it read access to that snapshot for the job, and relays progress to `reply`.
     pub(crate) async fn push_restore(
         &self,
         agent: &str,
         snapshot: SnapshotId,
-        target: Option<String>,
+        push: Push,
         reply: &mut quinn::SendStream,
     ) -> Result<(), Failure> {
         let conn = self.conn(agent)?;
         info!(agent, snapshot = %snapshot, "pushing restore");
         self.set_grant(agent, snapshot, true);
-        let result = relay(agent, &conn, &Push::Restore { snapshot, target }, reply).await;
+        let result = relay(agent, &conn, &push, reply).await;
         self.set_grant(agent, snapshot, false);
         result
     }

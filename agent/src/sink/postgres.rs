@@ -111,16 +111,7 @@ pub(crate) fn restore(
             restore_tables(&settings, &work, db.restore_jobs, tree, reasm, written, rt)
         }
         (PgFormat::Plain, Manifest::Stream(s)) => {
-            let mut cmd = settings.tool("psql", &work);
-            cmd.args([
-                "-X",
-                "-q",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "--single-transaction",
-                "--no-password",
-            ]);
-            pipe(cmd, "psql", s, reasm, written)
+            pipe(psql(&settings, &work), "psql", s, reasm, written)
         }
         (PgFormat::Custom, Manifest::Stream(s)) if db.restore_jobs > 1 => {
             restore_custom_parallel(&settings, &work, db.restore_jobs, s, reasm, written)
@@ -189,6 +180,20 @@ pub(crate) fn restore(
     Ok(())
 }
 
+/// `psql` into `database`: stop at the first error, all in one transaction, never prompt.
+fn psql(settings: &PgSettings, database: &str) -> std::process::Command {
+    let mut cmd = settings.tool("psql", database);
+    cmd.args([
+        "-X",
+        "-q",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "--single-transaction",
+        "--no-password",
+    ]);
+    cmd
+}
+
 /// Streams a dump into a tool's stdin, verifying the whole stream's checksum.
 fn pipe(
     cmd: std::process::Command,
@@ -230,16 +235,8 @@ fn restore_tables(
         meta_bytes.extend(reasm.next_checked(c)?);
     }
     let meta: DumpMeta = serde_json::from_slice(&meta_bytes).context("reading meta.json")?;
-    let psql = |name: &str, e: &fleetvault_common::TreeEntry, reasm: &mut Reassembler| {
-        let mut cmd = settings.tool("psql", work);
-        cmd.args([
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "--single-transaction",
-            "--no-password",
-        ]);
+    let run_sql = |name: &str, e: &fleetvault_common::TreeEntry, reasm: &mut Reassembler| {
+        let cmd = psql(settings, work);
         let stream = StreamManifest {
             chunks: e.chunks.clone(),
             len: e.size,
@@ -248,7 +245,7 @@ fn restore_tables(
         pipe_unchecked(cmd, &stream, reasm, written).with_context(|| format!("restoring {name}"))
     };
     let pre = next(pg::PRE_DATA)?;
-    psql(pg::PRE_DATA, pre, reasm)?;
+    run_sql(pg::PRE_DATA, pre, reasm)?;
     // Tables load over `jobs` connections in turn: while the server completes one table's
     // COPY (the last rows, the commit), the next one already streams on another connection.
     let jobs = jobs.max(1) as usize;
@@ -292,7 +289,7 @@ fn restore_tables(
     drop(clients);
     for name in [pg::SEQUENCES, pg::LARGE_OBJECTS, pg::POST_DATA] {
         let e = next(name)?;
-        psql(name, e, reasm)?;
+        run_sql(name, e, reasm)?;
     }
     if let Some(extra) = entries.next() {
         bail!(

@@ -9,7 +9,7 @@ use std::time::Duration;
 use fleetvault_certs::{Identity, Role};
 use fleetvault_common::protocol::frame::{read_frame, write_frame, FrameError};
 use fleetvault_common::protocol::{
-    close, ErrorCode, Hello, HelloReply, Request, Response, PROTOCOL_VERSION,
+    close, ErrorCode, Hello, HelloReply, Push, Request, Response, PROTOCOL_VERSION,
 };
 use fleetvault_common::{peer_identity, ChunkId, SnapshotId};
 use tokio_util::sync::CancellationToken;
@@ -89,6 +89,52 @@ impl Session {
                     ErrorCode::BadRequest
                 };
                 Failure::Reply(code, e)
+            })
+    }
+
+    /// Refuses a request about a snapshot that is not a backup this connection is running.
+    pub(super) fn require_running(&self, snapshot: SnapshotId) -> Result<(), Failure> {
+        if self
+            .running
+            .lock()
+            .expect("running lock")
+            .contains_key(&snapshot)
+        {
+            Ok(())
+        } else {
+            Err(Failure::Reply(
+                ErrorCode::BadRequest,
+                format!("snapshot {snapshot} is not a backup in progress on this connection"),
+            ))
+        }
+    }
+
+    /// Refuses a restore of a snapshot that is not completed.
+    fn require_completed(&self, snapshot: SnapshotId) -> Result<(), Failure> {
+        let rec = self.state.catalog.get(snapshot)?;
+        if rec.status != fleetvault_common::SnapshotStatus::Completed {
+            return Err(Failure::Reply(
+                ErrorCode::NotFound,
+                format!(
+                    "snapshot {snapshot} is {}, not completed",
+                    rec.status.name()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The configured job called `name`.
+    fn job(&self, name: &str) -> Result<crate::jobs::JobConfig, Failure> {
+        self.state
+            .jobs()
+            .into_iter()
+            .find(|j| j.name == name)
+            .ok_or_else(|| {
+                Failure::Reply(
+                    ErrorCode::NotFound,
+                    format!("no job named {name:?} in coordinator.toml"),
+                )
             })
     }
 
@@ -342,19 +388,11 @@ impl Session {
                 target,
             } => {
                 self.require(Role::Operator)?;
-                let rec = self.state.catalog.get(snapshot)?;
-                if rec.status.name() != "completed" {
-                    return Err(Failure::Reply(
-                        ErrorCode::NotFound,
-                        format!(
-                            "snapshot {snapshot} is {}, not completed",
-                            rec.status.name()
-                        ),
-                    ));
-                }
+                self.require_completed(snapshot)?;
+                let push = Push::Restore { snapshot, target };
                 self.state
                     .live
-                    .push_restore(&agent, snapshot, target, send)
+                    .push_restore(&agent, snapshot, push, send)
                     .await
             }
             Request::Describe {
@@ -364,19 +402,7 @@ impl Session {
                 database,
             } => {
                 self.require(Role::Agent)?;
-                if !self
-                    .running
-                    .lock()
-                    .expect("running lock")
-                    .contains_key(&snapshot)
-                {
-                    return Err(Failure::Reply(
-                        ErrorCode::BadRequest,
-                        format!(
-                            "snapshot {snapshot} is not a backup in progress on this connection"
-                        ),
-                    ));
-                }
+                self.require_running(snapshot)?;
                 let clip = |s: String| s.chars().take(256).collect::<String>();
                 let mut rec = self.state.catalog.get(snapshot)?;
                 rec.db_type = Some(clip(db_type));
@@ -391,29 +417,16 @@ impl Session {
                 options,
             } => {
                 self.require(Role::Operator)?;
-                let rec = self.state.catalog.get(snapshot)?;
-                if rec.status.name() != "completed" {
-                    return Err(Failure::Reply(
-                        ErrorCode::NotFound,
-                        format!(
-                            "snapshot {snapshot} is {}, not completed",
-                            rec.status.name()
-                        ),
-                    ));
-                }
+                self.require_completed(snapshot)?;
+                let push = Push::RestoreInto { snapshot, options };
                 self.state
                     .live
-                    .push_restore_into(&agent, snapshot, options, send)
+                    .push_restore(&agent, snapshot, push, send)
                     .await
             }
             Request::RunJob { job } => {
                 self.require(Role::Operator)?;
-                let Some(job) = self.state.jobs().into_iter().find(|j| j.name == job) else {
-                    return Err(Failure::Reply(
-                        ErrorCode::NotFound,
-                        format!("no job named {job:?} in coordinator.toml"),
-                    ));
-                };
+                let job = self.job(&job)?;
                 let reports = crate::jobs::ops::run_job(self.state.clone(), job).await;
                 Ok(write_frame(send, &Response::Reports(reports)).await?)
             }
@@ -437,12 +450,7 @@ impl Session {
             }
             Request::Forget { job, dry_run } => {
                 self.require(Role::Operator)?;
-                let Some(job) = self.state.jobs().into_iter().find(|j| j.name == job) else {
-                    return Err(Failure::Reply(
-                        ErrorCode::NotFound,
-                        format!("no job named {job:?} in coordinator.toml"),
-                    ));
-                };
+                let job = self.job(&job)?;
                 let st = self.state.clone();
                 let decisions = self
                     .blocking(move || crate::jobs::ops::forget(&st, &job, dry_run))

@@ -136,17 +136,7 @@ impl Session {
                 "{count} chunks in one PutChunks, over the limit"
             )));
         }
-        if !self
-            .running
-            .lock()
-            .expect("running lock")
-            .contains_key(&snapshot)
-        {
-            return Err(Failure::Reply(
-                ErrorCode::BadRequest,
-                format!("snapshot {snapshot} is not a backup in progress on this connection"),
-            ));
-        }
+        self.require_running(snapshot)?;
         let mut batch = Vec::new();
         let mut batch_bytes = 0;
         let mut new = 0;
@@ -272,17 +262,7 @@ impl Session {
     ) -> Result<(), Failure> {
         self.require(Role::Agent)?;
         let snapshot = c.snapshot;
-        if !self
-            .running
-            .lock()
-            .expect("running lock")
-            .contains_key(&snapshot)
-        {
-            return Err(Failure::Reply(
-                ErrorCode::BadRequest,
-                format!("snapshot {snapshot} is not a backup in progress on this connection"),
-            ));
-        }
+        self.require_running(snapshot)?;
         let this = self.clone();
         let result = tokio::task::spawn_blocking(move || this.commit_blocking(c))
             .await
