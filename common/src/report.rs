@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use crate::protocol::{JobReport, SnapshotRecord, SnapshotStatus};
+use crate::protocol::{JobReport, ReplicaReport, SnapshotRecord, SnapshotStatus};
 
 /// The `--json` object of one snapshot.
 pub fn snapshot_json(r: &SnapshotRecord) -> Value {
@@ -52,6 +52,39 @@ fn round2(x: f64) -> f64 {
 pub fn job_json(r: &JobReport) -> Value {
     // JobReport derives Serialize with plain fields; this cannot fail.
     serde_json::to_value(r).unwrap_or(Value::Null)
+}
+
+/// The `--json` object of one replica sync (`mb_per_s`: sealed megabytes sent per second).
+pub fn replica_report_json(r: &ReplicaReport) -> Value {
+    json!({
+        "replica": r.replica,
+        "status": if r.error.is_some() { "failed" } else { "completed" },
+        "snapshots": r.snapshots,
+        "already_present": r.already_present,
+        "chunks": r.chunks,
+        "bytes": r.bytes,
+        "duration_ms": r.duration_ms,
+        "mb_per_s": round2(r.bytes as f64 / 1e6 / (r.duration_ms as f64 / 1000.0).max(0.001)),
+        "error": r.error,
+    })
+}
+
+/// One line about a replica sync.
+pub fn replica_summary(r: &ReplicaReport) -> String {
+    let secs = r.duration_ms as f64 / 1000.0;
+    let mut line = format!(
+        "{}: {} snapshots sent ({} already there), {} chunks, {} in {secs:.1}s ({}/s)",
+        r.replica,
+        r.snapshots,
+        r.already_present,
+        r.chunks,
+        human_bytes(r.bytes),
+        human_bytes((r.bytes as f64 / secs.max(0.001)) as u64)
+    );
+    if let Some(e) = &r.error {
+        line.push_str(&format!("; FAILED: {e}"));
+    }
+    line
 }
 
 /// A human one-paragraph summary of a backup or restore.

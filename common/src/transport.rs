@@ -343,6 +343,22 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<Identity, TransportErro
     identity_from_der(leaf).map_err(TransportError::PeerIdentity)
 }
 
+/// The DER bytes of the peer's leaf certificate, for comparing against an allow-list.
+pub fn peer_certificate_der(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let chain = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())?;
+    chain.first().map(|c| c.as_ref().to_vec())
+}
+
+/// The DER bytes of every certificate in a PEM file's text; `what` names it in errors.
+pub fn pem_certificates_der(pem: &[u8], what: &str) -> Result<Vec<Vec<u8>>, TransportError> {
+    Ok(parse_certs(pem, what)?
+        .into_iter()
+        .map(|c| c.as_ref().to_vec())
+        .collect())
+}
+
 /// Whether a connection failed because a certificate was refused, by the peer or by us.
 pub fn is_certificate_error(e: &ConnectionError) -> bool {
     tls_alert(e).is_some_and(|(alert, _)| is_certificate_alert(alert))

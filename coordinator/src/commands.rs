@@ -79,6 +79,8 @@ pub(crate) fn init(root: &Path, listen: &str, server_name: &str) -> anyhow::Resu
         verify_schedule: None,
         gc_min_age_secs: None,
         jobs: Vec::new(),
+        replicas: Vec::new(),
+        peers: Vec::new(),
     };
     let addr = cfg.listen_addr()?;
     fleetvault_certs::validate_name(server_name)
@@ -239,12 +241,7 @@ pub(crate) fn serve(root: &Path) -> anyhow::Result<ExitCode> {
     if let Some(e) = rebuild_error {
         bail!("rebuilding the catalog from the store: {e}");
     }
-    let slots = cfg.max_concurrent_backups.unwrap_or(4).max(1) as usize;
-    let state = Arc::new(State::new(store, catalog, cfg.jobs.clone(), slots));
-    state.gc_min_age.store(
-        cfg.gc_min_age_secs.unwrap_or(3600),
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    let state = Arc::new(State::new(root, store, catalog, &cfg));
     runtime()?.block_on(async move {
         let endpoint = fleetvault_common::server_endpoint(cfg.listen_addr()?, &creds)?;
         let local = endpoint.local_addr().context("reading the bound address")?;
@@ -262,6 +259,11 @@ pub(crate) fn serve(root: &Path) -> anyhow::Result<ExitCode> {
             cfg.verify_schedule.clone(),
             token.clone(),
             reload.clone(),
+            tracker.clone(),
+        ));
+        tracker.spawn(crate::replicate::scheduler(
+            state.clone(),
+            token.clone(),
             tracker.clone(),
         ));
         tracker.spawn(reload_on_sighup(dir.clone(), state.clone(), reload, token.clone()));
@@ -294,14 +296,14 @@ async fn reload_on_sighup(
         }
         match dir.load_config() {
             Ok(cfg) => {
-                let n = cfg.jobs.len();
-                *state.jobs.write().expect("jobs lock") = cfg.jobs;
-                state.gc_min_age.store(
-                    cfg.gc_min_age_secs.unwrap_or(3600),
-                    std::sync::atomic::Ordering::Relaxed,
-                );
+                state.configure(&cfg);
                 reload.notify_one();
-                info!(jobs = n, "configuration reloaded");
+                info!(
+                    jobs = cfg.jobs.len(),
+                    replicas = cfg.replicas.len(),
+                    peers = cfg.peers.len(),
+                    "configuration reloaded"
+                );
             }
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "configuration not reloaded; keeping the previous one")
@@ -779,4 +781,190 @@ pub(crate) fn download(root: &Path, snapshot: &str, out: &Path) -> anyhow::Resul
         );
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// On a replica: issues a peer certificate from this coordinator's own CA for the primary
+/// called `name`, records it as the one peer `name` may present, and writes OUTDIR with what
+/// the primary needs (ca.pem, peer.pem, peer.key and a `[[replicas]]` table to append).
+pub(crate) fn issue_peer(
+    root: &Path,
+    name: &str,
+    out: &Path,
+    force: bool,
+) -> anyhow::Result<ExitCode> {
+    let dir = DataDir::new(root);
+    let cfg = dir.load_config()?;
+    fleetvault_certs::validate_name(name).with_context(|| format!("peer name {name:?}"))?;
+    let allow = dir.tls("peers").join(format!("{name}.pem"));
+    if allow.exists() && !force {
+        bail!(
+            "peer {name} was already issued ({} exists; use --force to replace its certificate)",
+            allow.display()
+        );
+    }
+    let read = |p: &Path| fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    let ca = Ca::load(&read(&dir.tls("ca.pem"))?, &read(&dir.tls("ca.key"))?)
+        .context("loading this coordinator's CA")?;
+    for d in [out, &dir.tls("peers")] {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(d)
+            .with_context(|| format!("creating {}", d.display()))?;
+    }
+    let cert = ca
+        .issue(Role::Peer, name, &[])
+        .with_context(|| format!("issuing a peer certificate for {name}"))?;
+    write_file(&out.join("ca.pem"), ca.cert_pem().as_bytes(), 0o644, true)?;
+    write_file(&out.join("peer.pem"), cert.cert_pem.as_bytes(), 0o644, true)?;
+    write_file(&out.join("peer.key"), cert.key_pem.as_bytes(), 0o600, true)?;
+    let replica = cfg
+        .server_name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect::<String>();
+    let text = format!(
+        r#"# Append to the primary's coordinator.toml, after copying this directory to
+# PRIMARY_DATA_DIR/replicas/{replica}/ (paths are relative to the primary's data dir).
+# Peer certificate serial {serial}, issued to "{name}".
+
+[[replicas]]
+name = "{replica}"
+address = "{address}"
+server_name = "{server_name}"
+ca = "replicas/{replica}/ca.pem"
+cert = "replicas/{replica}/peer.pem"
+key = "replicas/{replica}/peer.key"
+schedule = "30 3 * * *"
+agents = ["*"]
+"#,
+        serial = cert.serial_hex,
+        address = cfg.dial_address()?,
+        server_name = cfg.server_name,
+    );
+    write_file(&out.join("replica.toml"), text.as_bytes(), 0o644, true)?;
+    // Last: the certificate is accepted only once everything for it is written.
+    write_file(&allow, cert.cert_pem.as_bytes(), 0o644, true)?;
+    println!(
+        "issued peer {name}: copy {} to the primary (see replica.toml there)",
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn replicate(
+    root: &Path,
+    replica: Option<String>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let reports = match call(root, Request::Replicate { replica })? {
+        Response::Replicated(r) => r,
+        other => bail!("unexpected reply {other:?}"),
+    };
+    if json {
+        let v: Vec<_> = reports.iter().map(report::replica_report_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for r in &reports {
+            println!("{}", report::replica_summary(r));
+        }
+    }
+    let failed: Vec<_> = reports.iter().filter(|r| r.error.is_some()).collect();
+    if let Some(first) = failed.first() {
+        bail!(
+            "{} of {} replica syncs failed; {}: {}",
+            failed.len(),
+            reports.len(),
+            first.replica,
+            first.error.as_deref().unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn replicas(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let list = match call(root, Request::ListReplicas)? {
+        Response::Replicas(l) => l,
+        other => bail!("unexpected reply {other:?}"),
+    };
+    let when = |t: Option<u64>| t.map(report::format_time);
+    if json {
+        let v: Vec<_> = list
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "name": s.name,
+                    "address": s.address,
+                    "schedule": s.schedule,
+                    "last_attempt": when(s.last_attempt_ms),
+                    "last_success": when(s.last_success_ms),
+                    "last_error": s.last_error,
+                    "failures": s.failures,
+                    "next_retry": when(s.next_retry_ms),
+                    "lag_snapshots": s.lag_snapshots,
+                    "lag_bytes": s.lag_bytes,
+                    "last_report": s.last_report.as_ref().map(report::replica_report_json),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{:<16} {:<24} {:<20} {:<20} {:>12} LAST ERROR",
+            "NAME", "ADDRESS", "LAST SUCCESS (UTC)", "LAST ATTEMPT (UTC)", "LAG"
+        );
+        for s in &list {
+            let error = match (&s.last_error, s.next_retry_ms) {
+                (Some(e), Some(t)) => format!(
+                    "{e} ({} failures; retry at {})",
+                    s.failures,
+                    report::format_time(t)
+                ),
+                (Some(e), None) => e.clone(),
+                (None, _) => "-".into(),
+            };
+            println!(
+                "{:<16} {:<24} {:<20} {:<20} {:>12} {error}",
+                s.name,
+                s.address,
+                when(s.last_success_ms).unwrap_or_else(|| "never".into()),
+                when(s.last_attempt_ms).unwrap_or_else(|| "never".into()),
+                format!("{} / {}", s.lag_snapshots, report::human_bytes(s.lag_bytes)),
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn promote(root: &Path) -> anyhow::Result<ExitCode> {
+    let (retired, agents) = match call(root, Request::Promote)? {
+        Response::Promoted {
+            retired_peers,
+            agents,
+        } => (retired_peers, agents),
+        other => bail!("unexpected reply {other:?}"),
+    };
+    let data_dir = root.display();
+    if retired.is_empty() {
+        println!("promoted: no peer certificates to retire");
+    } else {
+        println!(
+            "promoted: peer certificates retired (they can no longer send snapshots here): {}",
+            retired.join(", ")
+        );
+    }
+    println!("re-issue each agent's config from this coordinator and install it on the agent:");
+    for a in &agents {
+        println!(
+            "  fleetvault-coordinator issue-agent {a} --data-dir {data_dir} --out ./{a} --force"
+        );
+    }
+    println!("to seed a new replica, run `issue-peer` on it and add its [[replicas]] table here");
+    Ok(ExitCode::SUCCESS)
 }

@@ -40,6 +40,12 @@ pub(crate) struct CoordinatorConfig {
     /// Scheduled backups (`[[jobs]]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) jobs: Vec<crate::jobs::JobConfig>,
+    /// Where this coordinator sends its snapshots (`[[replicas]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) replicas: Vec<crate::replicate::ReplicaConfig>,
+    /// Primaries that may send snapshots here (`[[peers]]`), with their retention.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) peers: Vec<crate::replicate::PeerConfig>,
 }
 
 impl CoordinatorConfig {
@@ -124,6 +130,8 @@ impl DataDir {
                 verify_schedule: None,
                 gc_min_age_secs: None,
                 jobs: Vec::new(),
+                replicas: Vec::new(),
+                peers: Vec::new(),
             }),
             Err(_) => Err(full),
         }
@@ -162,6 +170,31 @@ impl DataDir {
                 bail!("{at}: key `name` is empty or used by another job");
             }
             job.validate().map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, r) in cfg.replicas.iter().enumerate() {
+            let at = format!(
+                "invalid config {}: replicas[{i}] ({:?})",
+                path.display(),
+                r.name
+            );
+            if !names.insert(r.name.clone()) {
+                bail!("{at}: key `name` is used by another replica");
+            }
+            r.validate().map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, p) in cfg.peers.iter().enumerate() {
+            let at = format!(
+                "invalid config {}: peers[{i}] ({:?})",
+                path.display(),
+                p.name
+            );
+            if !names.insert(p.name.clone()) {
+                bail!("{at}: key `name` is used by another peer");
+            }
+            fleetvault_certs::validate_name(&p.name)
+                .map_err(|e| anyhow::anyhow!("{at}: key `name`: {e}"))?;
         }
         Ok(cfg)
     }

@@ -7,6 +7,7 @@ mod config;
 mod download;
 mod jobs;
 mod push;
+mod replicate;
 mod server;
 mod state;
 mod store;
@@ -70,6 +71,45 @@ enum Command {
         /// Overwrite an existing agent.toml in OUTDIR.
         #[arg(long)]
         force: bool,
+    },
+    /// On an offsite coordinator: issue a peer certificate for a primary that will replicate
+    /// here; OUTDIR gets ca.pem, peer.pem, peer.key and the primary's [[replicas]] table.
+    IssuePeer {
+        /// The primary's name, e.g. main-dc.
+        name: String,
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Where to write the peer credentials.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace the certificate already issued to this peer.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Send the snapshots each replica lacks now (or only to one), and report what was sent.
+    Replicate {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Only this replica of coordinator.toml.
+        #[arg(long)]
+        replica: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show each replica: last sync, lag (snapshots and bytes not yet sent), last error.
+    Replicas {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make this replica the primary: retire the peer certificates issued here, and list
+    /// the agents whose configs to re-issue.
+    Promote {
+        #[command(flatten)]
+        dir: DataDirArg,
     },
     /// List the fleet's snapshots (asks the running coordinator).
     Snapshots {
@@ -241,6 +281,17 @@ fn main() -> ExitCode {
             out,
             force,
         } => commands::issue_agent(&dir.data_dir, &name, &out, force),
+        Command::IssuePeer {
+            name,
+            dir,
+            out,
+            force,
+        } => commands::issue_peer(&dir.data_dir, &name, &out, force),
+        Command::Replicate { dir, replica, json } => {
+            commands::replicate(&dir.data_dir, replica, json)
+        }
+        Command::Replicas { dir, json } => commands::replicas(&dir.data_dir, json),
+        Command::Promote { dir } => commands::promote(&dir.data_dir),
         Command::Snapshots {
             dir,
             agent,

@@ -1,13 +1,16 @@
 //! What every session shares: the chunk store, the catalog and the live agents.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use fleetvault_common::protocol::{AgentInfo, LastBackup};
 use fleetvault_common::ChunkId;
 
 use crate::catalog::{Catalog, CatalogError};
+use crate::config::CoordinatorConfig;
 use crate::push::LiveAgents;
+use crate::replicate::{PeerConfig, ReplicaConfig};
 use crate::store::ChunkStore;
 
 /// The coordinator's shared state.
@@ -22,9 +25,18 @@ pub(crate) struct State {
     /// "which are missing?" answer with a deletion of the same chunk.
     pub(crate) pins: Mutex<Pins>,
     /// Backups the coordinator starts (jobs) take a slot; the rest wait, listed `pending`.
-    pub(crate) slots: std::sync::Arc<tokio::sync::Semaphore>,
+    pub(crate) slots: Arc<tokio::sync::Semaphore>,
     /// Unreferenced chunks younger than this are kept by garbage collection.
     pub(crate) gc_min_age: std::sync::atomic::AtomicU64,
+    /// The data dir (peer allow-list, replica credentials).
+    pub(crate) root: std::path::PathBuf,
+    /// `[[replicas]]` (this coordinator as a primary) and `[[peers]]` (as a replica).
+    replicas: std::sync::RwLock<Vec<ReplicaConfig>>,
+    peers: std::sync::RwLock<Vec<PeerConfig>>,
+    /// One sync at a time per replica.
+    sync_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Wakes the replica scheduler (configuration changed, a sync ended).
+    pub(crate) replica_wake: tokio::sync::Notify,
 }
 
 /// Chunks garbage collection must not delete besides those of completed snapshots.
@@ -56,22 +68,84 @@ impl Pins {
 }
 
 impl State {
-    /// A new state around an opened store and catalog.
+    /// A new state around an opened store and catalog, configured by `cfg`.
     pub(crate) fn new(
+        root: &Path,
         store: ChunkStore,
         catalog: Catalog,
-        jobs: Vec<crate::jobs::JobConfig>,
-        slots: usize,
+        cfg: &CoordinatorConfig,
     ) -> Self {
-        Self {
+        let slots = cfg.max_concurrent_backups.unwrap_or(4).max(1) as usize;
+        let state = Self {
             store,
             catalog,
             live: LiveAgents::default(),
-            jobs: std::sync::RwLock::new(jobs),
+            jobs: Default::default(),
             pins: Mutex::default(),
-            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(slots)),
+            slots: Arc::new(tokio::sync::Semaphore::new(slots)),
             gc_min_age: std::sync::atomic::AtomicU64::new(3600),
-        }
+            root: root.to_owned(),
+            replicas: Default::default(),
+            peers: Default::default(),
+            sync_locks: Mutex::default(),
+            replica_wake: tokio::sync::Notify::new(),
+        };
+        state.configure(cfg);
+        state
+    }
+
+    /// Takes the reloadable parts of `coordinator.toml` (jobs, replicas, peers, gc age).
+    pub(crate) fn configure(&self, cfg: &CoordinatorConfig) {
+        *self.jobs.write().expect("jobs lock") = cfg.jobs.clone();
+        *self.replicas.write().expect("replicas lock") = cfg.replicas.clone();
+        *self.peers.write().expect("peers lock") = cfg.peers.clone();
+        self.gc_min_age.store(
+            cfg.gc_min_age_secs.unwrap_or(3600),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.replica_wake.notify_one();
+    }
+
+    /// The replicas now configured.
+    pub(crate) fn replicas(&self) -> Vec<ReplicaConfig> {
+        self.replicas.read().expect("replicas lock").clone()
+    }
+
+    /// The `[[peers]]` entry of `name`, if any.
+    pub(crate) fn peer(&self, name: &str) -> Option<PeerConfig> {
+        self.peers
+            .read()
+            .expect("peers lock")
+            .iter()
+            .find(|p| p.name == name)
+            .cloned()
+    }
+
+    /// The lock that keeps syncs to `replica` one at a time.
+    pub(crate) fn sync_lock(&self, replica: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.sync_locks
+            .lock()
+            .expect("sync locks")
+            .entry(replica.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// `tls/peers/NAME.pem`: the certificate a peer called `name` must present.
+    pub(crate) fn peer_cert_path(&self, name: &str) -> std::path::PathBuf {
+        self.root
+            .join("tls")
+            .join("peers")
+            .join(format!("{name}.pem"))
+    }
+
+    /// Whether `der` is the certificate issued (and not retired) for peer `name`.
+    pub(crate) fn peer_allowed(&self, name: &str, der: &[u8]) -> bool {
+        let path = self.peer_cert_path(name);
+        std::fs::read(&path).is_ok_and(|pem| {
+            fleetvault_common::pem_certificates_der(&pem, &path.display().to_string())
+                .is_ok_and(|certs| certs.iter().any(|c| c == der))
+        })
     }
 
     /// The configured minimum age of a chunk before garbage collection may delete it.

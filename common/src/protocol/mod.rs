@@ -160,7 +160,7 @@ pub struct SnapshotFilter {
 }
 
 /// First frame of a client-opened stream.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Request {
     /// Which of these chunks must be uploaded?
     Missing {
@@ -277,6 +277,82 @@ pub enum Request {
         /// Only this snapshot (default: every completed one).
         snapshot: Option<SnapshotId>,
     },
+    /// Peers: which of these snapshots does the replica already hold (or has its own
+    /// retention removed)? Answered with `ReplicaHave`.
+    ReplicaHave {
+        /// At most [`MAX_MISSING_BATCH`].
+        ids: Vec<SnapshotId>,
+    },
+    /// Peers: chunks of this snapshot follow (`Missing`, `PutChunks`); nothing is listed
+    /// on the replica until its `ReplicaCommit`.
+    ReplicaBegin {
+        /// The primary's snapshot id, kept on the replica.
+        snapshot: SnapshotId,
+    },
+    /// Peers: the immutable record of a snapshot whose chunks are all sent, last (DESIGN.md
+    /// rule 8). Answered with `Committed`.
+    ReplicaCommit {
+        /// The record as the primary holds it.
+        record: Box<SnapshotRecord>,
+    },
+    /// Operators: replicate now to every `[[replicas]]` entry, or to the one named.
+    /// Answered with `Progress` frames, then `Replicated`.
+    Replicate {
+        /// Only this replica.
+        replica: Option<String>,
+    },
+    /// Operators: the state of each configured replica; answered with `Replicas`.
+    ListReplicas,
+    /// Operators: make this coordinator a primary: the peer certificates issued so far are
+    /// retired (the old primary can no longer add snapshots). Answered with `Promoted`.
+    Promote,
+}
+
+/// What one sync to a replica did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaReport {
+    /// The replica's name in `coordinator.toml`.
+    pub replica: String,
+    /// Snapshots sent (committed on the replica).
+    pub snapshots: u64,
+    /// Snapshots the replica already held.
+    pub already_present: u64,
+    /// Chunks sent.
+    pub chunks: u64,
+    /// Sealed bytes sent.
+    pub bytes: u64,
+    /// Wall time.
+    pub duration_ms: u64,
+    /// Why the sync stopped, when it failed.
+    pub error: Option<String>,
+}
+
+/// A configured replica as `replicas` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    /// Name in `coordinator.toml`.
+    pub name: String,
+    /// Its address.
+    pub address: String,
+    /// Its cron schedule.
+    pub schedule: Option<String>,
+    /// Start of the last sync attempt (unix ms), if any.
+    pub last_attempt_ms: Option<u64>,
+    /// End of the last successful sync (unix ms), if any.
+    pub last_success_ms: Option<u64>,
+    /// The last attempt's report.
+    pub last_report: Option<ReplicaReport>,
+    /// The last error, cleared by a successful sync.
+    pub last_error: Option<String>,
+    /// Failed attempts since the last success.
+    pub failures: u32,
+    /// When the next retry after a failure is due (unix ms).
+    pub next_retry_ms: Option<u64>,
+    /// Completed snapshots this replica should hold and has not confirmed.
+    pub lag_snapshots: u64,
+    /// Stored bytes those snapshots added on this coordinator (an upper bound of what is
+    /// left to send).
+    pub lag_bytes: u64,
 }
 
 /// What verifying one snapshot found.
@@ -500,6 +576,22 @@ pub enum Response {
     GcDone(GcReport),
     /// Verification results, one per snapshot.
     Verified(Vec<VerifyResult>),
+    /// Which of the asked snapshots the replica holds.
+    ReplicaHave {
+        /// Subset of the asked ids.
+        ids: Vec<SnapshotId>,
+    },
+    /// What each sync did.
+    Replicated(Vec<ReplicaReport>),
+    /// Configured replicas.
+    Replicas(Vec<ReplicaStatus>),
+    /// The coordinator is a primary now.
+    Promoted {
+        /// Peer certificates retired.
+        retired_peers: Vec<String>,
+        /// Agents with snapshots here, to re-issue configs for.
+        agents: Vec<String>,
+    },
 }
 
 /// Work the coordinator pushes to a live agent.

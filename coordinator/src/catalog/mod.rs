@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use fleetvault_common::protocol::{frame, SnapshotFilter, SourceInfo};
+use fleetvault_common::protocol::{frame, ReplicaStatus, SnapshotFilter, SourceInfo};
 use fleetvault_common::{ChunkId, SnapshotId, SnapshotRecord, SnapshotStatus};
 use serde::{Deserialize, Serialize};
 
@@ -43,12 +43,29 @@ pub(crate) struct Catalog {
     snapshots: sled::Tree,
     agents: sled::Tree,
     refs: sled::Tree,
+    /// Replication, on a primary: `replica\0id` for each snapshot a replica confirmed.
+    replicated: sled::Tree,
+    /// Replication, on a primary: each replica's last sync state.
+    replica_state: sled::Tree,
+    /// Replication, on a replica: the peer each received snapshot came from.
+    origin: sled::Tree,
+    /// Replication, on a replica: received snapshots its own retention removed, so the
+    /// primary does not send them again.
+    tombstones: sled::Tree,
     last_id: Mutex<u64>,
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // postcard into a Vec cannot fail for these plain data types.
     postcard::to_stdvec(v).expect("catalog value serialises")
+}
+
+fn replicated_key(replica: &str, id: SnapshotId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(replica.len() + 9);
+    k.extend_from_slice(replica.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&id.0.to_be_bytes());
+    k
 }
 
 fn ref_key(agent: &str, id: &ChunkId) -> Vec<u8> {
@@ -72,6 +89,10 @@ impl Catalog {
             snapshots: db.open_tree("snapshots")?,
             agents: db.open_tree("agents")?,
             refs: db.open_tree("refs")?,
+            replicated: db.open_tree("replicated")?,
+            replica_state: db.open_tree("replica_state")?,
+            origin: db.open_tree("origin")?,
+            tombstones: db.open_tree("tombstones")?,
             db,
             last_id: Mutex::new(0),
         };
@@ -262,6 +283,82 @@ impl Catalog {
             out.push((String::from_utf8_lossy(&k).into_owned(), decode(&v)?));
         }
         Ok(out)
+    }
+
+    /// Stores a completed snapshot received from peer `origin` under the primary's id, flushed;
+    /// ids allocated here afterwards sort after it.
+    pub(crate) fn adopt(&self, rec: &SnapshotRecord, origin: &str) -> Result<(), CatalogError> {
+        let mut last = self.last_id.lock().expect("id lock");
+        self.origin
+            .insert(rec.id.0.to_be_bytes(), origin.as_bytes())?;
+        self.put(rec)?;
+        self.db.flush()?;
+        *last = (*last).max(rec.id.0);
+        Ok(())
+    }
+
+    /// The peer a received snapshot came from.
+    pub(crate) fn origin(&self, id: SnapshotId) -> Result<Option<String>, CatalogError> {
+        Ok(self
+            .origin
+            .get(id.0.to_be_bytes())?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Remembers that a received snapshot was removed here (flushed with its deletion).
+    pub(crate) fn tombstone(&self, id: SnapshotId) -> Result<(), CatalogError> {
+        self.tombstones.insert(id.0.to_be_bytes(), &[])?;
+        Ok(())
+    }
+
+    /// Whether a received snapshot was removed by this coordinator's retention.
+    pub(crate) fn is_tombstoned(&self, id: SnapshotId) -> Result<bool, CatalogError> {
+        Ok(self.tombstones.contains_key(id.0.to_be_bytes())?)
+    }
+
+    /// Records that `replica` holds snapshot `id`, flushed.
+    pub(crate) fn mark_replicated(
+        &self,
+        replica: &str,
+        id: SnapshotId,
+    ) -> Result<(), CatalogError> {
+        self.replicated.insert(replicated_key(replica, id), &[])?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The snapshots `replica` is known to hold.
+    pub(crate) fn replicated(
+        &self,
+        replica: &str,
+    ) -> Result<std::collections::HashSet<SnapshotId>, CatalogError> {
+        let mut prefix = replica.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = std::collections::HashSet::new();
+        for item in self.replicated.scan_prefix(&prefix) {
+            let (k, _) = item?;
+            let raw: [u8; 8] = k[prefix.len()..]
+                .try_into()
+                .map_err(|_| CatalogError::Corrupt("replicated key".into()))?;
+            out.insert(SnapshotId(u64::from_be_bytes(raw)));
+        }
+        Ok(out)
+    }
+
+    /// The saved sync state of a replica.
+    pub(crate) fn replica_status(&self, name: &str) -> Result<Option<ReplicaStatus>, CatalogError> {
+        self.replica_state
+            .get(name)?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    /// Saves the sync state of a replica, flushed.
+    pub(crate) fn put_replica_status(&self, status: &ReplicaStatus) -> Result<(), CatalogError> {
+        self.replica_state
+            .insert(status.name.as_bytes(), encode(status))?;
+        self.db.flush()?;
+        Ok(())
     }
 
     /// Flushes everything to disk.

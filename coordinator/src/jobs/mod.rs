@@ -40,7 +40,7 @@ fn all() -> Vec<String> {
     vec!["*".into()]
 }
 
-fn globs(patterns: &[String], key: &str) -> Result<GlobSet, String> {
+pub(crate) fn globs(patterns: &[String], key: &str) -> Result<GlobSet, String> {
     let mut b = GlobSetBuilder::new();
     for p in patterns {
         b.add(Glob::new(p).map_err(|e| format!("key `{key}`: bad glob {p:?}: {e}"))?);
@@ -172,7 +172,7 @@ pub(crate) mod ops {
     use tracing::{info, warn};
 
     use super::retention::{apply, Candidate};
-    use super::JobConfig;
+    use super::{JobConfig, Policy};
     use crate::catalog::CatalogError;
     use crate::State;
 
@@ -189,8 +189,51 @@ pub(crate) mod ops {
             ..SnapshotFilter::default()
         };
         let records = state.catalog.list(&filter).map_err(|e| e.to_string())?;
+        retain(
+            state,
+            &job.retention,
+            &records,
+            dry_run,
+            &format!("job {}", job.name),
+        )
+    }
+
+    /// On a replica: applies `policy` to the snapshots received from peer `peer`.
+    pub(crate) fn forget_received(
+        state: &State,
+        peer: &str,
+        policy: &Policy,
+    ) -> Result<Vec<RetentionDecision>, String> {
+        let filter = SnapshotFilter {
+            status: Some("completed".into()),
+            ..SnapshotFilter::default()
+        };
+        let mut records = state.catalog.list(&filter).map_err(|e| e.to_string())?;
+        let mut from_peer = Vec::new();
+        for r in records.drain(..) {
+            if state
+                .catalog
+                .origin(r.id)
+                .map_err(|e| e.to_string())?
+                .as_deref()
+                == Some(peer)
+            {
+                from_peer.push(r);
+            }
+        }
+        retain(state, policy, &from_peer, false, &format!("peer {peer}"))
+    }
+
+    /// Applies `policy` to `records` per agent and source; `what` names the policy in logs.
+    fn retain(
+        state: &State,
+        policy: &Policy,
+        records: &[SnapshotRecord],
+        dry_run: bool,
+        what: &str,
+    ) -> Result<Vec<RetentionDecision>, String> {
         let mut groups: BTreeMap<(String, String), Vec<&SnapshotRecord>> = BTreeMap::new();
-        for r in &records {
+        for r in records {
             groups
                 .entry((r.agent.clone(), r.source.clone()))
                 .or_default()
@@ -206,14 +249,14 @@ pub(crate) mod ops {
                     protected: r.protected,
                 })
                 .collect();
-            for d in apply(&job.retention, &candidates) {
+            for d in apply(policy, &candidates) {
                 let rec = recs
                     .iter()
                     .find(|r| r.id == d.id)
                     .expect("decided ids come from recs");
                 if !d.keep() && !dry_run {
                     delete(state, d.id).map_err(|e| format!("forgetting {}: {e}", d.id))?;
-                    info!(snapshot = %d.id, job = %job.name, "forgotten by retention");
+                    info!(snapshot = %d.id, policy = %what, "forgotten by retention");
                 }
                 out.push(RetentionDecision {
                     snapshot: d.id,
@@ -243,6 +286,15 @@ pub(crate) mod ops {
         }
         if rec.protected {
             return Err(format!("snapshot {id} is protected; unprotect it first"));
+        }
+        // A snapshot received from a primary stays gone: the next sync must not send it again.
+        if state
+            .catalog
+            .origin(id)
+            .map_err(|e| e.to_string())?
+            .is_some()
+        {
+            state.catalog.tombstone(id).map_err(|e| e.to_string())?;
         }
         state.store.remove_record(id).map_err(|e| e.to_string())?;
         state.catalog.delete(id).map_err(|e| e.to_string())

@@ -5,6 +5,7 @@
 //! wait for their tasks under a deadline; close the endpoint and wait until peers were told;
 //! flush the catalog.
 
+mod replica;
 mod restore;
 mod session;
 mod upload;

@@ -25,6 +25,7 @@ impl Session {
         part: ReadPart,
         send: &mut quinn::SendStream,
     ) -> Result<(), Failure> {
+        self.require_any(&[Role::Operator, Role::Agent])?;
         let rec = self.state.catalog.get(snapshot)?;
         let allowed = match self.identity.role {
             Role::Operator => true,

@@ -54,6 +54,8 @@ pub(super) struct Backup {
     pub(super) new_chunks: u64,
     pub(super) new_bytes: u64,
     pub(super) stored_bytes: u64,
+    /// A snapshot a peer is replicating: it has no catalog record until its commit.
+    pub(super) replica: bool,
 }
 
 /// One connected peer.
@@ -72,6 +74,15 @@ impl Session {
     /// The peer's name.
     pub(super) fn name(&self) -> &str {
         &self.identity.name
+    }
+
+    /// Whose chunk references this connection proves and adds: the agent's name, or
+    /// `peer/NAME` for a replicating coordinator (agent names cannot hold a `/`).
+    pub(super) fn owner(&self) -> std::borrow::Cow<'_, str> {
+        match self.identity.role {
+            Role::Peer => format!("peer/{}", self.identity.name).into(),
+            _ => self.identity.name.as_str().into(),
+        }
     }
 
     /// Runs blocking catalog or store work off the reactor; its error goes back to the caller.
@@ -140,7 +151,12 @@ impl Session {
 
     /// Refuses a request that this role may not make.
     pub(super) fn require(&self, role: Role) -> Result<(), Failure> {
-        if self.identity.role == role {
+        self.require_any(&[role])
+    }
+
+    /// Refuses a request that none of these roles may make.
+    pub(super) fn require_any(&self, roles: &[Role]) -> Result<(), Failure> {
+        if roles.contains(&self.identity.role) {
             Ok(())
         } else {
             Err(Failure::Reply(
@@ -182,9 +198,20 @@ async fn serve(
     state: Arc<State>,
     token: CancellationToken,
 ) {
-    if !matches!(identity.role, Role::Agent | Role::Operator) {
-        warn!("refusing role that may not connect here");
-        conn.close(close::NOT_AUTHORIZED.into(), b"role not allowed");
+    let allowed = match identity.role {
+        Role::Agent | Role::Operator => true,
+        // A peer certificate counts only while it is the one `issue-peer` recorded for that
+        // name: `promote` retires them.
+        Role::Peer => fleetvault_common::peer_certificate_der(&conn)
+            .is_some_and(|der| state.peer_allowed(&identity.name, &der)),
+        Role::Coordinator => false,
+    };
+    if !allowed {
+        warn!("refusing a certificate that may not connect here");
+        conn.close(
+            close::NOT_AUTHORIZED.into(),
+            b"certificate not allowed here (role, or a retired peer)",
+        );
         return;
     }
     let software = match hello(&conn, &identity).await {
@@ -234,11 +261,13 @@ async fn serve(
     } else {
         "connection to the agent was lost during the backup"
     };
+    // Replicated snapshots cut off here were never listed: nothing to mark.
     let unfinished: Vec<SnapshotId> = session
         .running
         .lock()
         .expect("running lock")
         .drain()
+        .filter(|(_, b)| !b.replica)
         .map(|(id, _)| id)
         .collect();
     for id in unfinished {
@@ -344,6 +373,7 @@ impl Session {
             Request::Abort { snapshot, reason } => self.abort(snapshot, &reason, send).await,
             Request::Read { snapshot, part } => self.read(snapshot, part, send).await,
             Request::ListSnapshots(mut filter) => {
+                self.require_any(&[Role::Operator, Role::Agent])?;
                 if self.identity.role != Role::Operator {
                     filter.agent = Some(self.identity.name.clone());
                 }
@@ -473,6 +503,38 @@ impl Session {
                     .blocking(move || crate::jobs::verify::verify(&st, snapshot))
                     .await?;
                 Ok(write_frame(send, &Response::Verified(results)).await?)
+            }
+            Request::ReplicaHave { ids } => self.replica_have(ids, send).await,
+            Request::ReplicaBegin { snapshot } => self.replica_begin(snapshot, send).await,
+            Request::ReplicaCommit { record } => self.replica_commit(*record, send).await,
+            Request::Replicate { replica } => {
+                self.require(Role::Operator)?;
+                let reports = crate::replicate::run_now(self.state.clone(), replica.as_deref())
+                    .await
+                    .map_err(|e| Failure::Reply(ErrorCode::NotFound, e))?;
+                Ok(write_frame(send, &Response::Replicated(reports)).await?)
+            }
+            Request::ListReplicas => {
+                self.require(Role::Operator)?;
+                let st = self.state.clone();
+                let list = self
+                    .blocking(move || crate::replicate::statuses(&st))
+                    .await?;
+                Ok(write_frame(send, &Response::Replicas(list)).await?)
+            }
+            Request::Promote => {
+                self.require(Role::Operator)?;
+                let st = self.state.clone();
+                let (retired_peers, agents) =
+                    self.blocking(move || super::replica::promote(&st)).await?;
+                Ok(write_frame(
+                    send,
+                    &Response::Promoted {
+                        retired_peers,
+                        agents,
+                    },
+                )
+                .await?)
             }
             Request::Chunk { .. } => Err(Failure::Protocol(
                 "chunk frame outside a PutChunks stream".into(),

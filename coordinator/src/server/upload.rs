@@ -85,7 +85,7 @@ impl Session {
         if self.uploaded.lock().expect("uploaded lock").contains(id) {
             return Ok(true);
         }
-        Ok(self.state.catalog.has_ref(self.name(), id)?)
+        Ok(self.state.catalog.has_ref(&self.owner(), id)?)
     }
 
     pub(super) async fn missing(
@@ -93,7 +93,7 @@ impl Session {
         ids: Vec<ChunkId>,
         send: &mut quinn::SendStream,
     ) -> Result<(), Failure> {
-        self.require(Role::Agent)?;
+        self.require_any(&[Role::Agent, Role::Peer])?;
         if ids.len() > MAX_MISSING_BATCH {
             return Err(Failure::Protocol(format!(
                 "{} ids in one Missing request, over the limit",
@@ -130,7 +130,7 @@ impl Session {
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
     ) -> Result<(), Failure> {
-        self.require(Role::Agent)?;
+        self.require_any(&[Role::Agent, Role::Peer])?;
         if count > MAX_PUT_BATCH {
             return Err(Failure::Protocol(format!(
                 "{count} chunks in one PutChunks, over the limit"
@@ -195,6 +195,18 @@ impl Session {
                 return Err(internal(e));
             }
         };
+        if self.identity.role == Role::Peer {
+            // Remembered at once, not at commit: a sync cut off here resumes without sending
+            // these again.
+            let st = self.state.clone();
+            let (owner, ids) = (self.owner().into_owned(), ids.clone());
+            tokio::task::spawn_blocking(move || {
+                st.catalog.add_refs(&owner, ids.iter())?;
+                st.catalog.flush()
+            })
+            .await
+            .map_err(internal)??;
+        }
         self.uploaded.lock().expect("uploaded lock").extend(ids);
         if let Some(b) = self
             .running

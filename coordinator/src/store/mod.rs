@@ -312,7 +312,8 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     written
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+/// fsyncs a directory, so renames and creations in it are durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err("syncing directory", dir))
