@@ -225,7 +225,7 @@ pub(crate) fn serve(root: &Path) -> anyhow::Result<ExitCode> {
     let store = ChunkStore::open(&dir.store())
         .with_context(|| format!("opening the chunk store {}", dir.store().display()))?;
     let mut rebuild_error = None;
-    let catalog = Catalog::open(&dir.catalog(), || match store.read_records() {
+    let catalog = Catalog::open(&dir.catalog(), || match records_with_chunks(&store) {
         Ok(r) => r,
         Err(e) => {
             rebuild_error = Some(e);
@@ -734,14 +734,41 @@ pub(crate) fn verify(root: &Path, snapshot: Option<&str>, json: bool) -> anyhow:
     Ok(ExitCode::SUCCESS)
 }
 
+/// The store's snapshot records, each with the chunks it references (manifest and data), for
+/// rebuilding a catalog: an agent's references are what lets it back up incrementally. A
+/// record whose manifest cannot be read keeps its manifest chunks only (verify reports it).
+fn records_with_chunks(
+    store: &ChunkStore,
+) -> Result<
+    Vec<(
+        fleetvault_common::SnapshotRecord,
+        Vec<fleetvault_common::ChunkId>,
+    )>,
+    crate::store::StoreError,
+> {
+    let records = store.read_records()?;
+    Ok(records
+        .into_iter()
+        .map(|rec| {
+            let Some(root) = &rec.root else {
+                return (rec, Vec::new());
+            };
+            let mut chunks: Vec<_> = root.chunks.iter().map(|c| c.id).collect();
+            match crate::server::load_manifest(store, rec.id, root) {
+                Ok((manifest, _)) => chunks.extend(manifest.data_chunks().map(|c| c.id)),
+                Err(e) => tracing::warn!(snapshot = %rec.id, error = %e, "manifest unreadable; its data chunks are not attributed to its agent"),
+            }
+            (rec, chunks)
+        })
+        .collect())
+}
+
 pub(crate) fn rebuild_catalog(root: &Path) -> anyhow::Result<ExitCode> {
     let dir = DataDir::new(root);
     dir.load_config()?;
     let store = ChunkStore::open(&dir.store())
         .with_context(|| format!("opening the chunk store {}", dir.store().display()))?;
-    let records = store
-        .read_records()
-        .context("reading the store's snapshot records")?;
+    let records = records_with_chunks(&store).context("reading the store's snapshot records")?;
     let catalog_path = dir.catalog();
     if catalog_path.exists() {
         // sled locks its files: opening it here fails while a coordinator serves this dir.
@@ -790,11 +817,26 @@ pub(crate) fn issue_peer(
     root: &Path,
     name: &str,
     out: &Path,
+    replica_name: Option<String>,
     force: bool,
 ) -> anyhow::Result<ExitCode> {
     let dir = DataDir::new(root);
     let cfg = dir.load_config()?;
     fleetvault_certs::validate_name(name).with_context(|| format!("peer name {name:?}"))?;
+    let replica = replica_name.unwrap_or_else(|| {
+        cfg.server_name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect()
+    });
+    fleetvault_certs::validate_name(&replica)
+        .with_context(|| format!("replica name {replica:?}"))?;
     let allow = dir.tls("peers").join(format!("{name}.pem"));
     if allow.exists() && !force {
         bail!(
@@ -818,17 +860,6 @@ pub(crate) fn issue_peer(
     write_file(&out.join("ca.pem"), ca.cert_pem().as_bytes(), 0o644, true)?;
     write_file(&out.join("peer.pem"), cert.cert_pem.as_bytes(), 0o644, true)?;
     write_file(&out.join("peer.key"), cert.key_pem.as_bytes(), 0o600, true)?;
-    let replica = cfg
-        .server_name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect::<String>();
     let text = format!(
         r#"# Append to the primary's coordinator.toml, after copying this directory to
 # PRIMARY_DATA_DIR/replicas/{replica}/ (paths are relative to the primary's data dir).

@@ -82,6 +82,10 @@ enum Command {
         /// Where to write the peer credentials.
         #[arg(long)]
         out: PathBuf,
+        /// What the primary will call this replica in its [[replicas]] table (default: this
+        /// coordinator's server name).
+        #[arg(long)]
+        replica_name: Option<String>,
         /// Replace the certificate already issued to this peer.
         #[arg(long)]
         force: bool,
@@ -285,8 +289,9 @@ fn main() -> ExitCode {
             name,
             dir,
             out,
+            replica_name,
             force,
-        } => commands::issue_peer(&dir.data_dir, &name, &out, force),
+        } => commands::issue_peer(&dir.data_dir, &name, &out, replica_name, force),
         Command::Replicate { dir, replica, json } => {
             commands::replicate(&dir.data_dir, replica, json)
         }

@@ -15,6 +15,7 @@ mod memory;
 mod mongodb;
 mod postgres;
 mod push;
+mod replication;
 mod schedule;
 mod security;
 mod shutdown;

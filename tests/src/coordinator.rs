@@ -217,6 +217,83 @@ impl Coordinator {
         Agent::issue(self, name)
     }
 
+    /// `coordinator.toml`.
+    pub fn config_path(&self) -> PathBuf {
+        self.data_dir.join("coordinator.toml")
+    }
+
+    /// Appends raw TOML to `coordinator.toml` (read at the next `serve` or SIGHUP).
+    pub fn append_config(&self, text: &str) -> anyhow::Result<()> {
+        let path = self.config_path();
+        let mut config = std::fs::read_to_string(&path)?;
+        config.push_str(text);
+        std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Makes `primary` replicate here as replica `replica`, the way the README says: on this
+    /// coordinator `issue-peer PEER --replica-name REPLICA --out DIR`, DIR copied to the
+    /// primary's `replicas/REPLICA/`, its `replica.toml` appended to the primary's config
+    /// (without the schedule; `extra` lines are added to the table). Returns the issue-peer
+    /// output dir.
+    pub fn add_as_replica_of(
+        &self,
+        primary: &Coordinator,
+        peer: &str,
+        replica: &str,
+        extra: &str,
+    ) -> anyhow::Result<PathBuf> {
+        let out = self
+            .root
+            .as_ref()
+            .context("root")?
+            .path()
+            .join(format!("peer-{peer}"));
+        let out_s = out.to_str().context("temp path is not UTF-8")?;
+        self.cli(&[
+            "issue-peer",
+            peer,
+            "--replica-name",
+            replica,
+            "--out",
+            out_s,
+        ])?
+        .ensure_success()?;
+        let dest = primary.data_dir().join("replicas").join(replica);
+        std::fs::create_dir_all(&dest)?;
+        for f in ["ca.pem", "peer.pem", "peer.key"] {
+            std::fs::copy(out.join(f), dest.join(f))?;
+        }
+        let table = std::fs::read_to_string(out.join("replica.toml"))?;
+        let table: String = table
+            .lines()
+            .filter(|l| !l.starts_with("schedule"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        primary.append_config(&format!("\n{table}{extra}\n"))?;
+        Ok(out)
+    }
+
+    /// `replicate [--replica NAME] --json`: the per-replica reports (success not required).
+    pub fn replicate(&self, replica: Option<&str>) -> anyhow::Result<Output> {
+        let mut args = vec!["replicate", "--json"];
+        if let Some(r) = replica {
+            args.extend_from_slice(&["--replica", r]);
+        }
+        self.cli(&args)
+    }
+
+    /// `replicas --json`.
+    pub fn replicas_json(&self) -> anyhow::Result<Vec<Value>> {
+        match self
+            .cli(&["replicas", "--json"])?
+            .ensure_success()?
+            .json()?
+        {
+            Value::Array(a) => Ok(a),
+            other => bail!("replicas --json printed a non-array: {other}"),
+        }
+    }
+
     /// `snapshots --json`, optionally with extra filter arguments.
     pub fn snapshots_json(&self, filter: &[&str]) -> anyhow::Result<Vec<Value>> {
         let mut args = vec!["snapshots", "--json"];

@@ -78,11 +78,11 @@ fn ref_key(agent: &str, id: &ChunkId) -> Vec<u8> {
 
 impl Catalog {
     /// Opens the catalog at `path`. A new catalog is filled from `records` (the store's
-    /// immutable records). Snapshots still `running` or `pending` were cut off by a crash or
+    /// immutable records, each with the chunks it references: its agent's proven chunks). Snapshots still `running` or `pending` were cut off by a crash or
     /// restart: they end `failed` here, before anything can list them.
     pub(crate) fn open(
         path: &Path,
-        records: impl FnOnce() -> Vec<SnapshotRecord>,
+        records: impl FnOnce() -> Vec<(SnapshotRecord, Vec<ChunkId>)>,
     ) -> Result<Self, CatalogError> {
         let db = sled::open(path)?;
         let catalog = Self {
@@ -97,8 +97,8 @@ impl Catalog {
             last_id: Mutex::new(0),
         };
         if catalog.snapshots.is_empty() {
-            for record in records() {
-                catalog.add_refs_of(&record)?;
+            for (record, chunks) in records() {
+                catalog.add_refs(&record.agent, chunks.iter())?;
                 catalog.put(&record)?;
             }
         }
@@ -252,13 +252,6 @@ impl Catalog {
         Ok(())
     }
 
-    fn add_refs_of(&self, rec: &SnapshotRecord) -> Result<(), CatalogError> {
-        if let Some(root) = &rec.root {
-            self.add_refs(&rec.agent, root.chunks.iter().map(|c| &c.id))?;
-        }
-        Ok(())
-    }
-
     /// Updates what is known of an agent.
     pub(crate) fn touch_agent(
         &self,
@@ -401,7 +394,7 @@ mod tests {
     fn empty_catalog_is_rebuilt_from_records() {
         let dir = tempfile::tempdir().unwrap();
         let rec = record(SnapshotId(42), SnapshotStatus::Completed);
-        let cat = Catalog::open(dir.path(), || vec![rec.clone()]).unwrap();
+        let cat = Catalog::open(dir.path(), || vec![(rec.clone(), Vec::new())]).unwrap();
         assert_eq!(cat.get(SnapshotId(42)).unwrap(), rec);
         assert_eq!(
             cat.last_completed("a", "s").unwrap().unwrap().id,

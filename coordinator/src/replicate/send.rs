@@ -254,13 +254,20 @@ async fn put_group(
     let count = group.len() as u32;
     let bytes: u64 = envelopes.iter().map(|e| e.len() as u64).sum();
     let (mut send, mut recv) = client.open(&Request::PutChunks { snapshot, count }).await?;
+    let mut written = Ok(());
     for (id, envelope) in group.into_iter().zip(envelopes) {
-        write_frame(&mut send, &Request::Chunk { id, envelope })
-            .await
-            .map_err(|e| client.lost(e))?;
+        if let Err(e) = write_frame(&mut send, &Request::Chunk { id, envelope }).await {
+            written = Err(client.lost(e));
+            break;
+        }
     }
     let _ = send.finish();
-    match client.reply(&mut recv).await? {
+    // A replica that refuses a chunk answers and stops reading: its answer says why.
+    let reply = client.reply(&mut recv).await;
+    if let (Err(e), Err(fleetvault_common::ClientError::Lost(_))) = (written, &reply) {
+        return Err(e.into());
+    }
+    match reply? {
         Response::Stored { .. } => {}
         other => bail!("unexpected reply {other:?}"),
     }
