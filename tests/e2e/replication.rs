@@ -326,3 +326,75 @@ fn primary_cli_without_dir(args: &[&str]) -> anyhow::Result<fleetvault_tests::Ou
         fleetvault_tests::COMMAND_TIMEOUT,
     )
 }
+
+#[test]
+fn scheduled_sync_retries_a_refused_primary_and_the_replica_applies_its_own_retention(
+) -> anyhow::Result<()> {
+    let mut primary = Coordinator::init()?;
+    let mut replica = Coordinator::init()?;
+    replica.append_config("\n[[peers]]\nname = \"main\"\n[peers.retention]\nkeep_last = 1\n")?;
+    replica.serve()?;
+    replica.add_as_replica_of(
+        &primary,
+        "main",
+        "offsite",
+        "schedule = \"*/2 * * * * *\"\nretry_base_secs = 1\n",
+    )?;
+    // The replica does not accept this primary yet: its peer certificate is set aside.
+    let allowed = replica.data_dir().join("tls/peers/main.pem");
+    let aside = replica.data_dir().join("main.pem.aside");
+    std::fs::rename(&allowed, &aside)?;
+    let work = scratch("replica-schedule")?;
+    let tree = work.path().join("t");
+    std::fs::create_dir_all(&tree)?;
+    let a = primary.agent("chat-a")?;
+    a.add_files_source("files", &[&tree], &[])?;
+    primary.serve()?;
+    let mut ids = Vec::new();
+    for day in 0..3 {
+        write_random_file(&tree.join(format!("day{day}.bin")), 256 << 10, 70 + day)?;
+        ids.push(snapshot_id(&a.backup_json("files")?)?);
+    }
+
+    // Failures are reported, with the next retry, and retried by themselves.
+    fleetvault_tests::wait_until("a failed scheduled sync", Duration::from_secs(60), || {
+        let s = replica_status(&primary, "offsite")?;
+        Ok(s["failures"].as_u64().unwrap_or(0) >= 2)
+    })?;
+    let status = replica_status(&primary, "offsite")?;
+    eprintln!("while refused: {status}");
+    assert!(
+        status["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not allowed")),
+        "{status}"
+    );
+    assert!(
+        status["next_retry"].is_string() && status["last_success"].is_null(),
+        "{status}"
+    );
+    assert_eq!(status["lag_snapshots"], 3, "{status}");
+    let table = primary.cli(&["replicas"])?.ensure_success()?;
+    assert!(table.stdout.contains("not allowed"), "{}", table.stdout);
+
+    std::fs::rename(&aside, &allowed)?;
+    fleetvault_tests::wait_until(
+        "a successful scheduled sync",
+        Duration::from_secs(60),
+        || {
+            let s = replica_status(&primary, "offsite")?;
+            Ok(s["last_error"].is_null() && s["lag_snapshots"] == 0)
+        },
+    )?;
+    let status = replica_status(&primary, "offsite")?;
+    assert_eq!(status["failures"], 0, "{status}");
+
+    // keep_last = 1 on the replica: only the newest stays there; the primary keeps all three
+    // and does not send the forgotten ones again.
+    assert_eq!(completed(&replica)?, vec![ids[2].clone()]);
+    assert_eq!(completed(&primary)?, ids);
+    let again = replicate_ok(&primary, "offsite")?;
+    assert_eq!(u64_field(&again, "already_present")?, 3, "{again}");
+    assert_eq!(u64_field(&again, "chunks")?, 0, "{again}");
+    Ok(())
+}
