@@ -894,10 +894,22 @@ pub(crate) fn replicate(
     replica: Option<String>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let reports = match call(root, Request::Replicate { replica })? {
-        Response::Replicated(r) => r,
-        other => bail!("unexpected reply {other:?}"),
-    };
+    let reports = runtime()?.block_on(async {
+        let client = operator(root).await?;
+        let (mut send, mut recv) = client.open(&Request::Replicate { replica }).await?;
+        let _ = send.finish();
+        let bar = report::progress_bar(None);
+        let reports = loop {
+            match client.reply(&mut recv).await? {
+                Response::Progress(p) => bar.set_position(p.bytes),
+                Response::Replicated(r) => break r,
+                other => bail!("unexpected reply {other:?}"),
+            }
+        };
+        bar.finish_and_clear();
+        client.close().await;
+        Ok(reports)
+    })?;
     if json {
         let v: Vec<_> = reports.iter().map(report::replica_report_json).collect();
         println!("{}", serde_json::to_string_pretty(&v)?);

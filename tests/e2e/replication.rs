@@ -343,7 +343,8 @@ fn scheduled_sync_retries_a_refused_primary_and_the_replica_applies_its_own_rete
     // The replica does not accept this primary yet: its peer certificate is set aside.
     let allowed = replica.data_dir().join("tls/peers/main.pem");
     let aside = replica.data_dir().join("main.pem.aside");
-    std::fs::rename(&allowed, &aside)?;
+    std::fs::copy(&allowed, &aside)?;
+    std::fs::remove_file(&allowed)?;
     let work = scratch("replica-schedule")?;
     let tree = work.path().join("t");
     std::fs::create_dir_all(&tree)?;
@@ -377,7 +378,7 @@ fn scheduled_sync_retries_a_refused_primary_and_the_replica_applies_its_own_rete
     let table = primary.cli(&["replicas"])?.ensure_success()?;
     assert!(table.stdout.contains("not allowed"), "{}", table.stdout);
 
-    std::fs::rename(&aside, &allowed)?;
+    std::fs::copy(&aside, &allowed)?;
     fleetvault_tests::wait_until(
         "a successful scheduled sync",
         Duration::from_secs(60),

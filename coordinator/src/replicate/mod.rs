@@ -20,7 +20,8 @@
 mod send;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -114,11 +115,6 @@ impl ReplicaConfig {
             })
     }
 
-    /// A credential path resolved against the data dir.
-    pub(crate) fn path(&self, root: &Path, p: &Path) -> PathBuf {
-        root.join(p)
-    }
-
     fn backoff(&self, failures: u32) -> Duration {
         let base = Duration::from_secs(self.retry_base_secs.unwrap_or(30).max(1));
         let factor = 1u32 << failures.saturating_sub(1).min(16);
@@ -136,10 +132,12 @@ fn wanted(state: &State, cfg: &ReplicaConfig) -> Result<Vec<SnapshotRecord>, Str
     Ok(list.into_iter().filter(|r| cfg.wants(r)).collect())
 }
 
-/// Syncs every configured replica (or the one named) now, one after the other.
+/// Syncs every configured replica (or the one named) now, one after the other, adding the
+/// bytes sent to `progress` as they are acknowledged.
 pub(crate) async fn run_now(
     state: Arc<State>,
     only: Option<&str>,
+    progress: Arc<AtomicU64>,
 ) -> Result<Vec<ReplicaReport>, String> {
     let replicas: Vec<ReplicaConfig> = state
         .replicas()
@@ -154,14 +152,18 @@ pub(crate) async fn run_now(
     }
     let mut out = Vec::new();
     for cfg in replicas {
-        out.push(sync(state.clone(), &cfg).await);
+        out.push(sync(state.clone(), &cfg, progress.clone()).await);
     }
     Ok(out)
 }
 
 /// One sync of `cfg`, recorded in the catalog; at most one per replica at a time (a second
 /// caller waits for the first and then runs its own, which finds little left to send).
-pub(crate) async fn sync(state: Arc<State>, cfg: &ReplicaConfig) -> ReplicaReport {
+pub(crate) async fn sync(
+    state: Arc<State>,
+    cfg: &ReplicaConfig,
+    progress: Arc<AtomicU64>,
+) -> ReplicaReport {
     let lock = state.sync_lock(&cfg.name);
     let _guard = lock.lock().await;
     let started_ms = crate::clock::now_ms();
@@ -179,7 +181,7 @@ pub(crate) async fn sync(state: Arc<State>, cfg: &ReplicaConfig) -> ReplicaRepor
         replica: cfg.name.clone(),
         ..ReplicaReport::default()
     };
-    let result = send::sync(&state, cfg, &mut report).await;
+    let result = send::sync(&state, cfg, &mut report, progress).await;
     report.duration_ms = started.elapsed().as_millis() as u64;
     let now = crate::clock::now_ms();
     match result {
@@ -303,9 +305,76 @@ pub(crate) async fn scheduler(state: Arc<State>, token: CancellationToken, track
         info!(replica = %cfg.name, "starting scheduled replica sync");
         let (st, busy) = (state.clone(), busy.clone());
         tracker.spawn(async move {
-            sync(st.clone(), &cfg).await;
+            sync(st.clone(), &cfg, Arc::default()).await;
             busy.lock().expect("busy lock").remove(&cfg.name);
             st.replica_wake.notify_one();
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetvault_common::{ChunkerParams, SnapshotId, SnapshotStatus};
+
+    fn replica(toml_text: &str) -> ReplicaConfig {
+        toml::from_str(&format!(
+            "name = \"vault\"\naddress = \"vault:7443\"\nserver_name = \"vault\"\nca = \"c\"\ncert = \"p\"\nkey = \"k\"\n{toml_text}"
+        ))
+        .unwrap()
+    }
+
+    fn rec(agent: &str, source: &str, job: Option<&str>) -> SnapshotRecord {
+        let mut r = SnapshotRecord::new(
+            SnapshotId(1),
+            agent,
+            source,
+            "files",
+            ChunkerParams::default(),
+            1,
+            SnapshotStatus::Completed,
+        );
+        r.job = job.map(str::to_owned);
+        r
+    }
+
+    #[test]
+    fn replicas_select_snapshots_by_agent_source_and_job() {
+        let all = replica("");
+        assert!(all.validate().is_ok());
+        assert!(all.wants(&rec("chat-01", "db", None)));
+        let some = replica("agents = [\"chat-*\"]\nsources = [\"db\"]\njobs = [\"nightly\"]");
+        assert!(some.wants(&rec("chat-01", "db", Some("nightly"))));
+        assert!(
+            !some.wants(&rec("chat-01", "db", None)),
+            "not made by a listed job"
+        );
+        assert!(!some.wants(&rec("web-01", "db", Some("nightly"))));
+        assert!(!some.wants(&rec("chat-01", "uploads", Some("nightly"))));
+    }
+
+    #[test]
+    fn bad_tables_are_refused_naming_the_key() {
+        let e = replica("schedule = \"every day\"").validate().unwrap_err();
+        assert!(e.contains("key `schedule`"), "{e}");
+        let e = replica("agents = [\"[\"]").validate().unwrap_err();
+        assert!(e.contains("key `agents`"), "{e}");
+        let mut r = replica("");
+        r.address = "vault".into();
+        assert!(r.validate().unwrap_err().contains("key `address`"));
+        r = replica("");
+        r.name = "bad/name".into();
+        assert!(r.validate().unwrap_err().contains("key `name`"));
+    }
+
+    #[test]
+    fn retries_back_off_doubling_up_to_an_hour() {
+        let r = replica("retry_base_secs = 10");
+        let secs: Vec<u64> = [1, 2, 3, 4, 12, 40]
+            .into_iter()
+            .map(|n| r.backoff(n).as_secs())
+            .collect();
+        assert_eq!(secs, [10, 20, 40, 80, 3600, 3600]);
+        assert_eq!(replica("").backoff(1).as_secs(), 30);
     }
 }

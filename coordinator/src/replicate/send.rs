@@ -54,18 +54,21 @@ impl Faults {
 struct Sent {
     chunks: AtomicU64,
     bytes: AtomicU64,
+    /// The caller's running total of bytes sent (for progress frames).
+    progress: Arc<AtomicU64>,
 }
 
 pub(super) async fn sync(
     state: &Arc<State>,
     cfg: &ReplicaConfig,
     report: &mut fleetvault_common::protocol::ReplicaReport,
+    progress: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
-    let root = state.root.clone();
+    let root = &state.root;
     let creds = Credentials::load(
-        &cfg.path(&root, &cfg.ca),
-        &cfg.path(&root, &cfg.cert),
-        &cfg.path(&root, &cfg.key),
+        &root.join(&cfg.ca),
+        &root.join(&cfg.cert),
+        &root.join(&cfg.key),
     )
     .with_context(|| format!("loading the peer credentials of replica {}", cfg.name))?;
     let addr = tokio::net::lookup_host(&cfg.address)
@@ -77,7 +80,7 @@ pub(super) async fn sync(
         .await
         .with_context(|| format!("connecting to replica {} at {}", cfg.name, cfg.address))?;
     let client = Arc::new(client);
-    let result = send_all(state, cfg, &client, report).await;
+    let result = send_all(state, cfg, &client, report, progress).await;
     client.shutdown().await;
     result
 }
@@ -87,6 +90,7 @@ async fn send_all(
     cfg: &ReplicaConfig,
     client: &Arc<Client>,
     report: &mut fleetvault_common::protocol::ReplicaReport,
+    progress: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
     let st = state.clone();
     let c = cfg.clone();
@@ -105,6 +109,7 @@ async fn send_all(
     let sent = Arc::new(Sent {
         chunks: AtomicU64::new(0),
         bytes: AtomicU64::new(0),
+        progress,
     });
     let todo = wanted.iter().filter(|r| !have.contains(&r.id)).count();
     info!(replica = %cfg.name, snapshots = todo, already_present = wanted.len() - todo, "replica sync started");
@@ -273,6 +278,7 @@ async fn put_group(
     }
     let acked = sent.chunks.fetch_add(u64::from(count), Ordering::Relaxed) + u64::from(count);
     sent.bytes.fetch_add(bytes, Ordering::Relaxed);
+    sent.progress.fetch_add(bytes, Ordering::Relaxed);
     if faults.abort_after.is_some_and(|n| acked >= n) {
         eprintln!("fault switch FLEETVAULT_FAULT_SYNC_ABORT_AFTER: aborting after {acked} chunks");
         std::process::abort();

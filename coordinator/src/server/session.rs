@@ -9,7 +9,7 @@ use std::time::Duration;
 use fleetvault_certs::{Identity, Role};
 use fleetvault_common::protocol::frame::{read_frame, write_frame, FrameError};
 use fleetvault_common::protocol::{
-    close, ErrorCode, Hello, HelloReply, Push, Request, Response, PROTOCOL_VERSION,
+    close, ErrorCode, Hello, HelloReply, Progress, Push, Request, Response, PROTOCOL_VERSION,
 };
 use fleetvault_common::{peer_identity, ChunkId, SnapshotId};
 use tokio_util::sync::CancellationToken;
@@ -509,9 +509,24 @@ impl Session {
             Request::ReplicaCommit { record } => self.replica_commit(*record, send).await,
             Request::Replicate { replica } => {
                 self.require(Role::Operator)?;
-                let reports = crate::replicate::run_now(self.state.clone(), replica.as_deref())
-                    .await
-                    .map_err(|e| Failure::Reply(ErrorCode::NotFound, e))?;
+                let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+                let run = crate::replicate::run_now(
+                    self.state.clone(),
+                    replica.as_deref(),
+                    progress.clone(),
+                );
+                tokio::pin!(run);
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                let reports = loop {
+                    tokio::select! {
+                        done = &mut run => break done,
+                        _ = tick.tick() => {
+                            let bytes = progress.load(std::sync::atomic::Ordering::Relaxed);
+                            write_frame(send, &Response::Progress(Progress { bytes, total: None })).await?;
+                        }
+                    }
+                }
+                .map_err(|e| Failure::Reply(ErrorCode::NotFound, e))?;
                 Ok(write_frame(send, &Response::Replicated(reports)).await?)
             }
             Request::ListReplicas => {
