@@ -9,7 +9,168 @@ use fleetvault_common::protocol::SourceInfo;
 use fleetvault_common::{ChunkerParams, Credentials};
 use serde::Deserialize;
 
+use crate::bundle::hooks::Hook;
+pub(crate) use crate::bundle::BundleConfig;
 pub(crate) use crate::source::database::{DbSource, Engine, PgFormat};
+
+/// What a profile bundle's table overrides in the database the application's config names.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DbOverrides {
+    pub(crate) host: Option<String>,
+    pub(crate) port: Option<u16>,
+    pub(crate) user: Option<String>,
+    pub(crate) password_file: Option<PathBuf>,
+    pub(crate) mongo_url: Option<String>,
+}
+
+impl DbOverrides {
+    pub(crate) fn apply(&self, db: &mut DbSource) {
+        if self.host.is_some() {
+            db.host = self.host.clone();
+        }
+        if self.port.is_some() {
+            db.port = self.port;
+        }
+        if self.user.is_some() {
+            db.user = self.user.clone();
+        }
+        if let Some(p) = &self.password_file {
+            db.password_file = Some(p.clone());
+            db.password = None;
+        }
+    }
+}
+
+/// Default timeout of a bundle hook.
+const HOOK_TIMEOUT_SECS: u64 = 300;
+
+/// Validates `[[bundles]]`, expanding profiles into generated sources appended to `sources`.
+fn load_bundles(
+    path: &Path,
+    raw: Vec<RawBundle>,
+    sources: &mut Vec<SourceConfig>,
+    abs: &dyn Fn(PathBuf) -> PathBuf,
+) -> anyhow::Result<Vec<BundleConfig>> {
+    let mut out: Vec<BundleConfig> = Vec::new();
+    for (i, b) in raw.into_iter().enumerate() {
+        let name = b.name.clone();
+        let at = || format!("invalid config {}: bundles[{i}] ({name:?})", path.display());
+        if name.is_empty() || name.len() > 128 || name.contains(['/', '\0']) {
+            bail!("{}: key `name` must be 1-128 characters without '/'", at());
+        }
+        if out.iter().any(|o| o.name == name) || sources.iter().any(|s| s.name == name) {
+            bail!("{}: key `name` is used by another bundle or source", at());
+        }
+        let timeout =
+            std::time::Duration::from_secs(b.hook_timeout_secs.unwrap_or(HOOK_TIMEOUT_SECS).max(1));
+        let hooks = |raw: Vec<RawHook>, key: &str| -> anyhow::Result<Vec<Hook>> {
+            raw.into_iter()
+                .map(|h| {
+                    let (command, secs) = match h {
+                        RawHook::Command(c) => (c, None),
+                        RawHook::Table(t) => (t.command, t.timeout_secs),
+                    };
+                    if command.trim().is_empty() {
+                        bail!("{}: key `{key}`: a hook command is empty", at());
+                    }
+                    Ok(Hook {
+                        command,
+                        timeout: secs.map_or(timeout, |s| std::time::Duration::from_secs(s.max(1))),
+                    })
+                })
+                .collect()
+        };
+        let before = b.before.map(|h| hooks(h, "before")).transpose()?;
+        let after = b.after.map(|h| hooks(h, "after")).transpose()?;
+        let root = b.root.clone().map(abs);
+        let mut bundle = BundleConfig {
+            name: name.clone(),
+            parts: b.parts.clone(),
+            before: before.clone().unwrap_or_default(),
+            after: after.clone().unwrap_or_default(),
+            profile: b.profile.clone(),
+            root: root.clone(),
+            config_file: None,
+            overrides: DbOverrides::default(),
+        };
+        if let Some(profile) = &b.profile {
+            if !b.parts.is_empty() {
+                bail!(
+                    "{}: key `parts`: the {profile} profile sets the parts",
+                    at()
+                );
+            }
+            let root = root
+                .clone()
+                .with_context(|| format!("{}: key `root` is required with a profile", at()))?;
+            let overrides = DbOverrides {
+                host: b.database_host.clone(),
+                port: b.database_port,
+                user: b.database_user.clone(),
+                password_file: b.password_file.clone().map(abs),
+                mongo_url: b.mongo_url.clone(),
+            };
+            let mut expanded =
+                crate::bundle::profiles::expand(profile, &root, b.mongo_url.as_deref())
+                    .map_err(|e| e.context(format!("{}: profile {profile}", at())))?;
+            overrides.apply(&mut expanded.database);
+            bundle.overrides = overrides;
+            let mut generated = vec![SourceConfig {
+                name: format!("{name}-db"),
+                chunker: DATABASE_CHUNKER,
+                zstd_level: fleetvault_common::chunk::DEFAULT_ZSTD_LEVEL,
+                kind: SourceKind::Database(expanded.database),
+            }];
+            for (suffix, paths) in expanded.files {
+                generated.push(SourceConfig {
+                    name: format!("{name}-{suffix}"),
+                    kind: SourceKind::Files {
+                        paths,
+                        exclude: Vec::new(),
+                    },
+                    chunker: ChunkerParams::default(),
+                    zstd_level: fleetvault_common::chunk::DEFAULT_ZSTD_LEVEL,
+                });
+            }
+            for g in &generated {
+                if sources.iter().any(|s| s.name == g.name) {
+                    bail!(
+                        "{}: the profile's source {:?} is already a source",
+                        at(),
+                        g.name
+                    );
+                }
+            }
+            let service = b
+                .service
+                .clone()
+                .unwrap_or_else(|| expanded.service.to_owned());
+            let hook = |verb: &str| Hook {
+                command: format!("systemctl {verb} {service}"),
+                timeout,
+            };
+            bundle.before = before.unwrap_or_else(|| vec![hook("stop")]);
+            bundle.after = after.unwrap_or_else(|| vec![hook("start")]);
+            bundle.parts = generated.iter().map(|g| g.name.clone()).collect();
+            bundle.config_file = Some(expanded.config_file);
+            sources.extend(generated);
+        } else {
+            if bundle.parts.is_empty() {
+                bail!(
+                    "{}: key `parts` is empty (name sources, or set a `profile`)",
+                    at()
+                );
+            }
+            for p in &bundle.parts {
+                if !sources.iter().any(|s| &s.name == p) {
+                    bail!("{}: key `parts`: {p:?} is not a source", at());
+                }
+            }
+        }
+        out.push(bundle);
+    }
+    Ok(out)
+}
 
 /// Default chunk sizes of database sources: 16/64/256 KiB. A row change then costs a small
 /// chunk, and per-chunk overhead stays low (measured in the database issue).
@@ -32,6 +193,58 @@ struct RawConfig {
     coordinator: RawCoordinator,
     #[serde(default)]
     sources: Vec<RawSource>,
+    #[serde(default)]
+    bundles: Vec<RawBundle>,
+}
+
+/// One `[[bundles]]` table: parts and hooks, or a `profile` with its `root`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBundle {
+    name: String,
+    #[serde(default)]
+    parts: Vec<String>,
+    #[serde(default)]
+    before: Option<Vec<RawHook>>,
+    #[serde(default)]
+    after: Option<Vec<RawHook>>,
+    /// Default timeout of this bundle's hooks (300 s).
+    #[serde(default)]
+    hook_timeout_secs: Option<u64>,
+    #[serde(default)]
+    profile: Option<String>,
+    #[serde(default)]
+    root: Option<PathBuf>,
+    /// The service the profile's default hooks stop and start.
+    #[serde(default)]
+    service: Option<String>,
+    /// Overrides of what the profile reads from the application's configuration.
+    #[serde(default)]
+    database_host: Option<String>,
+    #[serde(default)]
+    database_port: Option<u16>,
+    #[serde(default)]
+    database_user: Option<String>,
+    #[serde(default)]
+    password_file: Option<PathBuf>,
+    #[serde(default)]
+    mongo_url: Option<String>,
+}
+
+/// A hook: a command, or `{ command = "…", timeout_secs = N }`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawHook {
+    Command(String),
+    Table(RawHookTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHookTable {
+    command: String,
+    #[serde(default)]
+    timeout_secs: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -196,6 +409,11 @@ pub(crate) enum SourceKind {
     },
     /// A database, dumped by its own tools.
     Database(DbSource),
+    /// Bytes the agent itself produced (a bundle's index), recorded as `kind`.
+    Inline {
+        kind: &'static str,
+        bytes: std::sync::Arc<Vec<u8>>,
+    },
 }
 
 /// One configured source.
@@ -215,6 +433,7 @@ impl SourceConfig {
             SourceKind::Files { .. } => "files",
             SourceKind::Command { .. } => "command",
             SourceKind::Database(db) => db.engine.kind_name(),
+            SourceKind::Inline { kind, .. } => kind,
         }
     }
 }
@@ -224,6 +443,7 @@ impl SourceConfig {
 pub(crate) struct AgentConfig {
     pub(crate) coordinator: CoordinatorAddr,
     pub(crate) sources: Vec<SourceConfig>,
+    pub(crate) bundles: Vec<BundleConfig>,
 }
 
 impl AgentConfig {
@@ -300,6 +520,7 @@ impl AgentConfig {
                         port,
                         user,
                         password_file: password_file.map(abs),
+                        password: None,
                         uri: None,
                         format,
                         restore_jobs: restore_jobs.unwrap_or(2).clamp(1, 64),
@@ -320,6 +541,7 @@ impl AgentConfig {
                     port,
                     user,
                     password_file: password_file.map(abs),
+                    password: None,
                     uri: None,
                     format: PgFormat::Plain,
                     restore_jobs: 1,
@@ -332,6 +554,7 @@ impl AgentConfig {
                     port: None,
                     user: None,
                     password_file: None,
+                    password: None,
                     uri: None,
                     format: PgFormat::Plain,
                     restore_jobs: 1,
@@ -344,6 +567,7 @@ impl AgentConfig {
                     port: None,
                     user: None,
                     password_file: None,
+                    password: None,
                     uri: Some(non_empty(uri, "uri", &at)?),
                     format: PgFormat::Plain,
                     restore_jobs: 1,
@@ -395,10 +619,17 @@ impl AgentConfig {
                 }
             }
         }
+        let bundles = load_bundles(path, raw.bundles, &mut sources, &abs)?;
         Ok(Self {
             coordinator,
             sources,
+            bundles,
         })
+    }
+
+    /// The bundle called `name`.
+    pub(crate) fn bundle(&self, name: &str) -> Option<&BundleConfig> {
+        self.bundles.iter().find(|b| b.name == name)
     }
 
     /// The source called `name`.
@@ -423,6 +654,10 @@ impl AgentConfig {
                 name: s.name.clone(),
                 kind: s.kind_name().to_owned(),
             })
+            .chain(self.bundles.iter().map(|b| SourceInfo {
+                name: b.name.clone(),
+                kind: crate::bundle::KIND.to_owned(),
+            }))
             .collect()
     }
 

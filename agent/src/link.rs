@@ -113,6 +113,17 @@ async fn serve_push(
     let work = async {
         match &push {
             Push::Backup { source, job } => {
+                if let Some(bundle) = config.bundle(source) {
+                    let (_, result) = crate::bundle::backup(
+                        client.clone(),
+                        &config,
+                        bundle,
+                        job.clone(),
+                        std::sync::Arc::new(progress),
+                    )
+                    .await;
+                    return result.map_err(anyhow::Error::msg);
+                }
                 let source = config.source(source)?;
                 crate::backup::run(client.clone(), source, job.clone(), progress).await
             }

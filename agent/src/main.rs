@@ -1,6 +1,7 @@
 //! `fleetvault-agent`: backs up this host's sources to the coordinator and restores them.
 
 mod backup;
+mod bundle;
 mod config;
 mod link;
 mod restore;
@@ -31,12 +32,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Back up one source now.
+    /// Back up one source (or bundle) now.
     Backup {
         /// Agent config file.
         #[arg(long)]
         config: PathBuf,
-        /// Source name.
+        /// Source or bundle name.
         #[arg(long)]
         source: String,
         /// Print the result as JSON.
@@ -60,9 +61,14 @@ enum Command {
         config: PathBuf,
         /// Snapshot id (16 hex digits).
         snapshot_id: String,
-        /// Target directory (files), file or `-` for stdout (streams).
+        /// Target directory (files), file or `-` for stdout (streams); for a bundle, the new
+        /// root of the application's files (as --root).
         #[arg(long)]
         target: Option<String>,
+        /// Bundles: restore the application's files under this root (a move, or with
+        /// --database a clone beside the original, its configuration rewritten).
+        #[arg(long, conflicts_with = "target")]
+        root: Option<String>,
         /// The source to restore into (default: the snapshot's own source).
         #[arg(long)]
         source: Option<String>,
@@ -76,6 +82,15 @@ enum Command {
         #[arg(long, requires = "replace")]
         no_safety_snapshot: bool,
         /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what each bundle is (parts, paths, database, hooks) without running anything.
+    Bundles {
+        /// Agent config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -142,6 +157,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let config = AgentConfig::load(&config)?;
+            if let Some(bundle) = config.bundle(&source).cloned() {
+                return backup_bundle(&config, &bundle, json).await;
+            }
             let source = config.source(&source)?.clone();
             let client = Arc::new(connect(&config, &config.credentials()?).await?);
             let bar = report::progress_bar(None);
@@ -161,6 +179,22 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 println!("{}", report::job_summary(&report, false));
             }
             close(client).await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bundles { config, json } => {
+            let config = AgentConfig::load(&config)?;
+            let list: Vec<_> = config
+                .bundles
+                .iter()
+                .map(|b| bundle::describe(&config, b))
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for b in &list {
+                    print!("{}", bundle::describe_text(b));
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Snapshots { config, json } => {
@@ -186,6 +220,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             config,
             snapshot_id,
             target,
+            root,
             source,
             database,
             replace,
@@ -200,7 +235,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 database,
                 replace,
                 no_safety_snapshot,
-                target,
+                target: target.or(root),
             };
             let bar = report::progress_bar(None);
             let b = bar.clone();
@@ -236,6 +271,61 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             link::run(config, token).await?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `backup --source BUNDLE`: prints the bundle's index (parts, hooks) and exits non-zero
+/// unless the bundle completed and its after hooks succeeded.
+async fn backup_bundle(
+    config: &AgentConfig,
+    bundle: &bundle::BundleConfig,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let client = Arc::new(connect(config, &config.credentials()?).await?);
+    let bar = report::progress_bar(None);
+    let b = bar.clone();
+    let (index, result) = bundle::backup(
+        client.clone(),
+        config,
+        bundle,
+        None,
+        Arc::new(move |p| b.set_position(p.bytes)),
+    )
+    .await;
+    bar.finish_and_clear();
+    close(client).await;
+    let (id, error) = match &result {
+        Ok(r) => (Some(r.snapshot_id.as_str()), None),
+        Err(e) => (None, Some(e.as_str())),
+    };
+    let status = if result.is_ok() {
+        "completed"
+    } else {
+        "failed"
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&index.json(id, status, error))?
+        );
+    } else {
+        for p in &index.parts {
+            println!(
+                "part {}: {} {} ({} read, {} new chunks)",
+                p.name,
+                p.status,
+                p.snapshot_id.as_deref().unwrap_or("-"),
+                report::human_bytes(p.bytes_read),
+                p.new_chunks
+            );
+        }
+        if let Some(id) = id {
+            println!("bundle {} completed: snapshot {id}", bundle.name);
+        }
+    }
+    match result {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        Err(e) => bail!("bundle {}: {e}", bundle.name),
     }
 }
 

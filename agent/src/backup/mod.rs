@@ -239,6 +239,11 @@ fn chunk_source(
             let checksum = stream.checksum;
             (Manifest::Stream(stream), Some(checksum), Vec::new(), 0)
         }
+        SourceKind::Inline { bytes, .. } => {
+            let stream = batcher.chunk_stream(&bytes[..])?;
+            let checksum = stream.checksum;
+            (Manifest::Stream(stream), Some(checksum), Vec::new(), 0)
+        }
         SourceKind::Database(db) => {
             // A blocking thread of the runtime: the client library's futures run on it.
             let rt = tokio::runtime::Handle::current();

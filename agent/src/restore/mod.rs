@@ -38,6 +38,9 @@ pub(crate) enum Target {
     Command(String),
     /// A database snapshot into a database.
     Database(Box<DbRestore>),
+    /// A files snapshot whose paths lie under `from`, restored with `from` replaced by `dir`
+    /// (a bundle restored under a new root).
+    Relocated { dir: PathBuf, from: PathBuf },
 }
 
 /// Chunks buffered between the network and the sink.
@@ -85,6 +88,15 @@ async fn open_read(
     Ok((rec, manifest, recv))
 }
 
+/// Reads a snapshot's record (and checks its manifest).
+pub(crate) async fn read_record(
+    client: &Client,
+    snapshot: SnapshotId,
+) -> anyhow::Result<SnapshotRecord> {
+    let (rec, _, _) = open_read(client, snapshot, ReadPart::Manifest).await?;
+    Ok(rec)
+}
+
 /// Reads only a snapshot's manifest (for unchanged-file detection).
 pub(crate) async fn read_manifest(
     client: &Client,
@@ -107,6 +119,7 @@ pub(crate) async fn run(
         Target::Stdout => Some("-".into()),
         Target::Command(c) => Some(format!("restore_command `{c}`")),
         Target::Database(r) => Some(r.db.database.clone()),
+        Target::Relocated { dir, .. } => Some(dir.display().to_string()),
     };
     let (rec, manifest, mut recv) = open_read(&client, snapshot, ReadPart::All).await?;
     let total = manifest.logical_len();
@@ -166,6 +179,41 @@ pub(crate) async fn run(
     })
 }
 
+/// `tree` with the leading `from` (an absolute directory) stripped from every path; the entry
+/// of `from` itself is dropped (its directory is the new target). Everything must lie under it.
+fn relocate(
+    tree: &fleetvault_common::TreeManifest,
+    from: &std::path::Path,
+) -> anyhow::Result<fleetvault_common::TreeManifest> {
+    use std::os::unix::ffi::OsStrExt;
+    let prefix = from.as_os_str().as_bytes();
+    let prefix = &prefix[prefix
+        .iter()
+        .position(|&b| b != b'/')
+        .unwrap_or(prefix.len())..];
+    let mut out = fleetvault_common::TreeManifest::default();
+    for e in &tree.entries {
+        if e.path == prefix {
+            continue;
+        }
+        let rest = e
+            .path
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix(b"/"))
+            .with_context(|| {
+                format!(
+                    "{} is not under {}: cannot move it",
+                    String::from_utf8_lossy(&e.path),
+                    from.display()
+                )
+            })?;
+        let mut moved = e.clone();
+        moved.path = rest.to_vec();
+        out.entries.push(moved);
+    }
+    Ok(out)
+}
+
 /// Feeds the sink from the reassembler (blocking).
 fn write_sink(
     reasm: &mut Reassembler,
@@ -180,11 +228,21 @@ fn write_sink(
             })?;
             Ok(())
         }
+        (Manifest::Tree(tree), Target::Relocated { dir, from }) => {
+            let tree = relocate(tree, from)?;
+            files_sink::restore_tree(dir, &tree, &mut |r| reasm.next(r), &mut |n| {
+                written.fetch_add(n, Ordering::Relaxed);
+            })?;
+            Ok(())
+        }
         (_, Target::Database(r)) => {
             let rt = tokio::runtime::Handle::current();
             db_sink::restore(r, manifest, reasm, written, &rt)
         }
         (Manifest::Tree(_), _) => bail!("a files snapshot needs a target directory (--target DIR)"),
+        (Manifest::Stream(_), Target::Relocated { .. }) => {
+            bail!("a stream snapshot cannot be relocated")
+        }
         (Manifest::Stream(stream), Target::Stdout) => {
             let out = std::io::stdout();
             let mut out = out.lock();
@@ -223,6 +281,62 @@ fn write_sink(
     }
 }
 
+/// A bundle snapshot restored behind its hooks; `options.target` is the new root of a clone
+/// or a move. Parts and hooks are reported in the warnings, one line each.
+async fn restore_bundle(
+    client: Arc<Client>,
+    config: &AgentConfig,
+    snapshot: SnapshotId,
+    options: &RestoreOptions,
+) -> anyhow::Result<JobReport> {
+    let started = Instant::now();
+    let how = crate::bundle::BundleRestore {
+        root: options.target.as_ref().map(PathBuf::from),
+        database: options.database.clone(),
+        replace: options.replace,
+    };
+    let r = crate::bundle::restore(client.clone(), config, snapshot, &how).await?;
+    let mut lines: Vec<String> = r
+        .parts
+        .iter()
+        .map(|p| {
+            format!(
+                "part {}: {} {}",
+                p["name"].as_str().unwrap_or(""),
+                p["status"].as_str().unwrap_or(""),
+                p["restored_to"]
+                    .as_str()
+                    .or(p["error"].as_str())
+                    .unwrap_or("")
+            )
+        })
+        .collect();
+    lines.extend(r.hooks.iter().filter(|h| !h.ok()).map(|h| h.failure()));
+    if let Some(c) = &r.config_rewritten {
+        lines.push(format!("configuration rewritten: {c}"));
+    }
+    if let Some(e) = &r.error {
+        bail!(
+            "restore of bundle {} (snapshot {snapshot}) failed: {e}",
+            r.bundle
+        );
+    }
+    Ok(JobReport {
+        snapshot_id: snapshot.to_string(),
+        status: r.status,
+        agent: client.identity().trim_start_matches("agent/").to_owned(),
+        source: r.bundle.clone(),
+        bytes_written: 0,
+        duration_ms: started.elapsed().as_millis() as u64,
+        warnings: lines,
+        restored_to: Some(match &how.root {
+            Some(root) => format!("bundle {} under {}", r.bundle, root.display()),
+            None => format!("bundle {}", r.bundle),
+        }),
+        ..JobReport::default()
+    })
+}
+
 /// Restores `snapshot` into one of this agent's sources (or to `options.target`): the
 /// snapshot's own source by default, or `options.source`. Everything is checked before
 /// anything is touched: the kinds match, the target database is empty (or `--replace`), the
@@ -236,6 +350,24 @@ pub(crate) async fn run_into(
     progress: impl Fn(Progress) + Send + Sync + 'static,
 ) -> anyhow::Result<JobReport> {
     let (rec, _manifest, _) = open_read(&client, snapshot, ReadPart::Manifest).await?;
+    if rec.kind == crate::bundle::KIND {
+        return restore_bundle(client, config, snapshot, options).await;
+    }
+    run_into_plain(client, config, rec, options, progress).await
+}
+
+/// [`run_into`] of a snapshot that is not a bundle (`rec` is its record).
+pub(crate) async fn run_into_plain(
+    client: Arc<Client>,
+    config: &AgentConfig,
+    rec: SnapshotRecord,
+    options: &RestoreOptions,
+    progress: impl Fn(Progress) + Send + Sync + 'static,
+) -> anyhow::Result<JobReport> {
+    let snapshot = rec.id;
+    if rec.kind == crate::bundle::KIND {
+        bail!("snapshot {snapshot} is a bundle: it cannot be a part of another");
+    }
     if let Some(t) = &options.target {
         let target = if t == "-" {
             Target::Stdout
@@ -258,6 +390,7 @@ pub(crate) async fn run_into(
     };
     match &source.kind {
         SourceKind::Files { .. } => bail!("a files snapshot needs --target DIR"),
+        SourceKind::Inline { .. } => bail!("source {name} cannot be restored into"),
         SourceKind::Command {
             restore_command, ..
         } => {

@@ -51,6 +51,16 @@ pub(crate) enum PgFormat {
     Custom,
 }
 
+/// A secret that `Debug` never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Secret(pub(crate) String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
 /// A configured database source.
 #[derive(Debug, Clone)]
 pub(crate) struct DbSource {
@@ -63,6 +73,8 @@ pub(crate) struct DbSource {
     pub(crate) user: Option<String>,
     /// A file holding the password (must not be readable by others).
     pub(crate) password_file: Option<PathBuf>,
+    /// A password read from the application's own configuration (profiles).
+    pub(crate) password: Option<Secret>,
     /// MongoDB connection string.
     pub(crate) uri: Option<String>,
     /// PostgreSQL dump format.
@@ -83,8 +95,12 @@ impl DbSource {
         }
     }
 
-    /// The password from `password_file` (trailing newline removed), if one is configured.
+    /// The password from `password_file` (trailing newline removed) or from the
+    /// application's configuration, if one is configured.
     pub(crate) fn password(&self) -> anyhow::Result<Option<String>> {
+        if let Some(Secret(p)) = &self.password {
+            return Ok(Some(p.clone()));
+        }
         let Some(path) = &self.password_file else {
             return Ok(None);
         };

@@ -1,0 +1,562 @@
+//! Application bundles: an app's database, files and config backed up together behind
+//! ordered hooks, and restored (or cloned) together.
+//!
+//! ```text
+//! backup:  before hooks ─▶ part 1 ─▶ part 2 … (stop at a failure) ─▶ after hooks (always)
+//!          ─▶ the bundle snapshot: kind `bundle`, its content the index (JSON) below
+//! restore: index ─▶ restore-before hooks ─▶ each part in order ─▶ restore-after hooks
+//!          (always) ─▶ a clone's config rewritten
+//! ```
+//!
+//! Each part is an ordinary snapshot of its source, tagged `bundle:NAME`; the bundle
+//! snapshot is taken last, so it has the newest id and exists only if every part completed
+//! (a failed bundle is recorded `failed` with the reason). Its index lists the parts with
+//! their snapshot ids, status and sizes, and every hook's output.
+
+pub(crate) mod hooks;
+pub(crate) mod profiles;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use fleetvault_common::protocol::{Begin, Progress, Request, Response, RestoreOptions};
+use fleetvault_common::{Client, JobReport, SnapshotId};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{AgentConfig, SourceConfig, SourceKind};
+use hooks::{Hook, HookLog};
+
+/// The source kind (and snapshot kind) of a bundle snapshot.
+pub(crate) const KIND: &str = "bundle";
+
+/// A configured bundle.
+#[derive(Debug, Clone)]
+pub(crate) struct BundleConfig {
+    pub(crate) name: String,
+    /// Source names, in backup and restore order.
+    pub(crate) parts: Vec<String>,
+    pub(crate) before: Vec<Hook>,
+    pub(crate) after: Vec<Hook>,
+    pub(crate) profile: Option<String>,
+    /// The application's directory (profiles; optional otherwise): `--root` moves it.
+    pub(crate) root: Option<PathBuf>,
+    /// The application's configuration file, rewritten by a clone.
+    pub(crate) config_file: Option<PathBuf>,
+    /// A profile's overrides of the database its application's configuration names.
+    pub(crate) overrides: crate::config::DbOverrides,
+}
+
+/// One part in the index.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct PartRecord {
+    pub(crate) name: String,
+    pub(crate) kind: String,
+    pub(crate) snapshot_id: Option<String>,
+    pub(crate) status: String,
+    pub(crate) error: Option<String>,
+    pub(crate) bytes_read: u64,
+    pub(crate) bytes_uploaded: u64,
+    pub(crate) chunks: u64,
+    pub(crate) new_chunks: u64,
+    pub(crate) files_unchanged: u64,
+    /// The database name, for database parts.
+    pub(crate) database: Option<String>,
+}
+
+/// The content of a bundle snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct BundleIndex {
+    pub(crate) bundle: String,
+    pub(crate) profile: Option<String>,
+    pub(crate) root: Option<PathBuf>,
+    pub(crate) config_file: Option<PathBuf>,
+    pub(crate) parts: Vec<PartRecord>,
+    pub(crate) hooks: Vec<HookLog>,
+}
+
+impl BundleIndex {
+    /// The JSON object shown by `--json`.
+    pub(crate) fn json(
+        &self,
+        id: Option<&str>,
+        status: &str,
+        error: Option<&str>,
+    ) -> serde_json::Value {
+        serde_json::json!({
+            "snapshot_id": id,
+            "bundle": self.bundle,
+            "status": status,
+            "error": error,
+            "profile": self.profile,
+            "parts": self.parts,
+            "hooks": self.hooks,
+        })
+    }
+}
+
+fn vars(b: &BundleConfig) -> Vec<(&'static str, String)> {
+    vec![
+        ("FLEETVAULT_BUNDLE", b.name.clone()),
+        ("FLEETVAULT_PARTS", b.parts.join(" ")),
+    ]
+}
+
+type SharedProgress = Arc<dyn Fn(Progress) + Send + Sync>;
+
+/// Backs up `bundle`: hooks and parts in order, then the bundle snapshot. Returns the index
+/// and the bundle snapshot's report, or the index and why the bundle failed.
+pub(crate) async fn backup(
+    client: Arc<Client>,
+    config: &AgentConfig,
+    bundle: &BundleConfig,
+    job: Option<String>,
+    progress: SharedProgress,
+) -> (BundleIndex, Result<JobReport, String>) {
+    let mut index = BundleIndex {
+        bundle: bundle.name.clone(),
+        profile: bundle.profile.clone(),
+        root: bundle.root.clone(),
+        config_file: bundle.config_file.clone(),
+        parts: Vec::new(),
+        hooks: Vec::new(),
+    };
+    let base = vars(bundle);
+    let (logs, mut ok) = hooks::run_all(&bundle.before, "before", &base, true).await;
+    let mut failure = (!ok).then(|| logs.last().map(HookLog::failure).unwrap_or_default());
+    index.hooks.extend(logs);
+    let mut current = String::new();
+    let done: u64 = 0;
+    if ok {
+        for name in &bundle.parts {
+            current = name.clone();
+            let Ok(source) = config.source(name) else {
+                failure = Some(format!("part {name} is not a source of this agent"));
+                ok = false;
+                break;
+            };
+            let p = progress.clone();
+            let tags = vec![format!("bundle:{}", bundle.name)];
+            let result =
+                crate::backup::run_tagged(client.clone(), source, job.clone(), tags, move |pr| {
+                    p(Progress {
+                        bytes: done + pr.bytes,
+                        total: None,
+                    })
+                })
+                .await;
+            match result {
+                Ok(r) => index.parts.push(part_record(source, Some(&r), None)),
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    index.parts.push(part_record(source, None, Some(&e)));
+                    failure = Some(format!("part {name}: {e}"));
+                    ok = false;
+                    break;
+                }
+            }
+        }
+    }
+    let mut after_vars = base.clone();
+    after_vars.push(("FLEETVAULT_PART", current));
+    after_vars.push(("FLEETVAULT_STATUS", if ok { "ok" } else { "failed" }.into()));
+    let (logs, after_ok) = hooks::run_all(&bundle.after, "after", &after_vars, false).await;
+    let after_failure = logs.iter().find(|l| !l.ok()).map(HookLog::failure);
+    index.hooks.extend(logs);
+    if let Some(reason) = failure {
+        let reason = match after_failure {
+            Some(a) => format!("{reason}; and {a}"),
+            None => reason,
+        };
+        record_failed(&client, bundle, &reason).await;
+        return (index, Err(reason));
+    }
+    let bytes = match serde_json::to_vec_pretty(&index) {
+        Ok(b) => b,
+        Err(e) => return (index, Err(e.to_string())),
+    };
+    let source = SourceConfig {
+        name: bundle.name.clone(),
+        kind: SourceKind::Inline {
+            kind: KIND,
+            bytes: Arc::new(bytes),
+        },
+        chunker: fleetvault_common::ChunkerParams::default(),
+        zstd_level: fleetvault_common::chunk::DEFAULT_ZSTD_LEVEL,
+    };
+    let mut tags = vec![KIND.to_owned()];
+    tags.extend(bundle.profile.iter().map(|p| format!("profile:{p}")));
+    let committed = crate::backup::run_tagged(client, &source, job, tags, |_| {}).await;
+    let result = match (committed, after_ok) {
+        (Ok(r), true) => Ok(r),
+        (Ok(r), false) => Err(format!(
+            "bundle {} completed as snapshot {}, but {}",
+            bundle.name,
+            r.snapshot_id,
+            after_failure.unwrap_or_default()
+        )),
+        (Err(e), _) => Err(format!("{e:#}")),
+    };
+    (index, result)
+}
+
+fn part_record(source: &SourceConfig, r: Option<&JobReport>, error: Option<&str>) -> PartRecord {
+    PartRecord {
+        name: source.name.clone(),
+        kind: source.kind_name().to_owned(),
+        snapshot_id: r.map(|r| r.snapshot_id.clone()),
+        status: if r.is_some() { "completed" } else { "failed" }.into(),
+        error: error.map(str::to_owned),
+        bytes_read: r.map_or(0, |r| r.bytes_read),
+        bytes_uploaded: r.map_or(0, |r| r.bytes_uploaded),
+        chunks: r.map_or(0, |r| r.chunks),
+        new_chunks: r.map_or(0, |r| r.new_chunks),
+        files_unchanged: r.map_or(0, |r| r.files_unchanged),
+        database: match &source.kind {
+            SourceKind::Database(db) => Some(db.database.clone()),
+            _ => None,
+        },
+    }
+}
+
+/// Lists a failed bundle in the catalog, with the reason.
+async fn record_failed(client: &Client, bundle: &BundleConfig, reason: &str) {
+    let begin = Begin {
+        source: bundle.name.clone(),
+        kind: KIND.into(),
+        chunker: fleetvault_common::ChunkerParams::default(),
+        job: None,
+        tags: vec![KIND.into()],
+    };
+    if let Ok(Response::Begun { snapshot, .. }) = client.call(&Request::Begin(begin)).await {
+        let abort = Request::Abort {
+            snapshot,
+            reason: reason.to_owned(),
+        };
+        if let Err(e) = client.call(&abort).await {
+            tracing::warn!(error = %e, "cannot record the failed bundle");
+        }
+    }
+}
+
+/// How a bundle is restored.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BundleRestore {
+    /// The application's files under this root instead of the original one.
+    pub(crate) root: Option<PathBuf>,
+    /// The database under this name instead of the original one.
+    pub(crate) database: Option<String>,
+    /// Replace an existing database (a safety snapshot first).
+    pub(crate) replace: bool,
+}
+
+/// What a bundle restore did.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct RestoreReport {
+    pub(crate) snapshot_id: String,
+    pub(crate) bundle: String,
+    pub(crate) status: String,
+    pub(crate) error: Option<String>,
+    pub(crate) parts: Vec<serde_json::Value>,
+    pub(crate) hooks: Vec<HookLog>,
+    pub(crate) config_rewritten: Option<String>,
+}
+
+/// Reads a bundle snapshot's index.
+pub(crate) async fn read_index(
+    client: Arc<Client>,
+    snapshot: SnapshotId,
+) -> anyhow::Result<BundleIndex> {
+    let dir = tempfile::tempdir().context("creating a temporary directory")?;
+    let path = dir.path().join("index.json");
+    crate::restore::run(
+        client,
+        snapshot,
+        crate::restore::Target::Path(path.clone()),
+        |_| {},
+    )
+    .await?;
+    let bytes = std::fs::read(&path).context("reading the bundle index")?;
+    serde_json::from_slice(&bytes).with_context(|| format!("snapshot {snapshot}: bad bundle index"))
+}
+
+/// Restores bundle snapshot `snapshot` into this agent's bundle of the same name: hooks,
+/// every part in order, hooks; a clone's configuration rewritten last.
+pub(crate) async fn restore(
+    client: Arc<Client>,
+    config: &AgentConfig,
+    snapshot: SnapshotId,
+    how: &BundleRestore,
+) -> anyhow::Result<RestoreReport> {
+    let index = read_index(client.clone(), snapshot).await?;
+    let bundle = config.bundle(&index.bundle).with_context(|| {
+        format!(
+            "snapshot {snapshot} is bundle {:?}: restore it on an agent whose agent.toml has that bundle",
+            index.bundle
+        )
+    })?;
+    let old_root = index.root.clone().or_else(|| bundle.root.clone());
+    if how.root.is_some() && old_root.is_none() {
+        bail!(
+            "bundle {} has no `root`: --root cannot move it",
+            bundle.name
+        );
+    }
+    for p in &index.parts {
+        config
+            .source(&p.name)
+            .with_context(|| format!("bundle {}: part {}", bundle.name, p.name))?;
+    }
+    let mut report = RestoreReport {
+        snapshot_id: snapshot.to_string(),
+        bundle: bundle.name.clone(),
+        status: "completed".into(),
+        error: None,
+        parts: Vec::new(),
+        hooks: Vec::new(),
+        config_rewritten: None,
+    };
+    let mut v = vars(bundle);
+    v.push(("FLEETVAULT_SNAPSHOT_ID", snapshot.to_string()));
+    let (logs, ok) = hooks::run_all(&bundle.before, "restore-before", &v, true).await;
+    let mut failure = (!ok).then(|| logs.last().map(HookLog::failure).unwrap_or_default());
+    report.hooks.extend(logs);
+    let mut current = String::new();
+    // Files first: a profile's database target is what the restored configuration names.
+    let mut order: Vec<&PartRecord> = index.parts.iter().filter(|p| p.kind == "files").collect();
+    order.extend(index.parts.iter().filter(|p| p.kind != "files"));
+    if ok {
+        for part in order {
+            current = part.name.clone();
+            match restore_part(&client, config, bundle, part, old_root.as_deref(), how).await {
+                Ok(r) => report.parts.push(serde_json::json!({
+                    "name": part.name,
+                    "snapshot_id": part.snapshot_id,
+                    "status": "completed",
+                    "restored_to": r.restored_to,
+                    "bytes_written": r.bytes_written,
+                    "safety_snapshot_id": r.safety_snapshot_id,
+                })),
+                Err(e) => {
+                    let e = format!("part {}: {e:#}", part.name);
+                    report.parts.push(serde_json::json!({
+                        "name": part.name, "snapshot_id": part.snapshot_id, "status": "failed", "error": e,
+                    }));
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    if failure.is_none() {
+        if let (Some(new_root), Some(old_root)) = (&how.root, &old_root) {
+            match rewrite(&index, old_root, new_root, how.database.as_deref()) {
+                Ok(path) => report.config_rewritten = path,
+                Err(e) => failure = Some(format!("rewriting the clone's configuration: {e:#}")),
+            }
+        }
+    }
+    v.push(("FLEETVAULT_PART", current));
+    v.push((
+        "FLEETVAULT_STATUS",
+        if failure.is_none() { "ok" } else { "failed" }.into(),
+    ));
+    let (logs, _) = hooks::run_all(&bundle.after, "restore-after", &v, false).await;
+    if let Some(a) = logs.iter().find(|l| !l.ok()) {
+        let a = a.failure();
+        failure = Some(match failure {
+            Some(f) => format!("{f}; and {a}"),
+            None => a,
+        });
+    }
+    report.hooks.extend(logs);
+    if let Some(f) = failure {
+        report.status = "failed".into();
+        report.error = Some(f);
+    }
+    Ok(report)
+}
+
+async fn restore_part(
+    client: &Arc<Client>,
+    config: &AgentConfig,
+    bundle: &BundleConfig,
+    part: &PartRecord,
+    old_root: Option<&Path>,
+    how: &BundleRestore,
+) -> anyhow::Result<JobReport> {
+    let id: SnapshotId = part
+        .snapshot_id
+        .as_deref()
+        .context("the part has no snapshot")?
+        .parse()?;
+    let source = config.source(&part.name)?;
+    match &source.kind {
+        SourceKind::Files { .. } => {
+            let target = match (&how.root, old_root) {
+                (Some(new_root), Some(old_root)) => crate::restore::Target::Relocated {
+                    dir: new_root.clone(),
+                    from: old_root.to_owned(),
+                },
+                _ => crate::restore::Target::Path(PathBuf::from("/")),
+            };
+            crate::restore::run(client.clone(), id, target, |_| {}).await
+        }
+        _ => {
+            let options = RestoreOptions {
+                source: Some(part.name.clone()),
+                database: how.database.clone(),
+                replace: how.replace,
+                no_safety_snapshot: false,
+                target: None,
+            };
+            let rec = crate::restore::read_record(client, id).await?;
+            let mut config = config.clone();
+            if let (Some(profile), SourceKind::Database(_)) = (&bundle.profile, &source.kind) {
+                // The database the (restored) application configuration names, as at backup.
+                let root = how.root.as_deref().or(old_root).or(bundle.root.as_deref());
+                let root = root.context("the bundle has no root")?;
+                let mut e = profiles::expand(profile, root, bundle.overrides.mongo_url.as_deref())?;
+                bundle.overrides.apply(&mut e.database);
+                if e.database.database.is_empty() {
+                    bail!(
+                        "{} was not restored: cannot tell which database to restore into",
+                        e.config_file.display()
+                    );
+                }
+                if let Some(s) = config.sources.iter_mut().find(|s| s.name == part.name) {
+                    s.kind = SourceKind::Database(crate::config::DbSource {
+                        restrict_key: None,
+                        ..e.database
+                    });
+                }
+            }
+            crate::restore::run_into_plain(client.clone(), &config, rec, &options, |_| {}).await
+        }
+    }
+}
+
+/// Rewrites the restored copy of the app's configuration for a clone; returns its path.
+fn rewrite(
+    index: &BundleIndex,
+    old_root: &Path,
+    new_root: &Path,
+    new_db: Option<&str>,
+) -> anyhow::Result<Option<String>> {
+    let (Some(profile), Some(file)) = (&index.profile, &index.config_file) else {
+        return Ok(None);
+    };
+    let rel = file
+        .strip_prefix(old_root)
+        .with_context(|| format!("{} is not under {}", file.display(), old_root.display()))?;
+    let path = new_root.join(rel);
+    let old_db = index
+        .parts
+        .iter()
+        .find_map(|p| p.database.clone())
+        .unwrap_or_default();
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let out = profiles::rewrite_config(profile, &text, &old_db, new_db, old_root, new_root)?;
+    let tmp = path.with_extension("fleetvault-tmp");
+    std::fs::write(&tmp, out).with_context(|| format!("writing {}", tmp.display()))?;
+    let perms = std::fs::metadata(&path)?.permissions();
+    std::fs::set_permissions(&tmp, perms)?;
+    #[allow(clippy::disallowed_methods)] // replacing one config file atomically, not a chunk
+    std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(Some(path.display().to_string()))
+}
+
+/// The text form of [`describe`].
+pub(crate) fn describe_text(b: &serde_json::Value) -> String {
+    let mut out = format!("bundle {}", b["name"].as_str().unwrap_or(""));
+    if let Some(p) = b["profile"].as_str() {
+        out.push_str(&format!(
+            " (profile {p}, root {})",
+            b["root"].as_str().unwrap_or("-")
+        ));
+    }
+    out.push('\n');
+    for h in b["before"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  before: {} (timeout {} s)\n",
+            h["command"].as_str().unwrap_or(""),
+            h["timeout_secs"]
+        ));
+    }
+    for p in b["parts"].as_array().into_iter().flatten() {
+        let what = match p["kind"].as_str().unwrap_or("") {
+            "files" => p["paths"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default(),
+            "missing" => "not a source of this agent".into(),
+            _ if p["database"].is_string() => format!(
+                "database {} on {}{} as {}, password {}",
+                p["database"].as_str().unwrap_or(""),
+                p["host"].as_str().unwrap_or("the default host"),
+                p["port"]
+                    .as_u64()
+                    .map(|n| format!(":{n}"))
+                    .unwrap_or_default(),
+                p["user"].as_str().unwrap_or("the default user"),
+                p["password"].as_str().unwrap_or("")
+            ),
+            _ => String::new(),
+        };
+        out.push_str(&format!(
+            "  part {} ({}): {what}\n",
+            p["name"].as_str().unwrap_or(""),
+            p["kind"].as_str().unwrap_or("")
+        ));
+    }
+    for h in b["after"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  after: {} (timeout {} s)\n",
+            h["command"].as_str().unwrap_or(""),
+            h["timeout_secs"]
+        ));
+    }
+    out
+}
+
+/// The lines `fleetvault-agent bundles` prints for one bundle (no secrets).
+pub(crate) fn describe(config: &AgentConfig, b: &BundleConfig) -> serde_json::Value {
+    let parts: Vec<serde_json::Value> = b
+        .parts
+        .iter()
+        .map(|p| match config.source(p) {
+            Ok(s) => match &s.kind {
+                SourceKind::Files { paths, exclude } => serde_json::json!({
+                    "name": p, "kind": "files", "paths": paths, "exclude": exclude,
+                }),
+                SourceKind::Database(db) => serde_json::json!({
+                    "name": p, "kind": db.engine.kind_name(), "database": db.database,
+                    "host": db.host, "port": db.port, "user": db.user,
+                    "password": if db.password.is_some() || db.password_file.is_some() { "(set, not shown)" } else { "(none)" },
+                }),
+                _ => serde_json::json!({ "name": p, "kind": s.kind_name() }),
+            },
+            Err(_) => serde_json::json!({ "name": p, "kind": "missing" }),
+        })
+        .collect();
+    let hooks = |h: &[Hook]| -> Vec<serde_json::Value> {
+        h.iter()
+            .map(|h| serde_json::json!({"command": h.command, "timeout_secs": h.timeout.as_secs()}))
+            .collect()
+    };
+    serde_json::json!({
+        "name": b.name,
+        "profile": b.profile,
+        "root": b.root,
+        "config_file": b.config_file,
+        "parts": parts,
+        "before": hooks(&b.before),
+        "after": hooks(&b.after),
+    })
+}
