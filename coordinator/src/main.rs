@@ -1,5 +1,6 @@
 //! `fleetvault-coordinator`: the fleet's backup server and the operator's command line.
 
+mod bundle;
 mod catalog;
 mod clock;
 mod commands;

@@ -151,15 +151,19 @@ impl LiveAgents {
     pub(crate) async fn push_restore(
         &self,
         agent: &str,
-        snapshot: SnapshotId,
+        snapshots: &[SnapshotId],
         push: Push,
         reply: &mut quinn::SendStream,
     ) -> Result<(), Failure> {
         let conn = self.conn(agent)?;
-        info!(agent, snapshot = %snapshot, "pushing restore");
-        self.set_grant(agent, snapshot, true);
+        info!(agent, snapshots = ?snapshots, "pushing restore");
+        for s in snapshots {
+            self.set_grant(agent, *s, true);
+        }
         let result = relay(agent, &conn, &push, reply).await;
-        self.set_grant(agent, snapshot, false);
+        for s in snapshots {
+            self.set_grant(agent, *s, false);
+        }
         result
     }
 }

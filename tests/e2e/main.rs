@@ -2,6 +2,7 @@
 //! through their command lines. One test binary, one module per scenario, tests named as
 //! operator stories. The harness (guards, test data, tree comparison) is `tests/src/`.
 
+mod bundles;
 mod command_stream;
 mod corruption;
 mod crash;

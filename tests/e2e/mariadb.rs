@@ -6,7 +6,7 @@ use fleetvault_tests::databases::{MariaDb, Postgres};
 use fleetvault_tests::report::{find_snapshot, snapshot_id, u64_field};
 use fleetvault_tests::Coordinator;
 
-const DAY_ONE: &str = r"
+pub(crate) const DAY_ONE: &str = r"
 CREATE TABLE users (id INT AUTO_INCREMENT PRIMARY KEY, name VARCHAR(100) NOT NULL UNIQUE) CHARACTER SET utf8mb4;
 CREATE TABLE posts (
     id BIGINT AUTO_INCREMENT PRIMARY KEY,

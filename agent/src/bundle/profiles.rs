@@ -206,7 +206,7 @@ pub(crate) fn mattermost(root: &Path) -> anyhow::Result<Expanded> {
         .as_str()
         .unwrap_or("./data/")
         .to_owned();
-    let data = root.join(dir.trim_start_matches("./"));
+    let data: PathBuf = root.join(&dir).components().collect();
     let mut files = vec![("data", vec![data]), ("config", vec![root.join("config")])];
     let plugins = existing(root, &["plugins", "client/plugins"]);
     if !plugins.is_empty() {

@@ -67,7 +67,12 @@ pub(crate) fn walk(
         tree: TreeManifest::default(),
         report: WalkReport::default(),
     };
-    let mut roots = spec.paths.clone();
+    // `a/b/` and `a/./b` name `a/b`: manifest paths must never hold empty or `.` components.
+    let mut roots: Vec<PathBuf> = spec
+        .paths
+        .iter()
+        .map(|p| p.components().collect())
+        .collect();
     roots.sort();
     roots.dedup();
     for root in &roots {

@@ -135,6 +135,19 @@ impl Session {
         Ok(())
     }
 
+    /// What a pushed restore of `snapshot` lets the agent read: the snapshot, and a bundle's
+    /// parts.
+    async fn restore_grants(&self, snapshot: SnapshotId) -> Result<Vec<SnapshotId>, Failure> {
+        let st = self.state.clone();
+        self.blocking(move || {
+            let rec = st.catalog.get(snapshot).map_err(|e| e.to_string())?;
+            let mut ids = crate::bundle::parts(&st, &rec)?;
+            ids.push(snapshot);
+            Ok(ids)
+        })
+        .await
+    }
+
     /// The configured job called `name`.
     fn job(&self, name: &str) -> Result<crate::jobs::JobConfig, Failure> {
         self.state
@@ -419,10 +432,11 @@ impl Session {
             } => {
                 self.require(Role::Operator)?;
                 self.require_completed(snapshot)?;
+                let grants = self.restore_grants(snapshot).await?;
                 let push = Push::Restore { snapshot, target };
                 self.state
                     .live
-                    .push_restore(&agent, snapshot, push, send)
+                    .push_restore(&agent, &grants, push, send)
                     .await
             }
             Request::Describe {
@@ -448,10 +462,11 @@ impl Session {
             } => {
                 self.require(Role::Operator)?;
                 self.require_completed(snapshot)?;
+                let grants = self.restore_grants(snapshot).await?;
                 let push = Push::RestoreInto { snapshot, options };
                 self.state
                     .live
-                    .push_restore(&agent, snapshot, push, send)
+                    .push_restore(&agent, &grants, push, send)
                     .await
             }
             Request::RunJob { job } => {

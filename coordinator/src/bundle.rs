@@ -1,0 +1,49 @@
+//! Bundle snapshots (made by agents, see the agent's `bundle/`): a snapshot of kind `bundle`
+//! whose content is a JSON index naming one snapshot per part. The coordinator reads the
+//! index where the bundle is handled as a unit: a pushed restore of a bundle grants the
+//! target agent its parts too.
+
+use fleetvault_common::{Manifest, SnapshotId, SnapshotRecord};
+
+use crate::State;
+
+/// The snapshot kind of a bundle.
+pub(crate) const KIND: &str = "bundle";
+
+/// The part snapshots a bundle's index names (none for another kind of snapshot).
+pub(crate) fn parts(state: &State, rec: &SnapshotRecord) -> Result<Vec<SnapshotId>, String> {
+    if rec.kind != KIND {
+        return Ok(Vec::new());
+    }
+    let root = rec
+        .root
+        .as_ref()
+        .ok_or_else(|| format!("bundle {} has no manifest", rec.id))?;
+    let (manifest, _) = crate::server::load_manifest(&state.store, rec.id, root)?;
+    let Manifest::Stream(stream) = manifest else {
+        return Err(format!("bundle {} is not a stream", rec.id));
+    };
+    let mut bytes = Vec::with_capacity(stream.len as usize);
+    for c in &stream.chunks {
+        let env = state
+            .store
+            .get(&c.id)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("bundle {}: chunk {} is missing", rec.id, c.id))?;
+        let plain = fleetvault_common::chunk::open_verified(&env, &c.id)
+            .map_err(|e| format!("bundle {}: chunk {} is damaged: {e}", rec.id, c.id))?;
+        bytes.extend_from_slice(&plain);
+    }
+    let index: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| format!("bundle {}: bad index: {e}", rec.id))?;
+    index["parts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["snapshot_id"].as_str())
+        .map(|s| {
+            s.parse()
+                .map_err(|e| format!("bundle {}: part id {s:?}: {e}", rec.id))
+        })
+        .collect()
+}
