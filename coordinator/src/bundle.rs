@@ -1,7 +1,8 @@
 //! Bundle snapshots (made by agents, see the agent's `bundle/`): a snapshot of kind `bundle`
 //! whose content is a JSON index naming one snapshot per part. The coordinator reads the
-//! index where the bundle is handled as a unit: a pushed restore of a bundle grants the
-//! target agent its parts too.
+//! index where the bundle is handled as a unit: a pushed restore grants the target agent its
+//! parts too; deleting, forgetting, protecting and verifying a bundle covers its parts, and
+//! retention never forgets a part on its own.
 
 use fleetvault_common::{Manifest, SnapshotId, SnapshotRecord};
 
@@ -9,6 +10,11 @@ use crate::State;
 
 /// The snapshot kind of a bundle.
 pub(crate) const KIND: &str = "bundle";
+
+/// Whether `rec` is a part of a bundle (its agent tags it `bundle:NAME`).
+pub(crate) fn is_part(rec: &SnapshotRecord) -> bool {
+    rec.kind != KIND && rec.tags.iter().any(|t| t.starts_with("bundle:"))
+}
 
 /// The part snapshots a bundle's index names (none for another kind of snapshot).
 pub(crate) fn parts(state: &State, rec: &SnapshotRecord) -> Result<Vec<SnapshotId>, String> {

@@ -424,3 +424,118 @@ fn a_failing_part_or_a_hung_hook_fails_the_bundle_and_the_after_hook_still_runs(
     );
     Ok(())
 }
+
+#[test]
+fn rocketchat_profile_reads_mongo_url_and_keeps_mongodb_running() -> anyhow::Result<()> {
+    let coordinator = Coordinator::start()?;
+    let work = scratch("bundle-rc")?;
+    let root = work.path().join("rocketchat");
+    uploads(&root.join("uploads"), 21)?;
+    std::fs::write(
+        root.join(".env"),
+        "ROOT_URL=https://chat.example.com\nMONGO_URL=mongodb://rc:s3cret@127.0.0.1:27017/rocketchat?replicaSet=rs0\nPORT=3000\n",
+    )?;
+    let a = coordinator.agent("rc-a")?;
+    a.append_config(&format!(
+        "\n[[bundles]]\nname = \"rc\"\nprofile = \"rocketchat\"\nroot = \"{}\"\n",
+        root.display()
+    ))?;
+    let shown: Value = a.cli("bundles", &["--json"])?.ensure_success()?.json()?;
+    let b = &shown[0];
+    let parts: Vec<&str> = b["parts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["kind"].as_str())
+        .collect();
+    assert_eq!(parts, ["mongodb", "files"], "{shown}");
+    assert_eq!(b["parts"][0]["database"], "rocketchat", "{shown}");
+    // Seed 000: the app server is stopped, MongoDB keeps running for the dump.
+    assert_eq!(
+        b["before"][0]["command"], "systemctl stop rocketchat-server",
+        "{shown}"
+    );
+    assert_eq!(
+        b["after"][0]["command"], "systemctl start rocketchat-server",
+        "{shown}"
+    );
+    assert!(
+        !shown.to_string().contains("s3cret"),
+        "the MongoDB password is shown: {shown}"
+    );
+    let have_mongo = ["mongod", "mongodump", "mongorestore"].iter().all(|t| {
+        std::process::Command::new(t)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !have_mongo {
+        eprintln!("SKIPPED: the Rocket.Chat bundle's backup and restore need mongod, mongodump and mongorestore on PATH (no Debian package exists); only its expansion was checked");
+    } else {
+        eprintln!("SKIPPED: a Rocket.Chat round trip against a live mongod is not written yet; only the expansion was checked");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_bundle_is_protected_verified_and_deleted_with_its_parts() -> anyhow::Result<()> {
+    let coordinator = Coordinator::start()?;
+    let work = scratch("bundle-unit")?;
+    let tree = work.path().join("files");
+    uploads(&tree, 5)?;
+    let a = coordinator.agent("unit-a")?;
+    a.add_files_source("files", &[&tree], &[])?;
+    a.append_config(
+        "\n[[sources]]\nname = \"dump\"\nkind = \"command\"\nbackup_command = \"seq 1 100000\"\n\
+         \n[[bundles]]\nname = \"app\"\nparts = [\"dump\", \"files\"]\n",
+    )?;
+    let report = a.backup_json("app")?;
+    let id = snapshot_id(&report)?;
+    let parts: Vec<String> = report["parts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["snapshot_id"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(parts.len(), 2, "{report}");
+    let is = |sid: &str, key: &str| -> anyhow::Result<Value> {
+        Ok(snapshot_of(&coordinator, sid)?[key].clone())
+    };
+
+    coordinator.cli(&["protect", &id])?.ensure_success()?;
+    for p in &parts {
+        assert_eq!(
+            is(p, "protected")?,
+            true,
+            "part {p} not protected with its bundle"
+        );
+    }
+    let err = coordinator.cli(&["delete", &id])?.ensure_failure()?;
+    assert!(err.contains("protected"), "{err}");
+    coordinator.cli(&["unprotect", &id])?.ensure_success()?;
+
+    let verified = coordinator
+        .cli(&["verify", "--snapshot", &id, "--json"])?
+        .ensure_success()?
+        .json()?;
+    let ids: Vec<&str> = verified
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["id"].as_str())
+        .collect();
+    assert!(
+        parts.iter().all(|p| ids.contains(&p.as_str())) && ids.contains(&id.as_str()),
+        "{verified}"
+    );
+
+    coordinator.cli(&["delete", &id])?.ensure_success()?;
+    let left: Vec<Value> = coordinator.snapshots_json(&[])?;
+    for gone in parts.iter().chain([&id]) {
+        assert!(
+            !left.iter().any(|s| s["id"] == gone.as_str()),
+            "{gone} still listed: {left:?}"
+        );
+    }
+    Ok(())
+}

@@ -467,6 +467,17 @@ fn rewrite(
     Ok(Some(path.display().to_string()))
 }
 
+/// A connection string with its password replaced.
+fn redact_uri(uri: &str) -> String {
+    match (uri.find("://"), uri.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match uri[s + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &uri[..s + 3], &uri[at..]),
+            None => uri.to_owned(),
+        },
+        _ => uri.to_owned(),
+    }
+}
+
 /// The text form of [`describe`].
 pub(crate) fn describe_text(b: &serde_json::Value) -> String {
     let mut out = format!("bundle {}", b["name"].as_str().unwrap_or(""));
@@ -538,6 +549,7 @@ pub(crate) fn describe(config: &AgentConfig, b: &BundleConfig) -> serde_json::Va
                 SourceKind::Database(db) => serde_json::json!({
                     "name": p, "kind": db.engine.kind_name(), "database": db.database,
                     "host": db.host, "port": db.port, "user": db.user,
+                    "uri": db.uri.as_deref().map(redact_uri),
                     "password": if db.password.is_some() || db.password_file.is_some() { "(set, not shown)" } else { "(none)" },
                 }),
                 _ => serde_json::json!({ "name": p, "kind": s.kind_name() }),

@@ -233,7 +233,8 @@ pub(crate) mod ops {
         what: &str,
     ) -> Result<Vec<RetentionDecision>, String> {
         let mut groups: BTreeMap<(String, String), Vec<&SnapshotRecord>> = BTreeMap::new();
-        for r in records {
+        // A bundle's parts go with their bundle, never on their own.
+        for r in records.iter().filter(|r| !crate::bundle::is_part(r)) {
             groups
                 .entry((r.agent.clone(), r.source.clone()))
                 .or_default()
@@ -287,6 +288,34 @@ pub(crate) mod ops {
         if rec.protected {
             return Err(format!("snapshot {id} is protected; unprotect it first"));
         }
+        // A bundle goes first, then its parts: a listed bundle never misses a part.
+        let parts = if rec.status == SnapshotStatus::Completed {
+            crate::bundle::parts(state, &rec)?
+        } else {
+            Vec::new()
+        };
+        let mut present = Vec::new();
+        for part in parts {
+            match state.catalog.get(part) {
+                Ok(p) if p.protected => {
+                    return Err(format!(
+                        "part {part} of bundle {id} is protected; unprotect it first"
+                    ))
+                }
+                Ok(_) => present.push(part),
+                Err(CatalogError::NotFound(_)) => {}
+                Err(e) => return Err(format!("bundle {id}: part {part}: {e}")),
+            }
+        }
+        remove(state, id)?;
+        for part in present {
+            remove(state, part)?;
+        }
+        Ok(())
+    }
+
+    /// Removes one snapshot record: store first (a rebuilt catalog never brings it back).
+    fn remove(state: &State, id: SnapshotId) -> Result<(), String> {
         // A snapshot received from a primary stays gone: the next sync must not send it again.
         if state
             .catalog
@@ -300,8 +329,19 @@ pub(crate) mod ops {
         state.catalog.delete(id).map_err(|e| e.to_string())
     }
 
-    /// Sets or clears a snapshot's protection (in its store record too).
+    /// Sets or clears a snapshot's protection (in its store record too); a bundle's parts
+    /// with it.
     pub(crate) fn protect(state: &State, id: SnapshotId, on: bool) -> Result<(), String> {
+        let rec = state.catalog.get(id).map_err(|e| e.to_string())?;
+        if rec.status == SnapshotStatus::Completed {
+            for part in crate::bundle::parts(state, &rec)? {
+                protect_one(state, part, on)?;
+            }
+        }
+        protect_one(state, id, on)
+    }
+
+    fn protect_one(state: &State, id: SnapshotId, on: bool) -> Result<(), String> {
         let mut rec = state.catalog.get(id).map_err(|e| e.to_string())?;
         rec.protected = on;
         if rec.status == SnapshotStatus::Completed {

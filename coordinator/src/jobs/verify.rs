@@ -27,7 +27,23 @@ enum ChunkState {
 /// Verifies one snapshot, or every completed one.
 pub(crate) fn verify(state: &State, only: Option<SnapshotId>) -> Result<Vec<VerifyResult>, String> {
     let records: Vec<SnapshotRecord> = match only {
-        Some(id) => vec![state.catalog.get(id).map_err(|e| e.to_string())?],
+        Some(id) => {
+            // A bundle is verified with its parts.
+            let rec = state.catalog.get(id).map_err(|e| e.to_string())?;
+            let mut recs = Vec::new();
+            if rec.status == SnapshotStatus::Completed {
+                for part in crate::bundle::parts(state, &rec)? {
+                    recs.push(
+                        state
+                            .catalog
+                            .get(part)
+                            .map_err(|e| format!("bundle {id}: part {part}: {e}"))?,
+                    );
+                }
+            }
+            recs.push(rec);
+            recs
+        }
         None => state
             .catalog
             .list(&SnapshotFilter {
