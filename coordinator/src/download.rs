@@ -1,6 +1,7 @@
 //! `download ID --out FILE`: a snapshot straight from the coordinator, without an agent. A
 //! stream snapshot comes out as its original bytes (the dump), a tree (files, PostgreSQL's
-//! `tables` format) as a tar archive. Every chunk is verified against its id and a stream
+//! `tables` format) as a tar archive, a bundle as one tar holding its index and every part.
+//! Every chunk is verified against its id and a stream
 //! against its checksum; the file appears under its name only when it is complete.
 //!
 //! ```text
@@ -74,15 +75,41 @@ impl Read for FileReader<'_> {
     }
 }
 
-/// Downloads `snapshot` into the new file `out`; returns the bytes of content written.
-pub(crate) async fn download(
+/// A stream's bytes as a `Read` that fails at the end unless they match the checksum.
+struct Checked<'a> {
+    inner: FileReader<'a>,
+    hasher: blake3::Hasher,
+    want: [u8; 32],
+    snapshot: SnapshotId,
+}
+
+impl Read for Checked<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(out)?;
+        self.hasher.update(&out[..n]);
+        if n == 0 && !out.is_empty() && *self.hasher.finalize().as_bytes() != self.want {
+            return Err(io::Error::other(format!(
+                "snapshot {}: the stream does not match its checksum",
+                self.snapshot
+            )));
+        }
+        Ok(n)
+    }
+}
+
+/// The tar archive a tree (or a bundle) is written into.
+type Tar = tar::Builder<io::BufWriter<std::fs::File>>;
+
+/// Opens a `Read` of `snapshot` and returns its record, its verified manifest and the stream
+/// on which its data chunks follow.
+async fn open(
     client: &Client,
     snapshot: SnapshotId,
-    out: &Path,
-) -> anyhow::Result<u64> {
-    if out.exists() {
-        bail!("{} already exists", out.display());
-    }
+) -> anyhow::Result<(
+    fleetvault_common::SnapshotRecord,
+    Manifest,
+    quinn::RecvStream,
+)> {
     let (mut send, mut recv) = client
         .open(&Request::Read {
             snapshot,
@@ -112,7 +139,16 @@ pub(crate) async fn download(
         bail!("snapshot {snapshot}: the manifest does not match its checksum");
     }
     let manifest = Manifest::decode(&bytes).with_context(|| format!("snapshot {snapshot}"))?;
-    drop(bytes);
+    Ok((rec, manifest, recv))
+}
+
+/// Runs `sink` on a blocking thread, fed with the data chunks arriving on `recv`.
+async fn with_chunks<T: Send + 'static>(
+    client: &Client,
+    snapshot: SnapshotId,
+    mut recv: quinn::RecvStream,
+    sink: impl FnOnce(&mut Chunks) -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
     let (tx, rx) = mpsc::channel(QUEUE);
     let fetch = async {
         loop {
@@ -124,77 +160,123 @@ pub(crate) async fn download(
         }
         drop(tx);
     };
+    let write = tokio::task::spawn_blocking(move || sink(&mut Chunks { snapshot, rx }));
+    let (_, written) = tokio::join!(fetch, write);
+    written.context("download task panicked")?
+}
+
+/// Writes a stream's bytes to `w`, checking its checksum; returns its length.
+fn write_stream(
+    snapshot: SnapshotId,
+    s: &fleetvault_common::StreamManifest,
+    chunks: &mut Chunks,
+    w: &mut dyn Write,
+) -> anyhow::Result<u64> {
+    let mut whole = blake3::Hasher::new();
+    for c in &s.chunks {
+        let plain = chunks.next(c)?;
+        whole.update(&plain);
+        w.write_all(&plain)?;
+    }
+    if *whole.finalize().as_bytes() != s.checksum {
+        bail!("snapshot {snapshot}: the stream does not match its checksum");
+    }
+    Ok(s.len)
+}
+
+/// Appends a snapshot to `tar`: a tree's entries under `prefix`, a stream as the file `prefix`
+/// (`name` when there is no prefix); returns the content bytes.
+fn append(
+    tar: &mut Tar,
+    snapshot: SnapshotId,
+    manifest: &Manifest,
+    prefix: &Path,
+    chunks: &mut Chunks,
+) -> anyhow::Result<u64> {
+    let mut n = 0;
+    match manifest {
+        Manifest::Stream(s) => {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o600);
+            h.set_size(s.len);
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mtime(0);
+            // Streamed into the archive; the checksum is checked at its end, and a mismatch
+            // fails the download (its temporary file is removed).
+            let reader = Checked {
+                inner: FileReader {
+                    chunks: &mut *chunks,
+                    list: s.chunks.iter(),
+                    buf: Vec::new(),
+                    at: 0,
+                },
+                hasher: blake3::Hasher::new(),
+                want: s.checksum,
+                snapshot,
+            };
+            tar.append_data(&mut h, prefix, reader)?;
+            n += s.len;
+        }
+        Manifest::Tree(t) => {
+            for e in &t.entries {
+                let path = prefix.join(Path::new(std::ffi::OsStr::from_bytes(&e.path)));
+                let mut h = tar::Header::new_gnu();
+                h.set_mode(e.mode);
+                h.set_uid(u64::from(e.uid));
+                h.set_gid(u64::from(e.gid));
+                h.set_mtime(e.mtime.max(0) as u64);
+                match e.kind {
+                    EntryKind::Dir => {
+                        h.set_entry_type(tar::EntryType::Directory);
+                        h.set_size(0);
+                        tar.append_data(&mut h, &path, io::empty())?;
+                    }
+                    EntryKind::Symlink => {
+                        h.set_entry_type(tar::EntryType::Symlink);
+                        h.set_size(0);
+                        let target = e.target.as_deref().unwrap_or_default();
+                        tar.append_link(&mut h, &path, std::ffi::OsStr::from_bytes(target))?;
+                    }
+                    EntryKind::File => {
+                        h.set_entry_type(tar::EntryType::Regular);
+                        h.set_size(e.size);
+                        let reader = FileReader {
+                            chunks: &mut *chunks,
+                            list: e.chunks.iter(),
+                            buf: Vec::new(),
+                            at: 0,
+                        };
+                        tar.append_data(&mut h, &path, reader)?;
+                        n += e.size;
+                    }
+                }
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// Downloads `snapshot` into the new file `out`; returns the bytes of content written. A
+/// bundle becomes one tar: `bundle.json` (its index), then each part under its name (a tree
+/// as a directory, a stream as one file).
+pub(crate) async fn download(
+    client: &Client,
+    snapshot: SnapshotId,
+    out: &Path,
+) -> anyhow::Result<u64> {
+    if out.exists() {
+        bail!("{} already exists", out.display());
+    }
     let tmp = out.with_file_name(format!(
         ".{}.fleetvault-download",
         out.file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
     ));
-    let tmp2 = tmp.clone();
-    let write = tokio::task::spawn_blocking(move || {
-        let mut chunks = Chunks { snapshot, rx };
-        let file = std::fs::File::create_new(&tmp2)
-            .with_context(|| format!("creating {}", tmp2.display()))?;
-        let mut w = io::BufWriter::new(file);
-        let written = match &manifest {
-            Manifest::Stream(s) => {
-                let mut whole = blake3::Hasher::new();
-                for c in &s.chunks {
-                    let plain = chunks.next(c)?;
-                    whole.update(&plain);
-                    w.write_all(&plain)?;
-                }
-                if *whole.finalize().as_bytes() != s.checksum {
-                    bail!("snapshot {snapshot}: the stream does not match its checksum");
-                }
-                s.len
-            }
-            Manifest::Tree(t) => {
-                let mut tar = tar::Builder::new(&mut w);
-                let mut n = 0;
-                for e in &t.entries {
-                    let path = Path::new(std::ffi::OsStr::from_bytes(&e.path));
-                    let mut h = tar::Header::new_gnu();
-                    h.set_mode(e.mode);
-                    h.set_uid(u64::from(e.uid));
-                    h.set_gid(u64::from(e.gid));
-                    h.set_mtime(e.mtime.max(0) as u64);
-                    match e.kind {
-                        EntryKind::Dir => {
-                            h.set_entry_type(tar::EntryType::Directory);
-                            h.set_size(0);
-                            tar.append_data(&mut h, path, io::empty())?;
-                        }
-                        EntryKind::Symlink => {
-                            h.set_entry_type(tar::EntryType::Symlink);
-                            h.set_size(0);
-                            let target = e.target.as_deref().unwrap_or_default();
-                            tar.append_link(&mut h, path, std::ffi::OsStr::from_bytes(target))?;
-                        }
-                        EntryKind::File => {
-                            h.set_entry_type(tar::EntryType::Regular);
-                            h.set_size(e.size);
-                            let reader = FileReader {
-                                chunks: &mut chunks,
-                                list: e.chunks.iter(),
-                                buf: Vec::new(),
-                                at: 0,
-                            };
-                            tar.append_data(&mut h, path, reader)?;
-                            n += e.size;
-                        }
-                    }
-                }
-                tar.finish()?;
-                n
-            }
-        };
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        anyhow::Ok(written)
-    });
-    let (_, written) = tokio::join!(fetch, write);
-    let written = match written.context("download task panicked")? {
+    let file =
+        std::fs::File::create_new(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let result = write_all(client, snapshot, io::BufWriter::new(file)).await;
+    let written = match result {
         Ok(n) => n,
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
@@ -204,4 +286,80 @@ pub(crate) async fn download(
     #[allow(clippy::disallowed_methods)] // temp, fsync, rename: the file appears whole
     std::fs::rename(&tmp, out).with_context(|| format!("renaming into {}", out.display()))?;
     Ok(written)
+}
+
+async fn write_all(
+    client: &Client,
+    snapshot: SnapshotId,
+    mut w: io::BufWriter<std::fs::File>,
+) -> anyhow::Result<u64> {
+    let (rec, manifest, recv) = open(client, snapshot).await?;
+    let sync = |w: io::BufWriter<std::fs::File>| -> anyhow::Result<()> {
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        Ok(())
+    };
+    if rec.kind == crate::bundle::KIND {
+        let Manifest::Stream(s) = &manifest else {
+            bail!("bundle {snapshot} is not a stream");
+        };
+        let s = s.clone();
+        let index = with_chunks(client, snapshot, recv, move |c| {
+            let mut buf = Vec::new();
+            write_stream(snapshot, &s, c, &mut buf)?;
+            Ok(buf)
+        })
+        .await?;
+        let parsed: serde_json::Value = serde_json::from_slice(&index)
+            .with_context(|| format!("bundle {snapshot}: bad index"))?;
+        let mut tar = tar::Builder::new(w);
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o600);
+        h.set_size(index.len() as u64);
+        h.set_mtime(rec.started_ms / 1000);
+        tar.append_data(&mut h, "bundle.json", &index[..])?;
+        let mut total = 0;
+        for part in parsed["parts"].as_array().into_iter().flatten() {
+            let (Some(name), Some(id)) = (part["name"].as_str(), part["snapshot_id"].as_str())
+            else {
+                continue;
+            };
+            let id: SnapshotId = id.parse()?;
+            let (_, m, recv) = open(client, id).await?;
+            let prefix = match &m {
+                Manifest::Stream(_) => std::path::PathBuf::from(format!("{name}.dump")),
+                Manifest::Tree(_) => std::path::PathBuf::from(name),
+            };
+            let (t, n) = with_chunks(client, id, recv, move |c| {
+                let n = append(&mut tar, id, &m, &prefix, c)?;
+                Ok((tar, n))
+            })
+            .await?;
+            tar = t;
+            total += n;
+        }
+        sync(tar.into_inner()?)?;
+        return Ok(total);
+    }
+    match manifest {
+        Manifest::Stream(s) => {
+            let (w, n) = with_chunks(client, snapshot, recv, move |c| {
+                let n = write_stream(snapshot, &s, c, &mut w)?;
+                Ok((w, n))
+            })
+            .await?;
+            sync(w)?;
+            Ok(n)
+        }
+        tree @ Manifest::Tree(_) => {
+            let (tar, n) = with_chunks(client, snapshot, recv, move |c| {
+                let mut tar = tar::Builder::new(w);
+                let n = append(&mut tar, snapshot, &tree, Path::new(""), c)?;
+                Ok((tar, n))
+            })
+            .await?;
+            sync(tar.into_inner()?)?;
+            Ok(n)
+        }
+    }
 }

@@ -529,6 +529,49 @@ fn a_bundle_is_protected_verified_and_deleted_with_its_parts() -> anyhow::Result
         "{verified}"
     );
 
+    // One tar holding the index and every part: the dump as a file, the tree as a directory.
+    let tar = work.path().join("app.tar");
+    coordinator
+        .cli(&["download", &id, "--out", tar.to_str().unwrap_or_default()])?
+        .ensure_success()?;
+    let unpacked = work.path().join("unpacked");
+    std::fs::create_dir(&unpacked)?;
+    let out = std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&unpacked)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let index: Value = serde_json::from_slice(&std::fs::read(unpacked.join("bundle.json"))?)?;
+    assert_eq!(index["bundle"], "app");
+    let seq: String = (1..=100000).map(|n| format!("{n}\n")).collect();
+    assert_eq!(std::fs::read_to_string(unpacked.join("dump.dump"))?, seq);
+    // tar keeps whole seconds: compare names and contents.
+    let inner = unpacked.join("files").join(tree.strip_prefix("/")?);
+    let (expected, got) = (scan(&tree)?, scan(&inner)?);
+    assert_eq!(
+        expected.keys().collect::<Vec<_>>(),
+        got.keys().collect::<Vec<_>>()
+    );
+    for rel in expected.keys() {
+        let rel = std::path::Path::new(
+            <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(rel),
+        );
+        if tree.join(rel).is_file() {
+            assert_eq!(
+                std::fs::read(tree.join(rel))?,
+                std::fs::read(inner.join(rel))?,
+                "{}",
+                rel.display()
+            );
+        }
+    }
+
     coordinator.cli(&["delete", &id])?.ensure_success()?;
     let left: Vec<Value> = coordinator.snapshots_json(&[])?;
     for gone in parts.iter().chain([&id]) {
