@@ -582,3 +582,38 @@ fn a_bundle_is_protected_verified_and_deleted_with_its_parts() -> anyhow::Result
     }
     Ok(())
 }
+
+#[test]
+fn a_job_targets_a_bundle_like_a_source() -> anyhow::Result<()> {
+    let mut coordinator = Coordinator::init()?;
+    coordinator.append_config(
+        "\n[[jobs]]\nname = \"nightly\"\nagents = [\"job-a\"]\nsources = [\"app\"]\nschedule = \"0 3 1 1 *\"\n",
+    )?;
+    coordinator.serve()?;
+    let work = scratch("bundle-job")?;
+    let svc = service_script(work.path())?;
+    let tree = work.path().join("files");
+    uploads(&tree, 9)?;
+    let a = coordinator.agent("job-a")?;
+    a.add_files_source("files", &[&tree], &[])?;
+    a.append_config(&format!(
+        "\n[[bundles]]\nname = \"app\"\nparts = [\"files\"]\nbefore = [\"{svc} stop\"]\nafter = [\"{svc} start\"]\n",
+        svc = svc.display()
+    ))?;
+    let _link = a.run()?;
+    coordinator.wait_agent_connected("job-a", std::time::Duration::from_secs(60))?;
+    let reports = coordinator
+        .cli(&["run", "nightly", "--json"])?
+        .ensure_success()?
+        .json()?;
+    let report = &reports[0];
+    assert_eq!(report["status"], "completed", "{reports}");
+    let bundle = snapshot_of(&coordinator, &snapshot_id(report)?)?;
+    assert_eq!(
+        (bundle["kind"].as_str(), bundle["job"].as_str()),
+        (Some("bundle"), Some("nightly"))
+    );
+    let ev = events(work.path())?;
+    assert_eq!(ev.len(), 2, "{ev:?}");
+    Ok(())
+}
