@@ -114,7 +114,7 @@ async fn serve_push(
         match &push {
             Push::Backup { source, job } => {
                 if let Some(bundle) = config.bundle(source) {
-                    let (_, result) = crate::bundle::backup(
+                    let outcome = crate::bundle::backup(
                         client.clone(),
                         &config,
                         bundle,
@@ -122,7 +122,11 @@ async fn serve_push(
                         std::sync::Arc::new(progress),
                     )
                     .await;
-                    return result.map_err(anyhow::Error::msg);
+                    return match (outcome.committed, outcome.error) {
+                        (Some(r), None) => Ok(r),
+                        (_, Some(e)) => Err(anyhow::Error::msg(e)),
+                        (None, None) => Err(anyhow::anyhow!("bundle {source} was not recorded")),
+                    };
                 }
                 let source = config.source(source)?;
                 crate::backup::run(client.clone(), source, job.clone(), progress).await

@@ -284,7 +284,7 @@ async fn backup_bundle(
     let client = Arc::new(connect(config, &config.credentials()?).await?);
     let bar = report::progress_bar(None);
     let b = bar.clone();
-    let (index, result) = bundle::backup(
+    let outcome = bundle::backup(
         client.clone(),
         config,
         bundle,
@@ -294,22 +294,23 @@ async fn backup_bundle(
     .await;
     bar.finish_and_clear();
     close(client).await;
-    let (id, error) = match &result {
-        Ok(r) => (Some(r.snapshot_id.as_str()), None),
-        Err(e) => (None, Some(e.as_str())),
-    };
-    let status = if result.is_ok() {
-        "completed"
-    } else {
-        "failed"
+    let id = outcome.committed.as_ref().map(|r| r.snapshot_id.as_str());
+    let status = match (&outcome.committed, &outcome.error) {
+        (Some(_), None) => "completed",
+        (Some(_), Some(_)) => "completed-with-errors",
+        (None, _) => "failed",
     };
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&index.json(id, status, error))?
+            serde_json::to_string_pretty(&outcome.index.json(
+                id,
+                status,
+                outcome.error.as_deref()
+            ))?
         );
     } else {
-        for p in &index.parts {
+        for p in &outcome.index.parts {
             println!(
                 "part {}: {} {} ({} read, {} new chunks)",
                 p.name,
@@ -323,9 +324,9 @@ async fn backup_bundle(
             println!("bundle {} completed: snapshot {id}", bundle.name);
         }
     }
-    match result {
-        Ok(_) => Ok(ExitCode::SUCCESS),
-        Err(e) => bail!("bundle {}: {e}", bundle.name),
+    match outcome.error {
+        None => Ok(ExitCode::SUCCESS),
+        Some(e) => bail!("bundle {}: {e}", bundle.name),
     }
 }
 

@@ -379,6 +379,7 @@ fn a_failing_part_or_a_hung_hook_fails_the_bundle_and_the_after_hook_still_runs(
     a.append_config(&format!(
         "\n[[sources]]\nname = \"broken\"\nkind = \"command\"\nbackup_command = \"echo partial; exit 3\"\n\
          \n[[bundles]]\nname = \"app\"\nparts = [\"files\", \"broken\"]\nbefore = [\"{svc} stop\"]\nafter = [\"{svc} start\"]\n\
+         \n[[bundles]]\nname = \"afterfail\"\nparts = [\"files\"]\nafter = [\"echo cannot start; exit 9\"]\n\
          \n[[bundles]]\nname = \"hung\"\nparts = [\"files\"]\nbefore = [{{ command = \"sleep 60\", timeout_secs = 1 }}]\nafter = [\"{svc} start\"]\n",
         svc = svc.display()
     ))?;
@@ -408,6 +409,20 @@ fn a_failing_part_or_a_hung_hook_fails_the_bundle_and_the_after_hook_still_runs(
     assert!(
         str_field(&failed[0], "reason")?.contains("part broken"),
         "{failed:?}"
+    );
+
+    // An after hook that fails: the data is taken and recorded, and the failure reported.
+    let out = a.backup("afterfail")?;
+    let v = out.json()?;
+    let err = out.ensure_failure()?;
+    assert!(
+        err.contains("exited with status 9") && err.contains("cannot start"),
+        "{err}"
+    );
+    assert_eq!(v["status"], "completed-with-errors", "{v}");
+    assert_eq!(
+        snapshot_of(&coordinator, str_field(&v, "snapshot_id")?)?["status"],
+        "completed"
     );
 
     let started = std::time::Instant::now();

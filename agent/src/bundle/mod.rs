@@ -104,15 +104,22 @@ fn vars(b: &BundleConfig) -> Vec<(&'static str, String)> {
 
 type SharedProgress = Arc<dyn Fn(Progress) + Send + Sync>;
 
-/// Backs up `bundle`: hooks and parts in order, then the bundle snapshot. Returns the index
-/// and the bundle snapshot's report, or the index and why the bundle failed.
+/// What a bundle backup did: its index, the bundle snapshot's report if it was committed,
+/// and what failed (a part or a hook; an `after` hook can fail after the commit).
+pub(crate) struct Outcome {
+    pub(crate) index: BundleIndex,
+    pub(crate) committed: Option<JobReport>,
+    pub(crate) error: Option<String>,
+}
+
+/// Backs up `bundle`: hooks and parts in order, then the bundle snapshot.
 pub(crate) async fn backup(
     client: Arc<Client>,
     config: &AgentConfig,
     bundle: &BundleConfig,
     job: Option<String>,
     progress: SharedProgress,
-) -> (BundleIndex, Result<JobReport, String>) {
+) -> Outcome {
     let mut index = BundleIndex {
         bundle: bundle.name.clone(),
         profile: bundle.profile.clone(),
@@ -126,7 +133,7 @@ pub(crate) async fn backup(
     let mut failure = (!ok).then(|| logs.last().map(HookLog::failure).unwrap_or_default());
     index.hooks.extend(logs);
     let mut current = String::new();
-    let done: u64 = 0;
+    let mut done: u64 = 0;
     if ok {
         for name in &bundle.parts {
             current = name.clone();
@@ -146,7 +153,10 @@ pub(crate) async fn backup(
                 })
                 .await;
             match result {
-                Ok(r) => index.parts.push(part_record(source, Some(&r), None)),
+                Ok(r) => {
+                    done += r.bytes_read;
+                    index.parts.push(part_record(source, Some(&r), None));
+                }
                 Err(e) => {
                     let e = format!("{e:#}");
                     index.parts.push(part_record(source, None, Some(&e)));
@@ -169,11 +179,21 @@ pub(crate) async fn backup(
             None => reason,
         };
         record_failed(&client, bundle, &reason).await;
-        return (index, Err(reason));
+        return Outcome {
+            index,
+            committed: None,
+            error: Some(reason),
+        };
     }
     let bytes = match serde_json::to_vec_pretty(&index) {
         Ok(b) => b,
-        Err(e) => return (index, Err(e.to_string())),
+        Err(e) => {
+            return Outcome {
+                index,
+                committed: None,
+                error: Some(e.to_string()),
+            }
+        }
     };
     let source = SourceConfig {
         name: bundle.name.clone(),
@@ -187,17 +207,25 @@ pub(crate) async fn backup(
     let mut tags = vec![KIND.to_owned()];
     tags.extend(bundle.profile.iter().map(|p| format!("profile:{p}")));
     let committed = crate::backup::run_tagged(client, &source, job, tags, |_| {}).await;
-    let result = match (committed, after_ok) {
-        (Ok(r), true) => Ok(r),
-        (Ok(r), false) => Err(format!(
-            "bundle {} completed as snapshot {}, but {}",
-            bundle.name,
-            r.snapshot_id,
-            after_failure.unwrap_or_default()
-        )),
-        (Err(e), _) => Err(format!("{e:#}")),
-    };
-    (index, result)
+    match committed {
+        Ok(r) => Outcome {
+            error: (!after_ok).then(|| {
+                format!(
+                    "bundle {} completed as snapshot {}, but {}",
+                    bundle.name,
+                    r.snapshot_id,
+                    after_failure.unwrap_or_default()
+                )
+            }),
+            committed: Some(r),
+            index,
+        },
+        Err(e) => Outcome {
+            index,
+            committed: None,
+            error: Some(format!("{e:#}")),
+        },
+    }
 }
 
 fn part_record(source: &SourceConfig, r: Option<&JobReport>, error: Option<&str>) -> PartRecord {
