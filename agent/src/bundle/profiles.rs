@@ -299,6 +299,18 @@ pub(crate) fn rocketchat(root: &Path, mongo_url: Option<&str>) -> anyhow::Result
             .with_context(|| format!("{}: key `MONGO_URL` is missing", path.display()))?,
     };
     let u = parse_url(&url, "MONGO_URL")?;
+    // The database goes to the tools separately (`--db`): the URI keeps only the server.
+    let server_uri = match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, tail) = rest.split_once('/').unwrap_or((rest, ""));
+            let query = tail
+                .split_once('?')
+                .map(|(_, q)| format!("?{q}"))
+                .unwrap_or_default();
+            format!("{scheme}://{authority}/{query}")
+        }
+        None => url.clone(),
+    };
     let database = DbSource {
         engine: Engine::Mongodb,
         database: u.database,
@@ -307,7 +319,7 @@ pub(crate) fn rocketchat(root: &Path, mongo_url: Option<&str>) -> anyhow::Result
         user: None,
         password_file: None,
         password: None,
-        uri: Some(url),
+        uri: Some(server_uri),
         format: PgFormat::Plain,
         restore_jobs: 1,
         restrict_key: None,
@@ -485,6 +497,22 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("DATABASE_URL"));
+    }
+
+    #[test]
+    fn rocketchat_takes_the_database_out_of_the_mongo_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = rocketchat(
+            dir.path(),
+            Some("mongodb://u:p@db:27017/rocketchat?replicaSet=rs0"),
+        )
+        .unwrap();
+        assert_eq!(e.database.database, "rocketchat");
+        assert_eq!(
+            e.database.uri.as_deref(),
+            Some("mongodb://u:p@db:27017/?replicaSet=rs0")
+        );
+        assert_eq!(e.service, "rocketchat-server");
     }
 
     #[test]
