@@ -51,6 +51,9 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError
     move |source| StoreError::Io { op, path, source }
 }
 
+/// Free space the store leaves on its disk for the catalog (bytes).
+const RESERVE: u64 = 8 << 20;
+
 /// What a batch put added.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct PutOutcome {
@@ -113,6 +116,27 @@ impl ChunkStore {
             .join(format!("{label}.{}.{n}", std::process::id()))
     }
 
+    /// Refuses a write of `bytes` that would leave less than [`RESERVE`] free: the catalog
+    /// (and a restart, which opens it) needs room on a disk the chunks have filled.
+    fn check_space(&self, bytes: u64) -> Result<(), StoreError> {
+        let Ok(free) = fs2::available_space(&self.root) else {
+            return Ok(());
+        };
+        if free < RESERVE + bytes {
+            return Err(StoreError::Io {
+                op: "storing chunks in",
+                path: self.root.clone(),
+                source: io::Error::other(format!(
+                    "No space left on device: {} MiB free; {} more would eat into the {} MiB kept for the catalog",
+                    free >> 20,
+                    fleetvault_common::report::human_bytes(bytes),
+                    RESERVE >> 20
+                )),
+            });
+        }
+        Ok(())
+    }
+
     /// Verifies and durably stores a batch of sealed chunks. Returns after every chunk of the
     /// batch is on disk with its directory entry synced; on error, chunks of the batch that
     /// were already renamed into place are complete and valid (never partial).
@@ -120,6 +144,7 @@ impl ChunkStore {
         &self,
         chunks: &[(ChunkId, Vec<u8>)],
     ) -> Result<PutOutcome, StoreError> {
+        self.check_space(chunks.iter().map(|(_, e)| e.len() as u64).sum())?;
         let mut outcome = PutOutcome::default();
         let mut pending = Vec::new();
         for (id, envelope) in chunks {
