@@ -278,6 +278,26 @@ fn mattermost_on_postgres_restores_on_another_agent_and_clones_to_staging() -> a
         expected.remove(rewritten);
     }
     ensure_same(&expected, &cloned)?;
+
+    // The same clone pushed by the operator onto the other host (`--target` is the new root).
+    let pushed = work.path().join("srv/mm-staging-b");
+    coordinator
+        .cli(&[
+            "restore",
+            &id,
+            "--agent",
+            "chat-b",
+            "--target",
+            pushed.to_str().unwrap_or_default(),
+            "--database",
+            "mm_staging_b",
+            "--json",
+        ])?
+        .ensure_success()?;
+    assert_eq!(pg.content("mm_staging_b")?, content);
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(pushed.join("config/config.json"))?)?;
+    assert!(str_field(&cfg["SqlSettings"], "DataSource")?.contains("/mm_staging_b?"));
     Ok(())
 }
 
