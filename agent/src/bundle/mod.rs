@@ -4,8 +4,9 @@
 //! ```text
 //! backup:  before hooks ─▶ part 1 ─▶ part 2 … (stop at a failure) ─▶ after hooks (always)
 //!          ─▶ the bundle snapshot: kind `bundle`, its content the index (JSON) below
-//! restore: index ─▶ restore-before hooks ─▶ each part in order ─▶ restore-after hooks
-//!          (always) ─▶ a clone's config rewritten
+//! restore: index ─▶ restore-before hooks ─▶ the database (where the snapshot's copy of
+//!          the app's config says) ─▶ the file parts in order ─▶ a clone's config rewritten
+//!          ─▶ restore-after hooks (always)
 //! ```
 //!
 //! Each part is an ordinary snapshot of its source, tagged `bundle:NAME`; the bundle
@@ -350,13 +351,34 @@ pub(crate) async fn restore(
     let mut failure = (!ok).then(|| logs.last().map(HookLog::failure).unwrap_or_default());
     report.hooks.extend(logs);
     let mut current = String::new();
-    // Files first: a profile's database target is what the restored configuration names.
-    let mut order: Vec<&PartRecord> = index.parts.iter().filter(|p| p.kind == "files").collect();
-    order.extend(index.parts.iter().filter(|p| p.kind != "files"));
-    if ok {
+    // The database first, then the files in their order (data, config, …): the database
+    // goes where the snapshot's own copy of the application's configuration says.
+    let mut order: Vec<&PartRecord> = index.parts.iter().filter(|p| p.kind != "files").collect();
+    order.extend(index.parts.iter().filter(|p| p.kind == "files"));
+    let target = if ok {
+        match database_target(&client, config, bundle, &index, old_root.as_deref()).await {
+            Ok(t) => t,
+            Err(e) => {
+                failure = Some(format!("finding the database to restore into: {e:#}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    if failure.is_none() {
         for part in order {
             current = part.name.clone();
-            match restore_part(&client, config, bundle, part, old_root.as_deref(), how).await {
+            match restore_part(
+                &client,
+                config,
+                part,
+                target.as_ref(),
+                old_root.as_deref(),
+                how,
+            )
+            .await
+            {
                 Ok(r) => report.parts.push(serde_json::json!({
                     "name": part.name,
                     "snapshot_id": part.snapshot_id,
@@ -405,11 +427,60 @@ pub(crate) async fn restore(
     Ok(report)
 }
 
-async fn restore_part(
+/// For a profile bundle, the database its application's configuration named at backup time:
+/// read from the snapshot's own copy of that file (restored into a temporary directory), or
+/// from the file on this host when no part holds it.
+async fn database_target(
     client: &Arc<Client>,
     config: &AgentConfig,
     bundle: &BundleConfig,
+    index: &BundleIndex,
+    old_root: Option<&Path>,
+) -> anyhow::Result<Option<crate::config::DbSource>> {
+    let Some(profile) = &bundle.profile else {
+        return Ok(None);
+    };
+    let root = old_root.context("the bundle has no root")?;
+    let file = index
+        .config_file
+        .clone()
+        .or_else(|| bundle.config_file.clone());
+    let holder = index.parts.iter().find(|p| {
+        let paths = match config.source(&p.name).map(|s| &s.kind) {
+            Ok(SourceKind::Files { paths, .. }) => paths.clone(),
+            _ => Vec::new(),
+        };
+        file.as_ref()
+            .is_some_and(|f| paths.iter().any(|p| f.starts_with(p)))
+    });
+    let tmp = tempfile::tempdir().context("creating a temporary directory")?;
+    let read_root = match holder.and_then(|p| p.snapshot_id.as_deref()) {
+        Some(id) => {
+            let target = crate::restore::Target::Relocated {
+                dir: tmp.path().to_owned(),
+                from: root.to_owned(),
+            };
+            crate::restore::run(client.clone(), id.parse()?, target, |_| {}).await?;
+            tmp.path().to_owned()
+        }
+        None => root.to_owned(),
+    };
+    let mut e = profiles::expand(profile, &read_root, bundle.overrides.mongo_url.as_deref())?;
+    bundle.overrides.apply(&mut e.database);
+    if e.database.database.is_empty() {
+        bail!(
+            "{} is not in the bundle nor on this host: cannot tell which database to restore into",
+            e.config_file.display()
+        );
+    }
+    Ok(Some(e.database))
+}
+
+async fn restore_part(
+    client: &Arc<Client>,
+    config: &AgentConfig,
     part: &PartRecord,
+    database: Option<&crate::config::DbSource>,
     old_root: Option<&Path>,
     how: &BundleRestore,
 ) -> anyhow::Result<JobReport> {
@@ -440,23 +511,9 @@ async fn restore_part(
             };
             let rec = crate::restore::read_record(client, id).await?;
             let mut config = config.clone();
-            if let (Some(profile), SourceKind::Database(_)) = (&bundle.profile, &source.kind) {
-                // The database the (restored) application configuration names, as at backup.
-                let root = how.root.as_deref().or(old_root).or(bundle.root.as_deref());
-                let root = root.context("the bundle has no root")?;
-                let mut e = profiles::expand(profile, root, bundle.overrides.mongo_url.as_deref())?;
-                bundle.overrides.apply(&mut e.database);
-                if e.database.database.is_empty() {
-                    bail!(
-                        "{} was not restored: cannot tell which database to restore into",
-                        e.config_file.display()
-                    );
-                }
+            if let (Some(db), SourceKind::Database(_)) = (database, &source.kind) {
                 if let Some(s) = config.sources.iter_mut().find(|s| s.name == part.name) {
-                    s.kind = SourceKind::Database(crate::config::DbSource {
-                        restrict_key: None,
-                        ..e.database
-                    });
+                    s.kind = SourceKind::Database(db.clone());
                 }
             }
             crate::restore::run_into_plain(client.clone(), &config, rec, &options, |_| {}).await
