@@ -137,7 +137,21 @@ fn backup_bundle(
     let before = events(dir)?.len();
     let report = agent.backup_json(bundle)?;
     let id = snapshot_id(&report)?;
-    assert_eq!(snapshot_of(c, &id)?["kind"], "bundle");
+    let listed = snapshot_of(c, &id)?;
+    assert_eq!(listed["kind"], "bundle");
+    for part in report["parts"].as_array().into_iter().flatten() {
+        let tag = format!(
+            "part:{}={}",
+            str_field(part, "name")?,
+            str_field(part, "snapshot_id")?
+        );
+        assert!(
+            listed["tags"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|x| x == tag.as_str())),
+            "{listed}"
+        );
+    }
     let ev = events(dir)?.split_off(before);
     assert_eq!(ev.len(), 2, "{ev:?}");
     assert_eq!((ev[0].0.as_str(), ev[0].1.as_str()), ("stop", "before"));

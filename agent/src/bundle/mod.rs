@@ -205,8 +205,16 @@ pub(crate) async fn backup(
         chunker: fleetvault_common::ChunkerParams::default(),
         zstd_level: fleetvault_common::chunk::DEFAULT_ZSTD_LEVEL,
     };
+    // The catalog lists the parts with the bundle; each part's own record has its sizes.
     let mut tags = vec![KIND.to_owned()];
     tags.extend(bundle.profile.iter().map(|p| format!("profile:{p}")));
+    tags.extend(index.parts.iter().map(|p| {
+        format!(
+            "part:{}={}",
+            p.name,
+            p.snapshot_id.as_deref().unwrap_or("-")
+        )
+    }));
     let committed = crate::backup::run_tagged(client, &source, job, tags, |_| {}).await;
     match committed {
         Ok(r) => Outcome {
