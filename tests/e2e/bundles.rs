@@ -20,7 +20,7 @@ fn service_script(dir: &Path) -> anyhow::Result<PathBuf> {
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\nset -e\necho \"$1 $FLEETVAULT_PHASE ${{FLEETVAULT_STATUS:-none}} $(date +%s%3N)\" >> {events}\nif [ \"$1\" = stop ]; then rm -f {pid}; else echo running > {pid}; fi\necho \"service $1 for $FLEETVAULT_BUNDLE\"\n",
+            "#!/bin/sh\nset -e\necho \"$1 $FLEETVAULT_PHASE ${{FLEETVAULT_STATUS:-none}} $(date +%s%3N) ${{FLEETVAULT_SNAPSHOT_IDS:-}}\" >> {events}\nif [ \"$1\" = stop ]; then rm -f {pid}; else echo running > {pid}; fi\necho \"service $1 for $FLEETVAULT_BUNDLE\"\n",
             events = dir.join("events").display(),
             pid = dir.join("svc.pid").display(),
         ),
@@ -429,6 +429,17 @@ fn a_failing_part_or_a_hung_hook_fails_the_bundle_and_the_after_hook_still_runs(
     assert_eq!(
         tail,
         [("stop", "before", "none"), ("start", "after", "failed")]
+    );
+    let line = std::fs::read_to_string(work.path().join("events"))?;
+    let files_id = line
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split(' ').nth(4))
+        .unwrap_or("");
+    assert_eq!(
+        files_id.len(),
+        16,
+        "the after hook did not get the part taken: {line}"
     );
     assert!(
         work.path().join("svc.pid").exists(),

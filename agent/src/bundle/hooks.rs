@@ -5,8 +5,9 @@
 //! and `FLEETVAULT_BUNDLE`, `FLEETVAULT_PHASE` (`before`, `after`, `restore-before`,
 //! `restore-after`), `FLEETVAULT_PARTS` (the part names, space-separated), `FLEETVAULT_PART`
 //! (the part that was running when the bundle stopped, in `after` phases), `FLEETVAULT_STATUS`
-//! (`ok` or `failed`, in `after` phases) and `FLEETVAULT_SNAPSHOT_ID` (the bundle snapshot
-//! restored, in restore phases).
+//! (`ok` or `failed`, in `after` phases), `FLEETVAULT_SNAPSHOT_IDS` (the parts' snapshots
+//! taken, in `after`) and `FLEETVAULT_SNAPSHOT_ID` (the bundle snapshot restored, in restore
+//! phases).
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};

@@ -170,6 +170,12 @@ pub(crate) async fn backup(
     }
     let mut after_vars = base.clone();
     after_vars.push(("FLEETVAULT_PART", current));
+    let ids: Vec<&str> = index
+        .parts
+        .iter()
+        .filter_map(|p| p.snapshot_id.as_deref())
+        .collect();
+    after_vars.push(("FLEETVAULT_SNAPSHOT_IDS", ids.join(" ")));
     after_vars.push(("FLEETVAULT_STATUS", if ok { "ok" } else { "failed" }.into()));
     let (logs, after_ok) = hooks::run_all(&bundle.after, "after", &after_vars, false).await;
     let after_failure = logs.iter().find(|l| !l.ok()).map(HookLog::failure);
