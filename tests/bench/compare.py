@@ -11,7 +11,7 @@ coordinator and agent processes over loopback QUIC; restic and borg write local 
 Prints one Markdown table: per tool and step the median wall time, MB/s, CPU seconds (client
 plus, for fleetvault, the coordinator), peak RSS, stored bytes, and fleetvault's ratio to each.
 
-    python3 tests/bench/compare.py [--posts 400000] [--tree-mb 200] [--rounds 1]
+    python3 tests/bench/compare.py [--posts 400000] [--tree-mb 200] [--rounds 1] [--level N]
 
 Installs restic and borgbackup from Debian's packages when missing (run as root).
 """
@@ -99,6 +99,8 @@ def main():
     ap.add_argument("--tree-mb", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--level", type=int, default=None,
+                    help="fleetvault's zstd level (compression_level of both sources; default: the agent's)")
     args = ap.parse_args()
     missing = [p for p, t in [("restic", "restic"), ("borgbackup", "borg")] if not shutil.which(t)]
     if missing:
@@ -161,8 +163,9 @@ def main():
                                     "--out", f"{work}/agent"], check=True, stdout=subprocess.DEVNULL)
                     conf = f"{work}/agent/agent.toml"
                     with open(conf, "a") as f:
-                        f.write(f'\n[[sources]]\nname = "dump"\nkind = "command"\nbackup_command = "cat {live_dump}"\n'
-                                f'\n[[sources]]\nname = "tree"\nkind = "files"\npaths = ["{live_tree}"]\n')
+                        level = f"compression_level = {args.level}\n" if args.level else ""
+                        f.write(f'\n[[sources]]\nname = "dump"\nkind = "command"\nbackup_command = "cat {live_dump}"\n{level}'
+                                f'\n[[sources]]\nname = "tree"\nkind = "files"\npaths = ["{live_tree}"]\n{level}')
                     repo = f"{data}/store"
                     ids = {}
 
