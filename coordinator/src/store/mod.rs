@@ -372,4 +372,23 @@ mod tests {
         assert!(!store.contains(&wrong));
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
+
+    #[test]
+    fn a_large_batch_is_stored_whole_with_duplicates_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path()).unwrap();
+        let mut batch: Vec<(ChunkId, Vec<u8>)> = (0..100u32)
+            .map(|i| {
+                let data = format!("chunk number {i}").repeat(100).into_bytes();
+                (ChunkId::of(&data), seal(&data, 1))
+            })
+            .collect();
+        batch.push(batch[7].clone());
+        let out = store.put_batch(&batch).unwrap();
+        assert_eq!(out.new, 100);
+        for (id, env) in &batch {
+            assert_eq!(store.get(id).unwrap().as_ref(), Some(env));
+        }
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
 }
