@@ -178,8 +178,8 @@ impl Session {
             if !seen.insert(r.id) {
                 continue;
             }
-            let uploaded = self.uploaded.lock().expect("uploaded lock").contains(&r.id);
-            let owned = uploaded || catalog.has_ref(&owner, &r.id).map_err(|e| e.to_string())?;
+            // What this peer uploaded is in the catalog from the moment it was stored.
+            let owned = catalog.has_ref(&owner, &r.id).map_err(|e| e.to_string())?;
             if !store.contains(&r.id) || !owned {
                 return Err(format!(
                     "snapshot {id} refers to chunk {} that was not uploaded",

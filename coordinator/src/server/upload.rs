@@ -199,15 +199,18 @@ impl Session {
             // Remembered at once, not at commit: a sync cut off here resumes without sending
             // these again.
             let st = self.state.clone();
-            let (owner, ids) = (self.owner().into_owned(), ids.clone());
+            let owner = self.owner().into_owned();
             tokio::task::spawn_blocking(move || {
                 st.catalog.add_refs(&owner, ids.iter())?;
                 st.catalog.flush()
             })
             .await
             .map_err(internal)??;
+        } else {
+            // Peers' uploads are remembered in the catalog instead: a seed sync of a whole
+            // store must not grow this set.
+            self.uploaded.lock().expect("uploaded lock").extend(ids);
         }
-        self.uploaded.lock().expect("uploaded lock").extend(ids);
         if let Some(b) = self
             .running
             .lock()
