@@ -1,8 +1,10 @@
 //! The coordinator's data directory and its `coordinator.toml`.
 //!
 //! ```text
-//! DIR/coordinator.toml   listen address, server name
+//! DIR/coordinator.toml   listen address, server name, jobs, replicas, peers
 //! DIR/tls/               fleet CA (ca.pem, ca.key), coordinator and operator certificates
+//! DIR/tls/peers/         the peer certificates `issue-peer` issued (retired/ after promote)
+//! DIR/replicas/NAME/     a replica's CA and our peer credentials for it (as the README says)
 //! DIR/store/             chunks and immutable snapshot records (see store/)
 //! DIR/catalog/           sled catalog (see catalog/)
 //! ```
