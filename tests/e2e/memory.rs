@@ -1,6 +1,8 @@
 //! The agent's memory does not grow with the size of what it backs up: its peak RSS backing up
-//! a 2 GiB stream stays under 1.5 times its peak backing up a 256 MiB one (bounded queues
-//! between the stages, nothing buffered per backup but the manifest).
+//! a 3 GiB stream stays under 1.5 times its peak backing up a 1 GiB one (bounded queues
+//! between the stages, nothing buffered per backup but the manifest). The smaller backup is
+//! 1 GiB, not less: a short backup may end before its queues and windows fill, and its lower
+//! peak would measure the machine's load rather than the agent.
 
 use std::process::Command;
 
@@ -39,10 +41,10 @@ fn measured_backup(agent: &fleetvault_tests::Agent, source: &str) -> anyhow::Res
 }
 
 #[test]
-fn agent_memory_stays_flat_from_256_mib_to_2_gib() -> anyhow::Result<()> {
+fn agent_memory_stays_flat_from_1_gib_to_3_gib() -> anyhow::Result<()> {
     let coordinator = Coordinator::start()?;
     let agent = coordinator.agent("db-01")?;
-    for (name, mib) in [("small", 256u64), ("large", 2048)] {
+    for (name, mib) in [("small", 1024u64), ("large", 3072)] {
         agent.add_command_source(&CommandSource {
             name: name.into(),
             backup_command: format!("head -c {} /dev/urandom", mib * MIB),
@@ -51,12 +53,12 @@ fn agent_memory_stays_flat_from_256_mib_to_2_gib() -> anyhow::Result<()> {
     }
     let (small_kib, small_read) = measured_backup(&agent, "small")?;
     let (large_kib, large_read) = measured_backup(&agent, "large")?;
-    assert_eq!(small_read, 256 * MIB);
-    assert_eq!(large_read, 2048 * MIB);
-    eprintln!("agent peak RSS: {small_kib} KiB for 256 MiB, {large_kib} KiB for 2 GiB");
+    assert_eq!(small_read, 1024 * MIB);
+    assert_eq!(large_read, 3072 * MIB);
+    eprintln!("agent peak RSS: {small_kib} KiB for 1 GiB, {large_kib} KiB for 3 GiB");
     assert!(
         large_kib * 2 < small_kib * 3,
-        "peak RSS grew from {small_kib} KiB (256 MiB) to {large_kib} KiB (2 GiB): over 1.5x"
+        "peak RSS grew from {small_kib} KiB (1 GiB) to {large_kib} KiB (3 GiB): over 1.5x"
     );
     Ok(())
 }
