@@ -29,17 +29,7 @@ pub(crate) fn parts(state: &State, rec: &SnapshotRecord) -> Result<Vec<SnapshotI
     let Manifest::Stream(stream) = manifest else {
         return Err(format!("bundle {} is not a stream", rec.id));
     };
-    let mut bytes = Vec::with_capacity(stream.len as usize);
-    for c in &stream.chunks {
-        let env = state
-            .store
-            .get(&c.id)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("bundle {}: chunk {} is missing", rec.id, c.id))?;
-        let plain = fleetvault_common::chunk::open_verified(&env, &c.id)
-            .map_err(|e| format!("bundle {}: chunk {} is damaged: {e}", rec.id, c.id))?;
-        bytes.extend_from_slice(&plain);
-    }
+    let (bytes, _) = crate::server::read_stream(&state.store, rec.id, &stream, "bundle index")?;
     let index: serde_json::Value =
         serde_json::from_slice(&bytes).map_err(|e| format!("bundle {}: bad index: {e}", rec.id))?;
     index["parts"]

@@ -83,6 +83,23 @@ struct Checked<'a> {
     snapshot: SnapshotId,
 }
 
+impl<'a> Checked<'a> {
+    fn of(chunks: &'a mut Chunks, s: &'a fleetvault_common::StreamManifest) -> Self {
+        let snapshot = chunks.snapshot;
+        Checked {
+            inner: FileReader {
+                chunks,
+                list: s.chunks.iter(),
+                buf: Vec::new(),
+                at: 0,
+            },
+            hasher: blake3::Hasher::new(),
+            want: s.checksum,
+            snapshot,
+        }
+    }
+}
+
 impl Read for Checked<'_> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(out)?;
@@ -167,20 +184,11 @@ async fn with_chunks<T: Send + 'static>(
 
 /// Writes a stream's bytes to `w`, checking its checksum; returns its length.
 fn write_stream(
-    snapshot: SnapshotId,
     s: &fleetvault_common::StreamManifest,
     chunks: &mut Chunks,
     w: &mut dyn Write,
 ) -> anyhow::Result<u64> {
-    let mut whole = blake3::Hasher::new();
-    for c in &s.chunks {
-        let plain = chunks.next(c)?;
-        whole.update(&plain);
-        w.write_all(&plain)?;
-    }
-    if *whole.finalize().as_bytes() != s.checksum {
-        bail!("snapshot {snapshot}: the stream does not match its checksum");
-    }
+    io::copy(&mut Checked::of(chunks, s), w)?;
     Ok(s.len)
 }
 
@@ -188,7 +196,6 @@ fn write_stream(
 /// (`name` when there is no prefix); returns the content bytes.
 fn append(
     tar: &mut Tar,
-    snapshot: SnapshotId,
     manifest: &Manifest,
     prefix: &Path,
     chunks: &mut Chunks,
@@ -203,18 +210,7 @@ fn append(
             h.set_mtime(0);
             // Streamed into the archive; the checksum is checked at its end, and a mismatch
             // fails the download (its temporary file is removed).
-            let reader = Checked {
-                inner: FileReader {
-                    chunks: &mut *chunks,
-                    list: s.chunks.iter(),
-                    buf: Vec::new(),
-                    at: 0,
-                },
-                hasher: blake3::Hasher::new(),
-                want: s.checksum,
-                snapshot,
-            };
-            tar.append_data(&mut h, prefix, reader)?;
+            tar.append_data(&mut h, prefix, Checked::of(chunks, s))?;
             n += s.len;
         }
         Manifest::Tree(t) => {
@@ -306,7 +302,7 @@ async fn write_all(
         let s = s.clone();
         let index = with_chunks(client, snapshot, recv, move |c| {
             let mut buf = Vec::new();
-            write_stream(snapshot, &s, c, &mut buf)?;
+            write_stream(&s, c, &mut buf)?;
             Ok(buf)
         })
         .await?;
@@ -331,7 +327,7 @@ async fn write_all(
                 Manifest::Tree(_) => std::path::PathBuf::from(name),
             };
             let (t, n) = with_chunks(client, id, recv, move |c| {
-                let n = append(&mut tar, id, &m, &prefix, c)?;
+                let n = append(&mut tar, &m, &prefix, c)?;
                 Ok((tar, n))
             })
             .await?;
@@ -344,7 +340,7 @@ async fn write_all(
     match manifest {
         Manifest::Stream(s) => {
             let (w, n) = with_chunks(client, snapshot, recv, move |c| {
-                let n = write_stream(snapshot, &s, c, &mut w)?;
+                let n = write_stream(&s, c, &mut w)?;
                 Ok((w, n))
             })
             .await?;
@@ -354,7 +350,7 @@ async fn write_all(
         tree @ Manifest::Tree(_) => {
             let (tar, n) = with_chunks(client, snapshot, recv, move |c| {
                 let mut tar = tar::Builder::new(w);
-                let n = append(&mut tar, snapshot, &tree, Path::new(""), c)?;
+                let n = append(&mut tar, &tree, Path::new(""), c)?;
                 Ok((tar, n))
             })
             .await?;

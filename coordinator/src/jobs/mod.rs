@@ -97,6 +97,21 @@ pub(crate) fn parse_schedule(expr: &str) -> Result<cron::Schedule, String> {
     cron::Schedule::from_str(&fields.join(" ")).map_err(|e| format!("{expr:?}: {e}"))
 }
 
+/// The next run of `schedule` after `from` (the last run, or the scheduler's start); an
+/// occurrence already missed (coordinator down or busy) is skipped for the next one from `now`.
+pub(crate) fn next_due(
+    schedule: &cron::Schedule,
+    from: chrono::DateTime<chrono::Utc>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    let t = schedule.after(&from).next()?;
+    if t + chrono::Duration::seconds(1) < now {
+        schedule.after(&now).next()
+    } else {
+        Some(t)
+    }
+}
+
 /// crontab weekdays (0-7, Sunday 0 or 7) to the cron crate's (1-7, Sunday 1).
 fn crontab_weekdays(field: &str) -> Result<String, String> {
     let map = |n: &str| -> Result<String, String> {

@@ -52,16 +52,9 @@ pub(crate) async fn run(
                 continue;
             };
             let from = last.get(&name).copied().unwrap_or(start);
-            let Some(mut t) = s.after(&from).next() else {
+            let Some(t) = super::next_due(&s, from, now) else {
                 continue;
             };
-            if t + chrono::Duration::seconds(1) < now {
-                // Missed (coordinator down or busy): skip to the next occurrence from now.
-                t = match s.after(&now).next() {
-                    Some(t) => t,
-                    None => continue,
-                };
-            }
             if next.as_ref().is_none_or(|(best, _)| t < *best) {
                 next = Some((t, name));
             }

@@ -101,18 +101,18 @@ impl ReplicaConfig {
         Ok(())
     }
 
-    /// Whether snapshot `rec` goes to this replica.
-    pub(crate) fn wants(&self, rec: &SnapshotRecord) -> bool {
-        let matches = |patterns: &[String], key: &str, value: &str| {
-            globs(patterns, key).is_ok_and(|g| g.is_match(value))
-        };
-        matches(&self.agents, "agents", &rec.agent)
-            && matches(&self.sources, "sources", &rec.source)
-            && self.jobs.as_ref().is_none_or(|j| {
-                rec.job
+    /// Which snapshots go to this replica (the globs compiled once).
+    pub(crate) fn selector(&self) -> Result<impl Fn(&SnapshotRecord) -> bool, String> {
+        let agents = globs(&self.agents, "agents")?;
+        let sources = globs(&self.sources, "sources")?;
+        let jobs = self.jobs.as_ref().map(|j| globs(j, "jobs")).transpose()?;
+        Ok(move |rec: &SnapshotRecord| {
+            agents.is_match(&rec.agent)
+                && sources.is_match(&rec.source)
+                && jobs
                     .as_ref()
-                    .is_some_and(|name| matches(j, "jobs", name))
-            })
+                    .is_none_or(|j| rec.job.as_ref().is_some_and(|name| j.is_match(name)))
+        })
     }
 
     fn backoff(&self, failures: u32) -> Duration {
@@ -128,8 +128,9 @@ fn wanted(state: &State, cfg: &ReplicaConfig) -> Result<Vec<SnapshotRecord>, Str
         status: Some("completed".into()),
         ..SnapshotFilter::default()
     };
+    let wants = cfg.selector()?;
     let list = state.catalog.list(&filter).map_err(|e| e.to_string())?;
-    Ok(list.into_iter().filter(|r| cfg.wants(r)).collect())
+    Ok(list.into_iter().filter(|r| wants(r)).collect())
 }
 
 /// Syncs every configured replica (or the one named) now, one after the other, adding the
@@ -271,14 +272,8 @@ pub(crate) async fn scheduler(state: Arc<State>, token: CancellationToken, track
                 .and_then(|s| s.next_retry_ms)
                 .map(utc);
             let cron = cfg.schedule.as_deref().and_then(|s| {
-                let s = parse_schedule(s).ok()?;
                 let from = last.get(&cfg.name).copied().unwrap_or(start);
-                let t = s.after(&from).next()?;
-                if t + chrono::Duration::seconds(1) < now {
-                    s.after(&now).next()
-                } else {
-                    Some(t)
-                }
+                crate::jobs::next_due(&parse_schedule(s).ok()?, from, now)
             });
             let due = match (retry, cron) {
                 (Some(a), Some(b)) => a.min(b),
@@ -342,15 +337,27 @@ mod tests {
     fn replicas_select_snapshots_by_agent_source_and_job() {
         let all = replica("");
         assert!(all.validate().is_ok());
-        assert!(all.wants(&rec("chat-01", "db", None)));
+        assert!(all.selector().unwrap()(&rec("chat-01", "db", None)));
         let some = replica("agents = [\"chat-*\"]\nsources = [\"db\"]\njobs = [\"nightly\"]");
-        assert!(some.wants(&rec("chat-01", "db", Some("nightly"))));
+        assert!(some.selector().unwrap()(&rec(
+            "chat-01",
+            "db",
+            Some("nightly")
+        )));
         assert!(
-            !some.wants(&rec("chat-01", "db", None)),
+            !some.selector().unwrap()(&rec("chat-01", "db", None)),
             "not made by a listed job"
         );
-        assert!(!some.wants(&rec("web-01", "db", Some("nightly"))));
-        assert!(!some.wants(&rec("chat-01", "uploads", Some("nightly"))));
+        assert!(!some.selector().unwrap()(&rec(
+            "web-01",
+            "db",
+            Some("nightly")
+        )));
+        assert!(!some.selector().unwrap()(&rec(
+            "chat-01",
+            "uploads",
+            Some("nightly")
+        )));
     }
 
     #[test]

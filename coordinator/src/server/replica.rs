@@ -9,7 +9,6 @@
 //! gets the chunk references too, so after a disaster it can back up here incrementally and
 //! restore its own snapshots.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use fleetvault_certs::Role;
@@ -172,21 +171,8 @@ impl Session {
                 manifest.logical_len()
             ));
         }
+        let seen = self.check_chunks(id, root, &manifest)?;
         let owner = self.owner();
-        let mut seen = HashSet::new();
-        for r in root.chunks.iter().chain(manifest.data_chunks()) {
-            if !seen.insert(r.id) {
-                continue;
-            }
-            // What this peer uploaded is in the catalog from the moment it was stored.
-            let owned = catalog.has_ref(&owner, &r.id).map_err(|e| e.to_string())?;
-            if !store.contains(&r.id) || !owned {
-                return Err(format!(
-                    "snapshot {id} refers to chunk {} that was not uploaded",
-                    r.id
-                ));
-            }
-        }
         store.write_record(&rec).map_err(|e| e.to_string())?;
         catalog
             .add_refs(&rec.agent, seen.iter())

@@ -31,39 +31,48 @@ fn internal(e: impl std::fmt::Display) -> Failure {
     Failure::Reply(ErrorCode::Internal, e.to_string())
 }
 
+/// Reads a stream from the store and verifies every chunk and the whole stream's length and
+/// checksum; returns the bytes and the chunks' envelopes. Only for small streams (manifests,
+/// bundle indexes): the whole stream is held in memory.
+pub(crate) fn read_stream(
+    store: &ChunkStore,
+    snapshot: SnapshotId,
+    stream: &StreamManifest,
+    what: &str,
+) -> Result<(Vec<u8>, Vec<Vec<u8>>), String> {
+    if stream.len > fleetvault_common::protocol::MAX_FRAME_LEN as u64 * 128 {
+        return Err(format!(
+            "snapshot {snapshot}: {what} of {} bytes is too large",
+            stream.len
+        ));
+    }
+    let mut bytes = Vec::with_capacity(stream.len as usize);
+    let mut envelopes = Vec::with_capacity(stream.chunks.len());
+    for c in &stream.chunks {
+        let env = store
+            .get(&c.id)
+            .map_err(|e| format!("snapshot {snapshot}: {e}"))?
+            .ok_or_else(|| format!("snapshot {snapshot}: {what} chunk {} is missing", c.id))?;
+        let plain = chunk::open_verified(&env, &c.id)
+            .map_err(|e| format!("snapshot {snapshot}: {what} chunk {} is damaged: {e}", c.id))?;
+        bytes.extend_from_slice(&plain);
+        envelopes.push(env);
+    }
+    if bytes.len() as u64 != stream.len || *blake3::hash(&bytes).as_bytes() != stream.checksum {
+        return Err(format!(
+            "snapshot {snapshot}: {what} checksum does not match"
+        ));
+    }
+    Ok((bytes, envelopes))
+}
+
 /// Reads and verifies the encoded manifest that `root` describes.
 pub(crate) fn load_manifest(
     store: &ChunkStore,
     snapshot: SnapshotId,
     root: &StreamManifest,
 ) -> Result<(Manifest, Vec<Vec<u8>>), String> {
-    if root.len > fleetvault_common::protocol::MAX_FRAME_LEN as u64 * 128 {
-        return Err(format!(
-            "snapshot {snapshot}: manifest of {} bytes is too large",
-            root.len
-        ));
-    }
-    let mut bytes = Vec::with_capacity(root.len as usize);
-    let mut envelopes = Vec::with_capacity(root.chunks.len());
-    for c in &root.chunks {
-        let env = store
-            .get(&c.id)
-            .map_err(|e| format!("snapshot {snapshot}: {e}"))?
-            .ok_or_else(|| format!("snapshot {snapshot}: manifest chunk {} is missing", c.id))?;
-        let plain = chunk::open_verified(&env, &c.id).map_err(|e| {
-            format!(
-                "snapshot {snapshot}: manifest chunk {} is damaged: {e}",
-                c.id
-            )
-        })?;
-        bytes.extend_from_slice(&plain);
-        envelopes.push(env);
-    }
-    if bytes.len() as u64 != root.len || *blake3::hash(&bytes).as_bytes() != root.checksum {
-        return Err(format!(
-            "snapshot {snapshot}: manifest checksum does not match"
-        ));
-    }
+    let (bytes, envelopes) = read_stream(store, snapshot, root, "manifest")?;
     let manifest = Manifest::decode(&bytes).map_err(|e| format!("snapshot {snapshot}: {e}"))?;
     Ok((manifest, envelopes))
 }
@@ -81,7 +90,7 @@ impl Session {
         }
     }
 
-    fn owns(&self, id: &ChunkId) -> Result<bool, Failure> {
+    pub(super) fn owns(&self, id: &ChunkId) -> Result<bool, Failure> {
         if self.uploaded.lock().expect("uploaded lock").contains(id) {
             return Ok(true);
         }
@@ -299,28 +308,37 @@ impl Session {
         }
     }
 
+    /// The distinct chunks a snapshot's manifest and data reference, each checked to exist and
+    /// to have been proven by this connection's owner (rule 9: re-checked at commit, and no
+    /// reading other hosts' data by id).
+    pub(super) fn check_chunks(
+        &self,
+        snapshot: SnapshotId,
+        root: &StreamManifest,
+        manifest: &Manifest,
+    ) -> Result<HashSet<ChunkId>, String> {
+        let mut seen = HashSet::new();
+        for r in root.chunks.iter().chain(manifest.data_chunks()) {
+            if !seen.insert(r.id) {
+                continue;
+            }
+            let owned = self.owns(&r.id).map_err(|_| "catalog error".to_string())?;
+            if !self.state.store.contains(&r.id) || !owned {
+                return Err(format!(
+                    "snapshot {snapshot} refers to chunk {} that was not uploaded",
+                    r.id
+                ));
+            }
+        }
+        Ok(seen)
+    }
+
     /// Checks and records a commit; returns the completed record or why it was refused.
     fn commit_blocking(&self, c: Commit) -> Result<SnapshotRecord, String> {
         let store = &self.state.store;
         let (manifest, _) = load_manifest(store, c.snapshot, &c.root)?;
-        let mut seen = HashSet::new();
-        let mut chunks = 0u64;
-        for r in c.root.chunks.iter().chain(manifest.data_chunks()) {
-            chunks += 1;
-            if !seen.insert(r.id) {
-                continue;
-            }
-            // Rule 9: re-check at commit that everything referenced still exists, and that
-            // this agent proved it holds each chunk (no reading other hosts' data by id).
-            let owned = self.owns(&r.id).map_err(|_| "catalog error".to_string())?;
-            if !store.contains(&r.id) || !owned {
-                return Err(format!(
-                    "snapshot {} refers to chunk {} that was not uploaded",
-                    c.snapshot, r.id
-                ));
-            }
-        }
-        chunks -= c.root.chunks.len() as u64;
+        let seen = self.check_chunks(c.snapshot, &c.root, &manifest)?;
+        let chunks = manifest.data_chunks().count() as u64;
         let catalog = &self.state.catalog;
         let mut rec = catalog.get(c.snapshot).map_err(|e| e.to_string())?;
         {
