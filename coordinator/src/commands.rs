@@ -61,6 +61,22 @@ pub(crate) fn write_file(
         .with_context(|| format!("writing {}", path.display()))
 }
 
+/// Creates `dir` (and its parents) private to this user.
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
+}
+
+/// This data dir's CA, for issuing certificates.
+fn load_ca(dir: &DataDir) -> anyhow::Result<Ca> {
+    let read = |p: &Path| fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    Ca::load(&read(&dir.tls("ca.pem"))?, &read(&dir.tls("ca.key"))?)
+        .context("loading this coordinator's CA")
+}
+
 pub(crate) fn init(root: &Path, listen: &str, server_name: &str) -> anyhow::Result<ExitCode> {
     let dir = DataDir::new(root);
     if dir.tls("ca.key").exists() || dir.config_path().exists() {
@@ -85,11 +101,7 @@ pub(crate) fn init(root: &Path, listen: &str, server_name: &str) -> anyhow::Resu
     let addr = cfg.listen_addr()?;
     fleetvault_certs::validate_name(server_name)
         .with_context(|| format!("server name {server_name:?}"))?;
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir.tls(""))
-        .with_context(|| format!("creating {}", dir.tls("").display()))?;
+    create_private_dir(&dir.tls(""))?;
     let ca = Ca::create("fleetvault fleet CA").context("creating the fleet CA")?;
     let mut sans = vec![
         server_name.to_owned(),
@@ -154,9 +166,7 @@ pub(crate) fn issue_agent(
     let dir = DataDir::new(root);
     let cfg = dir.load_config()?;
     fleetvault_certs::validate_name(name).with_context(|| format!("agent name {name:?}"))?;
-    let read = |p: &Path| fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
-    let ca = Ca::load(&read(&dir.tls("ca.pem"))?, &read(&dir.tls("ca.key"))?)
-        .context("loading the fleet CA")?;
+    let ca = load_ca(&dir)?;
     let toml_path = out.join("agent.toml");
     if toml_path.exists() && !force {
         bail!(
@@ -164,11 +174,7 @@ pub(crate) fn issue_agent(
             toml_path.display()
         );
     }
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(out)
-        .with_context(|| format!("creating {}", out.display()))?;
+    create_private_dir(out)?;
     let cert = ca
         .issue(Role::Agent, name, &[])
         .with_context(|| format!("issuing a certificate for agent {name}"))?;
@@ -844,16 +850,9 @@ pub(crate) fn issue_peer(
             allow.display()
         );
     }
-    let read = |p: &Path| fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
-    let ca = Ca::load(&read(&dir.tls("ca.pem"))?, &read(&dir.tls("ca.key"))?)
-        .context("loading this coordinator's CA")?;
-    for d in [out, &dir.tls("peers")] {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(d)
-            .with_context(|| format!("creating {}", d.display()))?;
-    }
+    let ca = load_ca(&dir)?;
+    create_private_dir(out)?;
+    create_private_dir(&dir.tls("peers"))?;
     let cert = ca
         .issue(Role::Peer, name, &[])
         .with_context(|| format!("issuing a peer certificate for {name}"))?;

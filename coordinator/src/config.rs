@@ -161,43 +161,52 @@ impl DataDir {
                 anyhow::anyhow!("invalid config {}: key `gc_schedule`: {e}", path.display())
             })?;
         }
-        let mut names = std::collections::HashSet::new();
-        for (i, job) in cfg.jobs.iter().enumerate() {
-            let at = format!(
-                "invalid config {}: jobs[{i}] ({:?})",
-                path.display(),
-                job.name
-            );
-            if job.name.is_empty() || !names.insert(job.name.clone()) {
-                bail!("{at}: key `name` is empty or used by another job");
-            }
-            job.validate().map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
-        }
-        let mut names = std::collections::HashSet::new();
-        for (i, r) in cfg.replicas.iter().enumerate() {
-            let at = format!(
-                "invalid config {}: replicas[{i}] ({:?})",
-                path.display(),
-                r.name
-            );
-            if !names.insert(r.name.clone()) {
-                bail!("{at}: key `name` is used by another replica");
-            }
-            r.validate().map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
-        }
-        let mut names = std::collections::HashSet::new();
-        for (i, p) in cfg.peers.iter().enumerate() {
-            let at = format!(
-                "invalid config {}: peers[{i}] ({:?})",
-                path.display(),
-                p.name
-            );
-            if !names.insert(p.name.clone()) {
-                bail!("{at}: key `name` is used by another peer");
-            }
-            fleetvault_certs::validate_name(&p.name)
-                .map_err(|e| anyhow::anyhow!("{at}: key `name`: {e}"))?;
-        }
+        check_tables(
+            &path,
+            "jobs",
+            "job",
+            &cfg.jobs,
+            |j| &j.name,
+            |j| j.validate(),
+        )?;
+        check_tables(
+            &path,
+            "replicas",
+            "replica",
+            &cfg.replicas,
+            |r| &r.name,
+            |r| r.validate(),
+        )?;
+        check_tables(
+            &path,
+            "peers",
+            "peer",
+            &cfg.peers,
+            |p| &p.name,
+            |p| fleetvault_certs::validate_name(&p.name).map_err(|e| format!("key `name`: {e}")),
+        )?;
         Ok(cfg)
     }
+}
+
+/// Checks `[[KEY]]` tables: each name present and unique, each table valid; errors name the
+/// file, the table's index and name, and the key.
+fn check_tables<T>(
+    path: &Path,
+    key: &str,
+    what: &str,
+    tables: &[T],
+    name: impl Fn(&T) -> &String,
+    validate: impl Fn(&T) -> Result<(), String>,
+) -> anyhow::Result<()> {
+    let mut names = std::collections::HashSet::new();
+    for (i, t) in tables.iter().enumerate() {
+        let n = name(t);
+        let at = format!("invalid config {}: {key}[{i}] ({n:?})", path.display());
+        if n.is_empty() || !names.insert(n.clone()) {
+            bail!("{at}: key `name` is empty or used by another {what}");
+        }
+        validate(t).map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+    }
+    Ok(())
 }

@@ -93,6 +93,28 @@ def day_two_tree(root, seed):
             fh.write(rng.randbytes(rng.randint(20_000, 400_000)))
 
 
+def chat_dumps(root, posts):
+    """Dumps (`pg_dump -Fp`) of a generated chat database on day 1 and after a day of chat, made
+    with a throwaway PostgreSQL server under `root`; returns {1: path, 2: path}."""
+    pg = Pg(root)
+    try:
+        env = dict(os.environ, PGHOST=f"{root}/pg", PGPORT=str(pg.port), PGUSER="postgres")
+        pg.psql("postgres", "CREATE DATABASE chat")
+        pg.psql("chat", day_one(posts))
+        pg.psql("chat", "VACUUM ANALYZE")
+        dumps = {}
+        for day in (1, 2):
+            if day == 2:
+                pg.psql("chat", day_two(posts))
+                pg.psql("chat", "VACUUM")
+            dumps[day] = f"{root}/dump-day{day}.sql"
+            with open(dumps[day], "wb") as f:
+                subprocess.run(["pg_dump", "-Fp", "chat"], env=env, stdout=f, check=True)
+        return dumps
+    finally:
+        pg.stop()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--posts", type=int, default=400_000)
@@ -110,25 +132,11 @@ def main():
     binv = f"{REPO}/target/release"
     root = tempfile.mkdtemp(prefix="fv-compare-")
     os.chmod(root, 0o755)
-    pg = Pg(root)
     serve = None
     results = {}  # (tool, step) -> list of (wall, cpu, rss)
     sizes = {}  # (tool, after) -> stored bytes
     try:
-        env = dict(os.environ, PGHOST=f"{root}/pg", PGPORT=str(pg.port), PGUSER="postgres")
-        pg.psql("postgres", "CREATE DATABASE chat")
-        pg.psql("chat", day_one(args.posts))
-        pg.psql("chat", "VACUUM ANALYZE")
-        dumps = {}
-        for day in (1, 2):
-            if day == 2:
-                pg.psql("chat", day_two(args.posts))
-                pg.psql("chat", "VACUUM")
-            dumps[day] = f"{root}/dump-day{day}.sql"
-            with open(dumps[day], "wb") as f:
-                subprocess.run(["pg_dump", "-Fp", "chat"], env=env, stdout=f, check=True)
-        pg.stop()
-        pg = None
+        dumps = chat_dumps(root, args.posts)
         trees = {1: f"{root}/tree1", 2: f"{root}/tree2"}
         nfiles = make_tree(trees[1], args.tree_mb, 1)
         shutil.copytree(trees[1], trees[2], symlinks=True)
@@ -257,8 +265,6 @@ def main():
     finally:
         if serve:
             serve.terminate()
-        if pg:
-            pg.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -20,8 +20,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import day_two_tree, make_tree  # noqa: E402
-from pg_dedup import Pg, day_one, day_two, dir_size, free_port, REPO  # noqa: E402
+from compare import chat_dumps, day_two_tree, make_tree  # noqa: E402
+from pg_dedup import dir_size, free_port, REPO  # noqa: E402
 
 
 def vmhwm_mib(pid):
@@ -46,22 +46,8 @@ def main():
     root = tempfile.mkdtemp(prefix="fv-replication-")
     os.chmod(root, 0o755)
     procs = []
-    pg = Pg(root)
     try:
-        env = dict(os.environ, PGHOST=f"{root}/pg", PGPORT=str(pg.port), PGUSER="postgres")
-        pg.psql("postgres", "CREATE DATABASE chat")
-        pg.psql("chat", day_one(args.posts))
-        pg.psql("chat", "VACUUM ANALYZE")
-        dumps = {}
-        for day in (1, 2):
-            if day == 2:
-                pg.psql("chat", day_two(args.posts))
-                pg.psql("chat", "VACUUM")
-            dumps[day] = f"{root}/dump-day{day}.sql"
-            with open(dumps[day], "wb") as f:
-                subprocess.run(["pg_dump", "-Fp", "chat"], env=env, stdout=f, check=True)
-        pg.stop()
-        pg = None
+        dumps = chat_dumps(root, args.posts)
         live_dump, live_tree = f"{root}/live/dump.sql", f"{root}/live/tree"
         os.makedirs(f"{root}/live")
         make_tree(live_tree, args.tree_mb, 1)
@@ -123,8 +109,6 @@ def main():
         for p in procs:
             p.terminate()
             p.wait()
-        if pg:
-            pg.stop()
         if args.keep:
             print(f"kept {root}", file=sys.stderr)
         else:

@@ -524,13 +524,8 @@ fn rocketchat_profile_reads_mongo_url_and_keeps_mongodb_running() -> anyhow::Res
         "the MongoDB password is shown: {shown}"
     );
     let have_mongo = ["mongod", "mongodump", "mongorestore", "mongosh"]
-        .iter()
-        .all(|t| {
-            std::process::Command::new(t)
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        });
+        .into_iter()
+        .all(crate::mongodb::installed);
     if !have_mongo {
         eprintln!("SKIPPED: the Rocket.Chat bundle's backup and restore need mongod, mongodump, mongorestore and mongosh on PATH (no Debian package exists); only its expansion was checked");
         return Ok(());
@@ -544,35 +539,8 @@ fn rocketchat_round_trip(
     coordinator: &Coordinator,
     work: &fleetvault_tests::Scratch,
 ) -> anyhow::Result<()> {
-    let mongosh = |uri: &str, js: &str| -> anyhow::Result<String> {
-        let out = std::process::Command::new("mongosh")
-            .args(["--quiet", uri, "--eval", js])
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let data = work.path().join("mongo-data");
-    std::fs::create_dir(&data)?;
-    let _mongod = fleetvault_tests::Proc::spawn(
-        std::process::Command::new("mongod")
-            .arg("--dbpath")
-            .arg(&data)
-            .args(["--bind_ip", "127.0.0.1", "--port", &port.to_string()]),
-        "mongod",
-        &work.path().join("mongod.log"),
-        &work.path().join("mongod.stdout"),
-    )?;
-    let server = format!("mongodb://127.0.0.1:{port}");
-    fleetvault_tests::wait_until("mongod", std::time::Duration::from_secs(60), || {
-        Ok(mongosh(&server, "db.runCommand({ping: 1}).ok").is_ok())
-    })?;
+    use crate::mongodb::mongosh;
+    let (_mongod, server) = crate::mongodb::start_mongod(work.path())?;
     mongosh(
         &format!("{server}/rocketchat"),
         "for (let i = 0; i < 500; i++) db.rocketchat_message.insertOne({i, msg: 'héllo ' + i})",

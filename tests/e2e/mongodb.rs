@@ -8,14 +8,14 @@ use std::time::Duration;
 use fleetvault_tests::report::snapshot_id;
 use fleetvault_tests::{scratch, Coordinator, Proc};
 
-fn installed(tool: &str) -> bool {
+pub(crate) fn installed(tool: &str) -> bool {
     Command::new(tool)
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success())
 }
 
-fn mongosh(uri: &str, js: &str) -> anyhow::Result<String> {
+pub(crate) fn mongosh(uri: &str, js: &str) -> anyhow::Result<String> {
     let out = Command::new("mongosh")
         .args(["--quiet", uri, "--eval", js])
         .output()?;
@@ -25,6 +25,31 @@ fn mongosh(uri: &str, js: &str) -> anyhow::Result<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// A `mongod` on a free port with its data under `dir`, answering pings; and its URI.
+pub(crate) fn start_mongod(dir: &std::path::Path) -> anyhow::Result<(Proc, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let data = dir.join("mongo-data");
+    std::fs::create_dir(&data)?;
+    let mongod = Proc::spawn(
+        Command::new("mongod").arg("--dbpath").arg(&data).args([
+            "--bind_ip",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+        ]),
+        "mongod",
+        &dir.join("mongod.log"),
+        &dir.join("mongod.stdout"),
+    )?;
+    let uri = format!("mongodb://127.0.0.1:{port}");
+    fleetvault_tests::wait_until("mongod", Duration::from_secs(60), || {
+        Ok(mongosh(&uri, "db.runCommand({ping: 1}).ok").is_ok())
+    })?;
+    Ok((mongod, uri))
 }
 
 #[test]
@@ -41,26 +66,7 @@ fn mongodb_database_restores_under_a_new_name_when_mongod_is_available() -> anyh
         return Ok(());
     }
     let work = scratch("mongo")?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let data = work.path().join("db");
-    std::fs::create_dir(&data)?;
-    let mongod = Proc::spawn(
-        Command::new("mongod").arg("--dbpath").arg(&data).args([
-            "--bind_ip",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-        ]),
-        "mongod",
-        &work.path().join("mongod.log"),
-        &work.path().join("mongod.stdout"),
-    )?;
-    let uri = format!("mongodb://127.0.0.1:{port}");
-    fleetvault_tests::wait_until("mongod", Duration::from_secs(60), || {
-        Ok(mongosh(&uri, "db.runCommand({ping: 1}).ok").is_ok())
-    })?;
+    let (mongod, uri) = start_mongod(work.path())?;
     mongosh(
         &format!("{uri}/chat"),
         "for (let i = 0; i < 1000; i++) db.messages.insertOne({i, text: 'héllo ' + i})",
