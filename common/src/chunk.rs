@@ -95,17 +95,22 @@ fn compress(plaintext: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
     })
 }
 
-/// Decompresses at most `capacity` bytes (the header's length, itself capped).
-fn decompress(payload: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+/// Runs `f` with this thread's decompression context.
+fn with_decompressor<T>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
             *slot = Some(zstd::bulk::Decompressor::new()?);
         }
-        slot.as_mut()
-            .expect("just set")
-            .decompress(payload, capacity)
+        f(slot.as_mut().expect("just set"))
     })
+}
+
+/// Decompresses at most `capacity` bytes (the header's length, itself capped).
+fn decompress(payload: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    with_decompressor(|d| d.decompress(payload, capacity))
 }
 
 /// Length of the plaintext an envelope holds, read from its header alone.
@@ -164,6 +169,60 @@ pub fn open_verified(envelope: &[u8], expected: &ChunkId) -> Result<Vec<u8>, Env
     Ok(plain)
 }
 
+/// [`open_verified`] for an envelope the caller gives up: a raw payload becomes the plaintext
+/// in the same allocation (the restore path, where most bytes of media files arrive raw).
+pub fn open_verified_owned(
+    mut envelope: Vec<u8>,
+    expected: &ChunkId,
+) -> Result<Vec<u8>, EnvelopeError> {
+    let (codec, _) = parse_header(&envelope)?;
+    if codec != CODEC_RAW {
+        return open_verified(&envelope, expected);
+    }
+    verify(&envelope, expected)?;
+    envelope.drain(..HEADER_LEN);
+    Ok(envelope)
+}
+
+/// Checks that an envelope opens to a plaintext hashing to `expected`, and returns that
+/// plaintext's length, without keeping the plaintext: a raw payload is hashed where it lies,
+/// a compressed one is decompressed into a buffer each thread reuses (what the coordinator
+/// does with every chunk it receives or verifies).
+pub fn verify(envelope: &[u8], expected: &ChunkId) -> Result<u32, EnvelopeError> {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let (codec, len) = parse_header(envelope)?;
+    let payload = &envelope[HEADER_LEN..];
+    let check = |plain: &[u8]| {
+        if plain.len() != len as usize {
+            return Err(EnvelopeError::Corrupt(format!(
+                "{} bytes where the header says {len}",
+                plain.len()
+            )));
+        }
+        let actual = ChunkId::of(plain);
+        if actual != *expected {
+            return Err(EnvelopeError::HashMismatch {
+                expected: *expected,
+                actual,
+            });
+        }
+        Ok(len)
+    };
+    if codec == CODEC_RAW {
+        return check(payload);
+    }
+    SCRATCH.with(|scratch| {
+        let mut plain = scratch.borrow_mut();
+        plain.clear();
+        plain.reserve(len as usize);
+        with_decompressor(|d| d.decompress_to_buffer(payload, &mut *plain))
+            .map_err(|e| EnvelopeError::Corrupt(e.to_string()))?;
+        check(&plain)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +254,28 @@ mod tests {
     }
 
     #[test]
+    fn verify_agrees_with_open_verified() {
+        let text = b"the same line again\n".repeat(5000);
+        let random: Vec<u8> = (0..50_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for plain in [text, random] {
+            let id = ChunkId::of(&plain);
+            let env = seal(&plain, DEFAULT_ZSTD_LEVEL);
+            assert_eq!(verify(&env, &id).unwrap() as usize, plain.len());
+            assert_eq!(open_verified_owned(env.clone(), &id).unwrap(), plain);
+            let wrong = ChunkId::of(b"something else");
+            assert!(matches!(
+                verify(&env, &wrong),
+                Err(EnvelopeError::HashMismatch { .. })
+            ));
+            let mut cut = env.clone();
+            cut.truncate(env.len() - 1);
+            assert!(verify(&cut, &id).is_err());
+        }
+    }
+
+    #[test]
     fn a_wrong_id_is_a_hash_mismatch() {
         let env = seal(b"abc", 3);
         let err = open_verified(&env, &ChunkId::of(b"abd")).unwrap_err();
@@ -213,6 +294,21 @@ mod tests {
         fn envelope_round_trips(data in proptest::collection::vec(any::<u8>(), 0..4096)) {
             let env = seal(&data, 1);
             prop_assert_eq!(open_verified(&env, &ChunkId::of(&data)).unwrap(), data);
+        }
+
+        #[test]
+        fn verify_never_panics_and_accepts_only_the_true_content(data in proptest::collection::vec(any::<u8>(), 0..2048), flip in 0usize..2048) {
+            let id = ChunkId::of(&data);
+            let mut env = seal(&data, 1);
+            prop_assert_eq!(verify(&env, &id).unwrap() as usize, data.len());
+            let at = flip % env.len();
+            env[at] ^= 0x40;
+            if let Ok(plain) = open(&env) {
+                prop_assert_eq!(verify(&env, &id).is_ok(), plain == data);
+                prop_assert_eq!(open_verified_owned(env.clone(), &id).is_ok(), plain == data);
+            } else {
+                prop_assert!(verify(&env, &id).is_err());
+            }
         }
 
         #[test]

@@ -76,42 +76,93 @@ impl Chunk {
 }
 
 /// Cuts a byte stream into chunks and hashes the whole stream on the way.
+///
+/// Cut points are fastcdc's `v2020` ones (the same as its `StreamCDC`), found in a buffer of
+/// several maximum-size chunks: each chunk's bytes are copied once, into the chunk, and the
+/// unread tail moves to the buffer's front only when less than one maximum chunk is left
+/// (`StreamCDC` keeps one maximum chunk and moves the rest after every chunk).
 pub struct Chunker<R: Read> {
-    inner: fastcdc::v2020::StreamCDC<R>,
+    source: R,
+    params: ChunkerParams,
+    mask_s: u64,
+    mask_l: u64,
+    buf: Vec<u8>,
+    /// Unchunked bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
+    eof: bool,
     whole: blake3::Hasher,
     len: u64,
 }
 
+/// The buffer holds at least this much, and at least two maximum chunks.
+const MIN_BUFFER: usize = 8 << 20;
+
 impl<R: Read> Chunker<R> {
     /// Chunks `source` with `params` (which must have passed [`ChunkerParams::validate`]).
     pub fn new(source: R, params: ChunkerParams) -> Self {
+        let (mask_s, mask_l) = fastcdc::v2020::select_masks(
+            params.avg as usize,
+            fastcdc::v2020::Normalization::Level1,
+        );
         Self {
-            inner: fastcdc::v2020::StreamCDC::new(
-                source,
-                params.min as usize,
-                params.avg as usize,
-                params.max as usize,
-            ),
+            source,
+            params,
+            mask_s,
+            mask_l,
+            buf: vec![0; MIN_BUFFER.max(2 * params.max as usize)],
+            start: 0,
+            end: 0,
+            eof: false,
             whole: blake3::Hasher::new(),
             len: 0,
         }
     }
 
-    /// The next chunk, `Ok(None)` at the end of the stream.
-    pub fn next_chunk(&mut self) -> std::io::Result<Option<Chunk>> {
-        match self.inner.next() {
-            None => Ok(None),
-            Some(Err(fastcdc::v2020::Error::IoError(e))) => Err(e),
-            Some(Err(e)) => Err(std::io::Error::other(e.to_string())),
-            Some(Ok(c)) => {
-                self.whole.update(&c.data);
-                self.len += c.data.len() as u64;
-                Ok(Some(Chunk {
-                    id: ChunkId::of(&c.data),
-                    data: c.data,
-                }))
+    /// Reads until a maximum chunk is buffered or the source ends.
+    fn fill(&mut self) -> std::io::Result<()> {
+        let max = self.params.max as usize;
+        while !self.eof && self.end - self.start < max {
+            if self.buf.len() - self.end < max {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            match self.source.read(&mut self.buf[self.end..]) {
+                Ok(0) => self.eof = true,
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
+        Ok(())
+    }
+
+    /// The next chunk, `Ok(None)` at the end of the stream.
+    pub fn next_chunk(&mut self) -> std::io::Result<Option<Chunk>> {
+        self.fill()?;
+        if self.start == self.end {
+            return Ok(None);
+        }
+        let p = self.params;
+        let (_, count) = fastcdc::v2020::cut(
+            &self.buf[self.start..self.end],
+            p.min as usize,
+            p.avg as usize,
+            p.max as usize,
+            self.mask_s,
+            self.mask_l,
+            self.mask_s << 1,
+            self.mask_l << 1,
+        );
+        let data = self.buf[self.start..self.start + count].to_vec();
+        self.start += count;
+        self.whole.update(&data);
+        self.len += count as u64;
+        Ok(Some(Chunk {
+            id: ChunkId::of(&data),
+            data,
+        }))
     }
 
     /// Bytes chunked so far.
@@ -191,6 +242,46 @@ mod tests {
         }
         assert_eq!(joined, data);
         assert_eq!(c.checksum(), *blake3::hash(&data).as_bytes());
+    }
+
+    /// A reader that returns at most `step` bytes per call, like a pipe.
+    struct Trickle<'a>(&'a [u8], usize);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.1.min(buf.len()).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn cuts_where_fastcdc_stream_cdc_cuts_whatever_the_reads() {
+        // Longer than the buffer, so the tail is moved to the front several times.
+        let data = seeded(3 * MIN_BUFFER + 12_345, 99);
+        for params in [ChunkerParams::default(), SMALL] {
+            let want: Vec<(usize, ChunkId)> = fastcdc::v2020::StreamCDC::new(
+                &data[..],
+                params.min as usize,
+                params.avg as usize,
+                params.max as usize,
+            )
+            .map(|c| {
+                let c = c.unwrap();
+                (c.length, ChunkId::of(&c.data))
+            })
+            .collect();
+            for step in [usize::MAX, 65_536, 999] {
+                let mut c = Chunker::new(Trickle(&data, step), params);
+                let mut got = Vec::new();
+                while let Some(ch) = c.next_chunk().unwrap() {
+                    got.push((ch.data.len(), ch.id));
+                }
+                assert_eq!(got, want, "reads of {step} bytes with {params:?}");
+                assert_eq!(c.checksum(), *blake3::hash(&data).as_bytes());
+            }
+        }
     }
 
     /// Golden vector: boundaries and ids of a fixed seeded input with the default parameters.

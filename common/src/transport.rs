@@ -216,6 +216,37 @@ fn transport_config() -> Arc<TransportConfig> {
     Arc::new(t)
 }
 
+/// A UDP socket on `addr` (IPv6) that also reaches IPv4 peers, whatever
+/// `net.ipv6.bindv6only` says.
+fn dual_stack(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use rustix::net::{bind, socket, sockopt, AddressFamily, SocketType};
+    let fd = socket(AddressFamily::INET6, SocketType::DGRAM, None)?;
+    sockopt::set_ipv6_v6only(&fd, false)?;
+    bind(&fd, &addr)?;
+    Ok(std::net::UdpSocket::from(fd))
+}
+
+/// Socket buffer size asked for (the kernel caps it at `net.core.rmem_max` / `wmem_max`).
+const SOCKET_BUFFER: usize = 8 << 20;
+
+/// Widens a socket's receive and send buffers. With the kernel's default (about 200 KiB), a
+/// burst of chunk packets overflows the receive buffer, the drops read as congestion, and
+/// the sender slows down. Where the system caps the size lower, a debug log says so.
+fn widen_buffers(socket: &std::net::UdpSocket) {
+    use rustix::net::sockopt;
+    let _ = sockopt::set_socket_recv_buffer_size(socket, SOCKET_BUFFER);
+    let _ = sockopt::set_socket_send_buffer_size(socket, SOCKET_BUFFER);
+    // Linux reports twice the size it grants (the doubling covers its own bookkeeping).
+    match sockopt::socket_recv_buffer_size(socket) {
+        Ok(got) if got / 2 < SOCKET_BUFFER => tracing::debug!(
+            granted = got / 2,
+            wanted = SOCKET_BUFFER,
+            "UDP receive buffer capped by net.core.rmem_max; raise it for full speed (deploy/sysctl.d/90-fleetvault.conf)"
+        ),
+        _ => {}
+    }
+}
+
 fn tls_error(e: impl fmt::Display) -> TransportError {
     TransportError::Tls(e.to_string())
 }
@@ -268,6 +299,7 @@ pub fn server_endpoint(
         source,
     };
     let socket = std::net::UdpSocket::bind(listen).map_err(bind)?;
+    widen_buffers(&socket);
     quinn::Endpoint::new(
         endpoint_config,
         Some(config),
@@ -298,9 +330,17 @@ pub fn client_endpoint(creds: &Credentials) -> Result<quinn::Endpoint, Transport
 
     let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0));
     let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
-    let mut endpoint = quinn::Endpoint::client(v6)
-        .or_else(|_| quinn::Endpoint::client(v4))
+    let socket = dual_stack(v6)
+        .or_else(|_| std::net::UdpSocket::bind(v4))
         .map_err(|source| TransportError::Bind { addr: v4, source })?;
+    widen_buffers(&socket);
+    let mut endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| TransportError::Bind { addr: v4, source })?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }

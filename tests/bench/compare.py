@@ -9,9 +9,12 @@ of the dump and of the tree, day-2 backup of both, restore of both. fleetvault r
 coordinator and agent processes over loopback QUIC; restic and borg write local repositories.
 
 Prints one Markdown table: per tool and step the median wall time, MB/s, CPU seconds (client
-plus, for fleetvault, the coordinator), peak RSS, stored bytes, and fleetvault's ratio to each.
+plus, for fleetvault, the coordinator), peak RSS (the client's; for fleetvault also the
+coordinator's during the step), stored bytes, and fleetvault's ratio to each.
 
-    python3 tests/bench/compare.py [--posts 400000] [--tree-mb 200] [--rounds 1] [--level N]
+    python3 tests/bench/compare.py [--posts 3300000] [--tree-mb 1024] [--rounds 3] [--level N]
+
+The defaults (a 1 GiB dump, a 1 GiB tree, three rounds) take about 10 minutes on 2 cores.
 
 Installs restic and borgbackup from Debian's packages when missing (run as root).
 """
@@ -32,8 +35,11 @@ from pg_dedup import Pg, day_one, day_two, dir_size, free_port, REPO  # noqa: E4
 
 
 def run_measured(args, env=None, stdin=None, stdout=subprocess.DEVNULL, extra_pid=None):
-    """Runs a command; returns (wall seconds, CPU seconds, peak RSS KiB)."""
+    """Runs a command; returns (wall seconds, CPU seconds, peak RSS KiB, the extra process's peak
+    RSS KiB during the command). `extra_pid` (the coordinator) adds its CPU time to the command's."""
     extra_before = proc_cpu(extra_pid) if extra_pid else 0.0
+    if extra_pid:
+        reset_hwm(extra_pid)
     t = time.time()
     p = subprocess.Popen(args, env=env, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
     _, status, ru = os.wait4(p.pid, 0)
@@ -42,9 +48,26 @@ def run_measured(args, env=None, stdin=None, stdout=subprocess.DEVNULL, extra_pi
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{args[0]} failed: {err.strip()}")
     cpu = ru.ru_utime + ru.ru_stime
+    extra_rss = 0
     if extra_pid:
         cpu += proc_cpu(extra_pid) - extra_before
-    return wall, cpu, ru.ru_maxrss
+        extra_rss = vmhwm_kib(extra_pid)
+    return wall, cpu, ru.ru_maxrss, extra_rss
+
+
+def vmhwm_kib(pid):
+    """A running process's peak RSS (KiB) since it started or since `reset_hwm`."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_hwm(pid):
+    """Resets a process's peak RSS to its current RSS (Linux `clear_refs` 5)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
 
 
 def proc_cpu(pid):
@@ -93,6 +116,34 @@ def day_two_tree(root, seed):
             fh.write(rng.randbytes(rng.randint(20_000, 400_000)))
 
 
+def sync_tree(src, dst):
+    """Makes `dst` the tree `src` with hard links, replacing only files whose size or mtime
+    differ and removing what `src` lacks (rsync's quick check): unchanged files keep their
+    inode and times, as on a real host between two days."""
+    for dirpath, dirs, files in os.walk(src):
+        rel = os.path.relpath(dirpath, src)
+        target = os.path.normpath(os.path.join(dst, rel))
+        os.makedirs(target, exist_ok=True)
+        for f in files:
+            a, b = os.path.join(dirpath, f), os.path.join(target, f)
+            sa = os.stat(a)
+            try:
+                sb = os.stat(b)
+                if sb.st_size == sa.st_size and sb.st_mtime_ns == sa.st_mtime_ns:
+                    continue
+                os.remove(b)
+            except FileNotFoundError:
+                pass
+            os.link(a, b)
+    for dirpath, dirs, files in os.walk(dst, topdown=False):
+        rel = os.path.relpath(dirpath, dst)
+        for f in files:
+            if not os.path.exists(os.path.join(src, rel, f)):
+                os.remove(os.path.join(dirpath, f))
+        if not os.path.exists(os.path.join(src, rel)):
+            os.rmdir(dirpath)
+
+
 def chat_dumps(root, posts):
     """Dumps (`pg_dump -Fp`) of a generated chat database on day 1 and after a day of chat, made
     with a throwaway PostgreSQL server under `root`; returns {1: path, 2: path}."""
@@ -117,9 +168,10 @@ def chat_dumps(root, posts):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--posts", type=int, default=400_000)
-    ap.add_argument("--tree-mb", type=int, default=200)
-    ap.add_argument("--rounds", type=int, default=1)
+    # The defaults make a dump of about 1 GiB and a tree of 1 GiB in about 1,800 files.
+    ap.add_argument("--posts", type=int, default=3_300_000)
+    ap.add_argument("--tree-mb", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--level", type=int, default=None,
                     help="fleetvault's zstd level (compression_level of both sources; default: the agent's)")
@@ -148,14 +200,21 @@ def main():
         os.makedirs(f"{root}/live")
 
         def stage(day):
-            shutil.copyfile(dumps[day], live_dump)
-            if os.path.exists(live_tree):
+            """Makes the live inputs day `day`'s. The tree changes in place, as on a real host:
+            unchanged files keep their inodes and times, so every tool can skip them on day 2."""
+            if os.path.exists(live_dump):
+                os.remove(live_dump)
+            os.link(dumps[day], live_dump)
+            if day == 1 and os.path.exists(live_tree):
                 shutil.rmtree(live_tree)
-            shutil.copytree(trees[day], live_tree, symlinks=True)
+            sync_tree(trees[day], live_tree)
             subprocess.run(["sync"])
 
+        tools = ["fleetvault", "restic", "borg"]
         for rnd in range(args.rounds):
-            for tool in ("fleetvault", "restic", "borg"):
+            # Alternate who goes first: page cache and the neighbours' load favour nobody.
+            for tool in tools[rnd % 3:] + tools[:rnd % 3]:
+                print(f"round {rnd + 1}/{args.rounds}: {tool}", file=sys.stderr, flush=True)
                 work = f"{root}/{tool}-{rnd}"
                 os.makedirs(work)
                 if tool == "fleetvault":
@@ -232,26 +291,27 @@ def main():
                     serve.terminate()
                     serve.wait()
                     serve = None
-                shutil.rmtree(f"{work}/restore-dump", ignore_errors=True)
-                shutil.rmtree(f"{work}/restore-tree", ignore_errors=True)
+                shutil.rmtree(work, ignore_errors=True)
 
         mb_of = {"dump": dump_mb, "tree": tree_mb}
         print(f"\nInputs: PostgreSQL chat dump {dump_mb:.0f} MB ({args.posts} posts), upload tree "
               f"{tree_mb:.0f} MB ({nfiles} files); {args.rounds} round(s), medians; 2 cores.\n")
-        print("| step | tool | wall s | MB/s | CPU s | peak RSS MB | fleetvault vs restic | vs borg |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| step | tool | wall s | MB/s | CPU s | peak RSS MB | coordinator peak RSS MB "
+              "| fleetvault vs restic | vs borg |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         steps = [f"day-{d} {s}" for d in (1, 2) for s in ("dump", "tree")] + ["restore dump", "restore tree"]
         for step in steps:
             med = {}
-            for tool in ("fleetvault", "restic", "borg"):
+            for tool in tools:
                 runs = results[(tool, step)]
                 wall = statistics.median(r[0] for r in runs)
                 cpu = statistics.median(r[1] for r in runs)
                 rss = max(r[2] for r in runs) / 1024
+                crss = f"{max(r[3] for r in runs) / 1024:.0f}" if tool == "fleetvault" else ""
                 med[tool] = wall
                 mbps = mb_of[step.split()[-1]] / wall
-                print(f"| {step} | {tool} | {wall:.2f} | {mbps:.0f} | {cpu:.1f} | {rss:.0f} | | |")
-            print(f"| {step} | **ratio** | | | | | {med['restic'] / med['fleetvault']:.2f}x | "
+                print(f"| {step} | {tool} | {wall:.2f} | {mbps:.0f} | {cpu:.1f} | {rss:.0f} | {crss} | | |")
+            print(f"| {step} | **ratio** | | | | | | {med['restic'] / med['fleetvault']:.2f}x | "
                   f"{med['borg'] / med['fleetvault']:.2f}x |")
         print("\n| stored | fleetvault | restic | borg |")
         print("| --- | --- | --- | --- |")

@@ -67,7 +67,7 @@ def day_two(posts):
     users = max(500, posts // 200)
     return f"""
 INSERT INTO posts (user_id, channel, body, created)
-  SELECT 1 + (g * 104729) % {users}, 'channel-' || (g % 97), 'day two ' || md5(g::text) || repeat(' reply', g % 20),
+  SELECT 1 + (g::bigint * 104729) % {users}, 'channel-' || (g % 97), 'day two ' || md5(g::text) || repeat(' reply', g % 20),
          timestamptz '2026-03-05' + g * interval '5 seconds' FROM generate_series(1, {new}) g;
 UPDATE posts SET body = body || ' (edited)', edited = timestamptz '2026-03-06'
   WHERE id > {posts} - {new} AND id % 10 = 0;

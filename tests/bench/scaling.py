@@ -21,7 +21,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import proc_cpu, run_measured  # noqa: E402
+from compare import proc_cpu, reset_hwm, run_measured, vmhwm_kib  # noqa: E402
 from pg_dedup import REPO, free_port  # noqa: E402
 
 # Writes MIB mebibytes (argv[1]) of blocks: a text block then a random one, seeded by argv[2].
@@ -36,14 +36,6 @@ for i in range(mib):
     out.write(text[i % 7:] + text[: i % 7])
     out.write(rng.randbytes(1 << 19))
 """
-
-
-def vmhwm_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
 
 
 def main():
@@ -81,17 +73,19 @@ def main():
                             f'backup_command = "python3 {gen} {mib} {i * 1000 + mib}"\n')
             confs.append(f"{out}/agent.toml")
 
-        print("\n| stream | wall s | MB/s | agent CPU s | agent peak RSS MB | time per GiB |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("\n| stream | wall s | MB/s | CPU s (agent + coordinator) | agent peak RSS MB | "
+              "coordinator peak RSS MB | time per GiB |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         for mib in sizes:
-            wall, cpu, rss = run_measured([f"{binv}/fleetvault-agent", "backup", "--config", confs[0],
-                                           "--source", f"s{mib}", "--json"])
+            wall, cpu, rss, crss = run_measured([f"{binv}/fleetvault-agent", "backup", "--config", confs[0],
+                                                 "--source", f"s{mib}", "--json"], extra_pid=serve.pid)
             mb = mib * 1.048576
-            print(f"| {mib} MiB | {wall:.1f} | {mb / wall:.0f} | {cpu:.1f} | {rss / 1024:.0f} | "
+            print(f"| {mib} MiB | {wall:.1f} | {mb / wall:.0f} | {cpu:.1f} | {rss / 1024:.0f} | {crss / 1024:.0f} | "
                   f"{wall / (mib / 1024):.1f} s |")
 
         if args.agents > 1:
             before = proc_cpu(serve.pid)
+            reset_hwm(serve.pid)
             t = time.time()
             procs = [subprocess.Popen([f"{binv}/fleetvault-agent", "backup", "--config", c, "--source",
                                        f"s{args.each}", "--json"], stdout=subprocess.PIPE,
@@ -107,7 +101,7 @@ def main():
             total_mb = args.agents * args.each * 1.048576
             print(f"\n{args.agents} agents x {args.each} MiB at once: {ok} completed in {wall:.1f} s, "
                   f"aggregate {total_mb / wall:.0f} MB/s; coordinator CPU {proc_cpu(serve.pid) - before:.1f} s, "
-                  f"coordinator peak RSS {vmhwm_kib(serve.pid) / 1024:.0f} MB over the whole run")
+                  f"coordinator peak RSS {vmhwm_kib(serve.pid) / 1024:.0f} MB")
     finally:
         serve.terminate()
         serve.wait()

@@ -4,7 +4,8 @@
 //! rule 4). Damage is reported with the snapshot and the chunk named.
 //!
 //! ```text
-//! coordinator ══Read══▶ fetch (async frames) ══bounded channel══▶ Reassembler ──▶ Sink
+//! coordinator ══Read══▶ fetch (async frames, chunks opened in parallel) ══bounded channel══▶
+//!     Reassembler (in order) ──▶ Sink
 //! ```
 
 mod reassemble;
@@ -23,6 +24,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{AgentConfig, SourceConfig, SourceKind};
 use crate::sink::database::{self as db_sink, DbRestore};
+use crate::sink::durable::SyncedFile;
 use crate::sink::files as files_sink;
 use crate::source::command::ShellCommand;
 pub(crate) use reassemble::Reassembler;
@@ -125,18 +127,7 @@ pub(crate) async fn run(
     let total = manifest.logical_len();
     let (tx, rx) = mpsc::channel(QUEUE);
     let fetch_client = client.clone();
-    let fetch = tokio::spawn(async move {
-        loop {
-            let item = fetch_client
-                .reply(&mut recv)
-                .await
-                .map_err(|e| e.to_string());
-            let end = matches!(item, Ok(Response::End) | Err(_));
-            if tx.send(item).await.is_err() || end {
-                break;
-            }
-        }
-    });
+    let fetch = tokio::spawn(async move { reassemble::fetch(&fetch_client, &mut recv, tx).await });
     let written = Arc::new(AtomicU64::new(0));
     let ticker_written = written.clone();
     let ticker = tokio::spawn(async move {
@@ -250,10 +241,11 @@ fn write_sink(
             out.flush().context("writing to stdout")
         }
         (Manifest::Stream(stream), Target::Path(path)) => {
-            let mut f = std::fs::File::create_new(path)
+            let f = std::fs::File::create_new(path)
                 .with_context(|| format!("creating {}", path.display()))?;
+            let mut f = SyncedFile::new(f);
             reasm.stream(stream, &mut f, written)?;
-            f.sync_all()
+            f.finish()
                 .with_context(|| format!("writing {}", path.display()))
         }
         (Manifest::Stream(stream), Target::Command(cmd)) => {

@@ -1,27 +1,72 @@
 //! The reassembler: takes chunk frames in manifest order, checks each one's id against the
 //! manifest and its content against its id, and the whole stream against its checksum.
+//!
+//! Opening a chunk (decompressing and hashing it) is the costly part: [`fetch`] starts it on
+//! the blocking pool as each frame arrives, so several chunks are opened at once on every
+//! core while the sink writes the earlier ones in order.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{anyhow, bail};
-use fleetvault_common::chunk;
+use fleetvault_common::chunk::{self, EnvelopeError};
 use fleetvault_common::protocol::Response;
-use fleetvault_common::{ChunkRef, SnapshotId, StreamManifest};
-use tokio::sync::mpsc;
+use fleetvault_common::{ChunkId, ChunkRef, Client, SnapshotId, StreamManifest};
+use tokio::sync::{mpsc, oneshot};
+
+/// A frame of the restore stream as the reassembler receives it.
+pub(crate) enum Fetched {
+    /// A chunk frame, being opened and verified against its id on the blocking pool.
+    Chunk {
+        id: ChunkId,
+        opened: oneshot::Receiver<Result<Vec<u8>, EnvelopeError>>,
+    },
+    /// Any other frame.
+    Frame(Box<Response>),
+}
+
+/// Reads the restore stream's frames into `tx` until `End` or an error, starting each chunk's
+/// verification as it arrives. The channel's bound limits the chunks opened at once.
+pub(crate) async fn fetch(
+    client: &Client,
+    recv: &mut quinn::RecvStream,
+    tx: mpsc::Sender<Result<Fetched, String>>,
+) {
+    loop {
+        let item = match client.reply(recv).await {
+            Ok(Response::Chunk { id, envelope }) => {
+                let (done, opened) = oneshot::channel();
+                tokio::task::spawn_blocking(move || {
+                    let _ = done.send(chunk::open_verified_owned(envelope, &id));
+                });
+                Ok(Fetched::Chunk { id, opened })
+            }
+            Ok(frame) => Ok(Fetched::Frame(Box::new(frame))),
+            Err(e) => Err(e.to_string()),
+        };
+        let end = match &item {
+            Ok(Fetched::Frame(frame)) => matches!(**frame, Response::End),
+            Ok(Fetched::Chunk { .. }) => false,
+            Err(_) => true,
+        };
+        if tx.send(item).await.is_err() || end {
+            break;
+        }
+    }
+}
 
 /// Verifies chunks as a sink consumes them.
 pub(crate) struct Reassembler {
     snapshot: SnapshotId,
-    rx: mpsc::Receiver<Result<Response, String>>,
+    rx: mpsc::Receiver<Result<Fetched, String>>,
 }
 
 impl Reassembler {
-    pub(crate) fn new(snapshot: SnapshotId, rx: mpsc::Receiver<Result<Response, String>>) -> Self {
+    pub(crate) fn new(snapshot: SnapshotId, rx: mpsc::Receiver<Result<Fetched, String>>) -> Self {
         Self { snapshot, rx }
     }
 
-    fn recv(&mut self) -> anyhow::Result<Response> {
+    fn recv(&mut self) -> anyhow::Result<Fetched> {
         match self.rx.blocking_recv() {
             Some(Ok(r)) => Ok(r),
             Some(Err(e)) => Err(anyhow!("snapshot {}: {e}", self.snapshot)),
@@ -36,8 +81,10 @@ impl Reassembler {
     pub(crate) fn next_checked(&mut self, expected: &ChunkRef) -> anyhow::Result<Vec<u8>> {
         let snapshot = self.snapshot;
         match self.recv()? {
-            Response::Chunk { id, envelope } if id == expected.id => {
-                let plain = chunk::open_verified(&envelope, &id)
+            Fetched::Chunk { id, opened } if id == expected.id => {
+                let plain = opened
+                    .blocking_recv()
+                    .map_err(|_| anyhow!("snapshot {snapshot}: chunk {id}: verification stopped"))?
                     .map_err(|e| anyhow!("snapshot {snapshot}: chunk {id} is damaged: {e}"))?;
                 if plain.len() != expected.len as usize {
                     bail!(
@@ -48,16 +95,18 @@ impl Reassembler {
                 }
                 Ok(plain)
             }
-            Response::ChunkMissing { id } => {
-                bail!("snapshot {snapshot}: chunk {id} is missing on the coordinator")
-            }
-            Response::Chunk { id, .. } => {
+            Fetched::Chunk { id, .. } => {
                 bail!(
                     "snapshot {snapshot}: chunk {id} arrived where {} was expected",
                     expected.id
                 )
             }
-            other => bail!("snapshot {snapshot}: unexpected frame {other:?}"),
+            Fetched::Frame(frame) => match *frame {
+                Response::ChunkMissing { id } => {
+                    bail!("snapshot {snapshot}: chunk {id} is missing on the coordinator")
+                }
+                other => bail!("snapshot {snapshot}: unexpected frame {other:?}"),
+            },
         }
     }
 
@@ -100,8 +149,12 @@ impl Reassembler {
     /// Checks that the coordinator ended the stream where the manifest ends.
     pub(crate) fn finish(mut self) -> anyhow::Result<()> {
         match self.recv()? {
-            Response::End => Ok(()),
-            other => bail!(
+            Fetched::Frame(frame) if matches!(*frame, Response::End) => Ok(()),
+            Fetched::Chunk { id, .. } => bail!(
+                "snapshot {}: chunk {id} arrived after the last chunk",
+                self.snapshot
+            ),
+            Fetched::Frame(other) => bail!(
                 "snapshot {}: unexpected frame after the last chunk: {other:?}",
                 self.snapshot
             ),

@@ -7,7 +7,9 @@
 //! overwritten: a restore goes into an empty or new directory.
 //!
 //! Order: directories are created owner-writable as they come; each file is written to a
-//! temporary name beside it, synced and renamed, so no torn file ever carries a real name;
+//! temporary name beside it, then synced and renamed in the background while the next files
+//! are written, so no torn file ever carries a real name and the restore waits for the disk
+//! only at its end;
 //! symlinks are created as they come. Directory modes and mtimes are applied last, deepest
 //! first, because writing into a directory changes its mtime and a 0555 directory refuses new
 //! entries. Owners are restored when the process may (root); otherwise they are left as is.
@@ -26,6 +28,12 @@ use anyhow::{bail, Context};
 use filetime::FileTime;
 use fleetvault_common::{ChunkRef, EntryKind, TreeEntry, TreeManifest};
 
+use super::durable::Syncer;
+
+/// Threads syncing and finishing written files, and files waiting for them.
+const SYNC_THREADS: usize = 4;
+const SYNC_QUEUE: usize = 64;
+
 /// Fetches the verified plaintext of the next chunk, which must be the one given.
 pub(crate) type NextChunk<'a> = dyn FnMut(&ChunkRef) -> io::Result<Vec<u8>> + 'a;
 
@@ -41,6 +49,10 @@ pub(crate) fn restore_tree(
     fs::create_dir_all(target)
         .with_context(|| format!("creating restore target {}", target.display()))?;
     let mut dirs: Vec<(PathBuf, &TreeEntry)> = Vec::new();
+    // Files are synced, renamed into place and given their metadata in the background while
+    // the next ones are written.
+    let syncer = Syncer::new(SYNC_THREADS, SYNC_QUEUE);
+    let mut files = HashSet::new();
     for (entry, rel) in tree.entries.iter().zip(&rels) {
         let dest = target.join(rel);
         ensure_parents(target, rel)?;
@@ -66,11 +78,28 @@ pub(crate) fn restore_tree(
                 dirs.push((dest, entry));
             }
             EntryKind::File => {
-                restore_file(&dest, entry, next, written)?;
-                apply_owner(&dest, entry)?;
-                fs::set_permissions(&dest, fs::Permissions::from_mode(entry.mode))
-                    .with_context(|| format!("setting mode of {}", dest.display()))?;
-                set_mtime(&dest, entry)?;
+                // A file written by this restore may still wait for its rename.
+                if !files.insert(dest.clone()) {
+                    bail!(
+                        "cannot restore {}: it already exists (restore into an empty directory)",
+                        dest.display()
+                    );
+                }
+                let (f, tmp) = restore_file(&dest, entry, next, written)?;
+                let entry = entry.clone();
+                syncer.submit(move || {
+                    // Temp, fsync, rename: a file appears under its real name only whole.
+                    f.sync_all()
+                        .with_context(|| format!("syncing {}", dest.display()))?;
+                    drop(f);
+                    #[allow(clippy::disallowed_methods)]
+                    fs::rename(&tmp, &dest)
+                        .with_context(|| format!("renaming into {}", dest.display()))?;
+                    apply_owner(&dest, &entry)?;
+                    fs::set_permissions(&dest, fs::Permissions::from_mode(entry.mode))
+                        .with_context(|| format!("setting mode of {}", dest.display()))?;
+                    set_mtime(&dest, &entry)
+                })?;
             }
             EntryKind::Symlink => {
                 let link_target = entry.target.as_deref().with_context(|| {
@@ -86,6 +115,7 @@ pub(crate) fn restore_tree(
             }
         }
     }
+    syncer.finish()?;
     // Deepest first: a parent's mtime is set after its children stop changing it.
     dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
     for (dest, entry) in dirs {
@@ -165,12 +195,14 @@ fn ensure_parents(target: &Path, rel: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes a file's content under a temporary name beside `dest`; returns the open file and
+/// that name (the caller syncs and renames it).
 fn restore_file(
     dest: &Path,
     entry: &TreeEntry,
     next: &mut NextChunk<'_>,
     written: &mut dyn FnMut(u64),
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(File, PathBuf)> {
     if fs::symlink_metadata(dest).is_ok() {
         bail!(
             "cannot restore {}: it already exists (restore into an empty directory)",
@@ -190,19 +222,12 @@ fn restore_file(
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
-    let result = write_chunks(&mut f, entry, next, written, dest);
-    if let Err(e) = result {
+    if let Err(e) = write_chunks(&mut f, entry, next, written, dest) {
         drop(f);
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
-    f.sync_all()
-        .with_context(|| format!("syncing {}", dest.display()))?;
-    drop(f);
-    // Temp, fsync, rename: a file appears under its real name only whole.
-    #[allow(clippy::disallowed_methods)]
-    fs::rename(&tmp, dest).with_context(|| format!("renaming into {}", dest.display()))?;
-    Ok(())
+    Ok((f, tmp))
 }
 
 fn write_chunks(

@@ -6,6 +6,10 @@ use std::io::Read;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::thread::JoinHandle;
 
+/// The pipe size asked for a command's stdout (Linux's default `pipe-max-size`; the default
+/// pipe holds 64 KiB, so every 64 KiB would wake the reader).
+const PIPE_SIZE: usize = 1 << 20;
+
 /// How much of a command's stderr is kept for error messages.
 const STDERR_TAIL: usize = 4096;
 
@@ -69,9 +73,12 @@ impl ShellCommand {
         })
     }
 
-    /// The command's stdout, when it was piped.
+    /// The command's stdout, when it was piped. Its pipe is widened to [`PIPE_SIZE`] where the
+    /// system allows it: a dump then crosses in fewer, larger reads.
     pub(crate) fn take_stdout(&mut self) -> Option<ChildStdout> {
-        self.child.stdout.take()
+        let stdout = self.child.stdout.take()?;
+        let _ = rustix::pipe::fcntl_setpipe_size(&stdout, PIPE_SIZE);
+        Some(stdout)
     }
 
     /// The command's stdin, when it was piped.

@@ -31,15 +31,36 @@ pub enum FrameError {
     Io(#[source] std::io::Error),
 }
 
-/// Encodes `msg` as one frame.
+/// Encodes `msg` as one frame, sized up front so that a chunk's bytes are copied once.
 pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
-    let out = vec![0u8; 4];
     // postcard into a Vec cannot fail for our message types (no unsupported serde features).
-    let body = postcard::to_extend(msg, out).expect("message serialises");
-    let len = (body.len() - 4) as u32;
-    let mut body = body;
-    body[..4].copy_from_slice(&len.to_le_bytes());
-    body
+    let len = postcard::serialize_with_flavor(msg, postcard::ser_flavors::Size::default())
+        .expect("message serialises");
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    postcard::serialize_with_flavor(msg, Frame(out)).expect("message serialises")
+}
+
+/// A postcard output that appends slices with one copy (postcard's `to_extend` pushes them
+/// byte by byte).
+struct Frame(Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for Frame {
+    type Output = Vec<u8>;
+
+    fn try_push(&mut self, b: u8) -> postcard::Result<()> {
+        self.0.push(b);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, b: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(b);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<Vec<u8>> {
+        Ok(self.0)
+    }
 }
 
 /// Decodes one frame body, refusing trailing bytes.

@@ -84,8 +84,8 @@ fn check(
     }
     let s = match state.store.get(&c.id).map_err(|e| e.to_string())? {
         None => ChunkState::Missing,
-        Some(env) => match chunk::open_verified(&env, &c.id) {
-            Ok(plain) if plain.len() == c.len as usize => ChunkState::Ok,
+        Some(env) => match chunk::verify(&env, &c.id) {
+            Ok(len) if len == c.len => ChunkState::Ok,
             _ => {
                 warn!(chunk = %c.id, "damaged chunk; quarantining it");
                 state.store.quarantine(&c.id).map_err(|e| e.to_string())?;

@@ -148,8 +148,8 @@ impl ChunkStore {
         let mut outcome = PutOutcome::default();
         let mut pending = Vec::new();
         for (id, envelope) in chunks {
-            let plain = match chunk::open_verified(envelope, id) {
-                Ok(p) => p,
+            let plain_len = match chunk::verify(envelope, id) {
+                Ok(n) => u64::from(n),
                 Err(source) => {
                     // Nothing of a refused batch is kept, not even in tmp/.
                     for (tmp, _) in &pending {
@@ -170,7 +170,7 @@ impl ChunkStore {
                 return Err(e);
             }
             outcome.new += 1;
-            outcome.new_plain += plain.len() as u64;
+            outcome.new_plain += plain_len;
             outcome.new_stored += envelope.len() as u64;
             pending.push((tmp, dest));
         }
