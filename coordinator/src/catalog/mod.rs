@@ -76,6 +76,13 @@ fn ref_key(agent: &str, id: &ChunkId) -> Vec<u8> {
     k
 }
 
+/// sled's page cache. Its default (1 GiB) let the coordinator's memory grow with the chunks
+/// the catalog tracks (about 16 MiB per GiB backed up); the catalog's hot part is far smaller.
+const CACHE_BYTES: u64 = 64 << 20;
+
+/// Chunk refs written in one sled batch.
+const REF_BATCH: usize = 1024;
+
 impl Catalog {
     /// Opens the catalog at `path`. A new catalog is filled from `records` (the store's
     /// immutable records, each with the chunks it references: its agent's proven chunks). Snapshots still `running` or `pending` were cut off by a crash or
@@ -84,7 +91,10 @@ impl Catalog {
         path: &Path,
         records: impl FnOnce() -> Vec<(SnapshotRecord, Vec<ChunkId>)>,
     ) -> Result<Self, CatalogError> {
-        let db = sled::open(path)?;
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(CACHE_BYTES)
+            .open()?;
         let catalog = Self {
             snapshots: db.open_tree("snapshots")?,
             agents: db.open_tree("agents")?,
@@ -244,9 +254,18 @@ impl Catalog {
         agent: &str,
         ids: impl Iterator<Item = &'a ChunkId>,
     ) -> Result<(), CatalogError> {
+        // In bounded batches: sled holds a whole batch in memory several times over, and one
+        // batch for a large snapshot's chunks made the coordinator's memory grow with the
+        // snapshot. A ref only records what the agent has proven, so a partial set is sound.
         let mut batch = sled::Batch::default();
+        let mut n = 0;
         for id in ids {
             batch.insert(ref_key(agent, id), &[]);
+            n += 1;
+            if n == REF_BATCH {
+                self.refs.apply_batch(std::mem::take(&mut batch))?;
+                n = 0;
+            }
         }
         self.refs.apply_batch(batch)?;
         Ok(())
@@ -372,6 +391,19 @@ mod tests {
 
     pub(crate) fn record(id: SnapshotId, status: SnapshotStatus) -> SnapshotRecord {
         SnapshotRecord::new(id, "a", "s", "command", ChunkerParams::default(), 1, status)
+    }
+
+    #[test]
+    fn refs_of_a_snapshot_larger_than_one_batch_are_all_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(dir.path(), Vec::new).unwrap();
+        let ids: Vec<ChunkId> = (0..REF_BATCH * 2 + 7)
+            .map(|i| ChunkId::of(&i.to_le_bytes()))
+            .collect();
+        cat.add_refs("a", ids.iter()).unwrap();
+        assert!(ids.iter().all(|id| cat.has_ref("a", id).unwrap()));
+        assert!(!cat.has_ref("b", &ids[0]).unwrap());
+        assert!(!cat.has_ref("a", &ChunkId::of(b"never added")).unwrap());
     }
 
     #[test]
