@@ -147,25 +147,37 @@ pub fn open(envelope: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
             decompress(payload, len as usize).map_err(|e| EnvelopeError::Corrupt(e.to_string()))?
         }
     };
+    check_len(&plain, len)?;
+    Ok(plain)
+}
+
+/// The plaintext has the length its header gave.
+fn check_len(plain: &[u8], len: u32) -> Result<(), EnvelopeError> {
     if plain.len() != len as usize {
         return Err(EnvelopeError::Corrupt(format!(
             "{} bytes where the header says {len}",
             plain.len()
         )));
     }
-    Ok(plain)
+    Ok(())
 }
 
-/// Opens an envelope and checks that its plaintext hashes to `expected`.
-pub fn open_verified(envelope: &[u8], expected: &ChunkId) -> Result<Vec<u8>, EnvelopeError> {
-    let plain = open(envelope)?;
-    let actual = ChunkId::of(&plain);
+/// The plaintext hashes to `expected`.
+fn check_hash(plain: &[u8], expected: &ChunkId) -> Result<(), EnvelopeError> {
+    let actual = ChunkId::of(plain);
     if actual != *expected {
         return Err(EnvelopeError::HashMismatch {
             expected: *expected,
             actual,
         });
     }
+    Ok(())
+}
+
+/// Opens an envelope and checks that its plaintext hashes to `expected`.
+pub fn open_verified(envelope: &[u8], expected: &ChunkId) -> Result<Vec<u8>, EnvelopeError> {
+    let plain = open(envelope)?;
+    check_hash(&plain, expected)?;
     Ok(plain)
 }
 
@@ -195,19 +207,8 @@ pub fn verify(envelope: &[u8], expected: &ChunkId) -> Result<u32, EnvelopeError>
     let (codec, len) = parse_header(envelope)?;
     let payload = &envelope[HEADER_LEN..];
     let check = |plain: &[u8]| {
-        if plain.len() != len as usize {
-            return Err(EnvelopeError::Corrupt(format!(
-                "{} bytes where the header says {len}",
-                plain.len()
-            )));
-        }
-        let actual = ChunkId::of(plain);
-        if actual != *expected {
-            return Err(EnvelopeError::HashMismatch {
-                expected: *expected,
-                actual,
-            });
-        }
+        check_len(plain, len)?;
+        check_hash(plain, expected)?;
         Ok(len)
     };
     if codec == CODEC_RAW {

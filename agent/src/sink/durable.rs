@@ -62,20 +62,22 @@ impl Syncer {
 
     /// Waits for every queued job; the first failure, if any.
     pub(crate) fn finish(mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.first_error().map_or(Ok(()), Err)
+    }
+
+    /// Closes the queue and waits until the workers have run what it held.
+    fn stop(&mut self) {
         drop(self.tx.take());
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
-        self.first_error().map_or(Ok(()), Err)
     }
 }
 
 impl Drop for Syncer {
     fn drop(&mut self) {
-        drop(self.tx.take());
-        for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
+        self.stop();
     }
 }
 
