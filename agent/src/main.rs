@@ -127,6 +127,7 @@ pub(crate) async fn connect(config: &AgentConfig, creds: &Credentials) -> anyhow
 }
 
 fn main() -> ExitCode {
+    fleetvault_common::alloc::keep_freed_buffers();
     let cli = Cli::parse();
     let run = matches!(cli.command, Command::Run { .. });
     init_logging(if run { "info" } else { "warn" });

@@ -15,6 +15,7 @@
 //!
 //! The wire protocol lives in [`protocol`]; the QUIC and TLS endpoints in `transport`.
 
+pub mod alloc;
 pub mod chunk;
 mod chunker;
 mod client;

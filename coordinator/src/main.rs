@@ -271,6 +271,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    fleetvault_common::alloc::keep_freed_buffers();
     let cli = Cli::parse();
     commands::init_logging();
     let result = match cli.command {

@@ -166,6 +166,32 @@ def chat_dumps(root, posts):
         pg.stop()
 
 
+def inputs(root, posts, tree_mb):
+    """The day-1 and day-2 dumps and trees under `root`, generated unless an earlier run with the
+    same sizes left them there (`ready` marks a complete set)."""
+    dumps = {d: f"{root}/dump-day{d}.sql" for d in (1, 2)}
+    trees = {d: f"{root}/tree{d}" for d in (1, 2)}
+    ready = f"{root}/ready"
+    wanted = f"posts={posts} tree_mb={tree_mb}\n"
+    if os.path.exists(ready) and open(ready).read() == wanted:
+        return dumps, trees
+    os.makedirs(root, exist_ok=True)
+    os.chmod(root, 0o755)
+    for path in [ready, *dumps.values()]:
+        if os.path.exists(path):
+            os.remove(path)
+    for path in [*trees.values(), f"{root}/pg"]:
+        shutil.rmtree(path, ignore_errors=True)
+    chat_dumps(root, posts)
+    shutil.rmtree(f"{root}/pg")  # the server's files: only the dumps are inputs
+    make_tree(trees[1], tree_mb, 1)
+    shutil.copytree(trees[1], trees[2], symlinks=True)
+    day_two_tree(trees[2], 2)
+    with open(ready, "w") as f:
+        f.write(wanted)
+    return dumps, trees
+
+
 def main():
     ap = argparse.ArgumentParser()
     # The defaults make a dump of about 1 GiB and a tree of 1 GiB in about 1,800 files.
@@ -173,10 +199,17 @@ def main():
     ap.add_argument("--tree-mb", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--tools", default="fleetvault,restic,borg",
+                    help="comma-separated subset of fleetvault,restic,borg (ratios need all three)")
+    ap.add_argument("--data", default=None,
+                    help="keep the generated inputs in this directory and reuse them on the next run")
     ap.add_argument("--level", type=int, default=None,
                     help="fleetvault's zstd level (compression_level of both sources; default: the agent's)")
     args = ap.parse_args()
-    missing = [p for p, t in [("restic", "restic"), ("borgbackup", "borg")] if not shutil.which(t)]
+    tools = args.tools.split(",")
+    if not tools or any(t not in ("fleetvault", "restic", "borg") for t in tools):
+        raise SystemExit(f"--tools: expected a subset of fleetvault,restic,borg, got {args.tools!r}")
+    missing = [p for p, t in [("restic", "restic"), ("borgbackup", "borg")] if t in tools and not shutil.which(t)]
     if missing:
         subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True)
     if not args.no_build:
@@ -184,15 +217,13 @@ def main():
     binv = f"{REPO}/target/release"
     root = tempfile.mkdtemp(prefix="fv-compare-")
     os.chmod(root, 0o755)
+    keep = args.data and os.path.abspath(args.data)
     serve = None
     results = {}  # (tool, step) -> list of (wall, cpu, rss)
     sizes = {}  # (tool, after) -> stored bytes
     try:
-        dumps = chat_dumps(root, args.posts)
-        trees = {1: f"{root}/tree1", 2: f"{root}/tree2"}
-        nfiles = make_tree(trees[1], args.tree_mb, 1)
-        shutil.copytree(trees[1], trees[2], symlinks=True)
-        day_two_tree(trees[2], 2)
+        dumps, trees = inputs(keep or root, args.posts, args.tree_mb)
+        nfiles = sum(len(fs) for _, _, fs in os.walk(trees[1]))
         dump_mb = os.path.getsize(dumps[1]) / 1e6
         tree_mb = dir_size(trees[1]) / 1e6
         # Both days' inputs live at the same paths when backed up, as on a real host.
@@ -210,10 +241,9 @@ def main():
             sync_tree(trees[day], live_tree)
             subprocess.run(["sync"])
 
-        tools = ["fleetvault", "restic", "borg"]
         for rnd in range(args.rounds):
             # Alternate who goes first: page cache and the neighbours' load favour nobody.
-            for tool in tools[rnd % 3:] + tools[:rnd % 3]:
+            for tool in tools[rnd % len(tools):] + tools[:rnd % len(tools)]:
                 print(f"round {rnd + 1}/{args.rounds}: {tool}", file=sys.stderr, flush=True)
                 work = f"{root}/{tool}-{rnd}"
                 os.makedirs(work)
@@ -294,6 +324,7 @@ def main():
                 shutil.rmtree(work, ignore_errors=True)
 
         mb_of = {"dump": dump_mb, "tree": tree_mb}
+        peers = all(t in tools for t in ("fleetvault", "restic", "borg"))
         print(f"\nInputs: PostgreSQL chat dump {dump_mb:.0f} MB ({args.posts} posts), upload tree "
               f"{tree_mb:.0f} MB ({nfiles} files); {args.rounds} round(s), medians; 2 cores.\n")
         print("| step | tool | wall s | MB/s | CPU s | peak RSS MB | coordinator peak RSS MB "
@@ -311,17 +342,18 @@ def main():
                 med[tool] = wall
                 mbps = mb_of[step.split()[-1]] / wall
                 print(f"| {step} | {tool} | {wall:.2f} | {mbps:.0f} | {cpu:.1f} | {rss:.0f} | {crss} | | |")
-            print(f"| {step} | **ratio** | | | | | | {med['restic'] / med['fleetvault']:.2f}x | "
-                  f"{med['borg'] / med['fleetvault']:.2f}x |")
-        print("\n| stored | fleetvault | restic | borg |")
-        print("| --- | --- | --- | --- |")
+            if peers:
+                print(f"| {step} | **ratio** | | | | | | {med['restic'] / med['fleetvault']:.2f}x | "
+                      f"{med['borg'] / med['fleetvault']:.2f}x |")
+        print("\n| stored | " + " | ".join(tools) + " |")
+        print("| --- |" + " --- |" * len(tools))
         for day in (1, 2):
-            row = [sizes[(t, day)] / 1e6 for t in ("fleetvault", "restic", "borg")]
-            print(f"| after day {day} | {row[0]:.1f} MB | {row[1]:.1f} MB | {row[2]:.1f} MB |")
-        added = [(sizes[(t, 2)] - sizes[(t, 1)]) / 1e6 for t in ("fleetvault", "restic", "borg")]
-        print(f"| added by day 2 | {added[0]:.1f} MB | {added[1]:.1f} MB | {added[2]:.1f} MB |")
-        print(f"\nfleetvault stored / restic stored: day 1 {sizes[('fleetvault', 1)] / sizes[('restic', 1)]:.2f}x, "
-              f"day 2 {sizes[('fleetvault', 2)] / sizes[('restic', 2)]:.2f}x")
+            print(f"| after day {day} | " + " | ".join(f"{sizes[(t, day)] / 1e6:.1f} MB" for t in tools) + " |")
+        print("| added by day 2 | " + " | ".join(f"{(sizes[(t, 2)] - sizes[(t, 1)]) / 1e6:.1f} MB" for t in tools)
+              + " |")
+        if peers:
+            print(f"\nfleetvault stored / restic stored: day 1 {sizes[('fleetvault', 1)] / sizes[('restic', 1)]:.2f}x, "
+                  f"day 2 {sizes[('fleetvault', 2)] / sizes[('restic', 2)]:.2f}x")
     finally:
         if serve:
             serve.terminate()

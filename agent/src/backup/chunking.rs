@@ -22,6 +22,8 @@ pub(crate) struct Batcher {
     bytes: usize,
     queued: HashSet<ChunkId>,
     params: ChunkerParams,
+    /// The chunker's buffer, kept from one stream to the next.
+    buf: Vec<u8>,
     /// Bytes read from the source so far (progress).
     pub(crate) read: Arc<AtomicU64>,
     /// Chunks referenced, repeats included.
@@ -40,6 +42,7 @@ impl Batcher {
             bytes: 0,
             queued: HashSet::new(),
             params,
+            buf: Vec::new(),
             read,
             chunks: 0,
         }
@@ -71,7 +74,8 @@ impl Batcher {
 
     /// Chunks one stream to its end and returns its manifest.
     pub(crate) fn chunk_stream(&mut self, reader: impl Read) -> io::Result<StreamManifest> {
-        let mut chunker = Chunker::new(reader, self.params);
+        let buf = std::mem::take(&mut self.buf);
+        let mut chunker = Chunker::with_buffer(reader, self.params, buf);
         let mut chunks = Vec::new();
         while let Some(chunk) = chunker.next_chunk()? {
             self.read
@@ -79,10 +83,12 @@ impl Batcher {
             chunks.push(chunk.to_ref());
             self.push(chunk)?;
         }
-        Ok(StreamManifest {
+        let manifest = StreamManifest {
             chunks,
             len: chunker.len(),
             checksum: chunker.checksum(),
-        })
+        };
+        self.buf = chunker.into_buffer();
+        Ok(manifest)
     }
 }
