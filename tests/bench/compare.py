@@ -37,6 +37,9 @@ from pg_dedup import Pg, day_one, day_two, dir_size, free_port, REPO  # noqa: E4
 def run_measured(args, env=None, stdin=None, stdout=subprocess.DEVNULL, extra_pid=None):
     """Runs a command; returns (wall seconds, CPU seconds, peak RSS KiB, the extra process's peak
     RSS KiB during the command). `extra_pid` (the coordinator) adds its CPU time to the command's."""
+    # Every step starts with nothing left to write back: a tool that leaves its writes in the
+    # page cache must not slow down the next step's syncs.
+    os.sync()
     extra_before = proc_cpu(extra_pid) if extra_pid else 0.0
     if extra_pid:
         reset_hwm(extra_pid)
@@ -203,6 +206,9 @@ def main():
                     help="comma-separated subset of fleetvault,restic,borg (ratios need all three)")
     ap.add_argument("--data", default=None,
                     help="keep the generated inputs in this directory and reuse them on the next run")
+    ap.add_argument("--dump-input", choices=["pipe", "file"], default="pipe",
+                    help="how every tool reads the dump: from `cat dump |` as it would from `pg_dump |` "
+                         "(fleetvault: a command source; restic: --stdin; borg: -), or as a file")
     ap.add_argument("--level", type=int, default=None,
                     help="fleetvault's zstd level (compression_level of both sources; default: the agent's)")
     args = ap.parse_args()
@@ -218,6 +224,7 @@ def main():
     root = tempfile.mkdtemp(prefix="fv-compare-")
     os.chmod(root, 0o755)
     keep = args.data and os.path.abspath(args.data)
+    pipe = args.dump_input == "pipe"
     serve = None
     results = {}  # (tool, step) -> list of (wall, cpu, rss)
     sizes = {}  # (tool, after) -> stored bytes
@@ -261,7 +268,9 @@ def main():
                     conf = f"{work}/agent/agent.toml"
                     with open(conf, "a") as f:
                         level = f"compression_level = {args.level}\n" if args.level else ""
-                        f.write(f'\n[[sources]]\nname = "dump"\nkind = "command"\nbackup_command = "cat {live_dump}"\n{level}'
+                        dump_source = (f'kind = "command"\nbackup_command = "cat {live_dump}"\n' if pipe
+                                       else f'kind = "files"\npaths = ["{live_dump}"]\n')
+                        f.write(f'\n[[sources]]\nname = "dump"\n{dump_source}{level}'
                                 f'\n[[sources]]\nname = "tree"\nkind = "files"\npaths = ["{live_tree}"]\n{level}')
                     repo = f"{data}/store"
                     ids = {}
@@ -285,6 +294,9 @@ def main():
                     subprocess.run(["restic", "init"], env=renv, check=True, stdout=subprocess.DEVNULL)
 
                     def backup(source, renv=renv):
+                        if source == "dump" and pipe:
+                            return run_measured(["sh", "-c", f"cat {live_dump} | restic backup -q --tag dump "
+                                                 "--stdin --stdin-filename dump.sql"], env=renv)
                         path = live_dump if source == "dump" else live_tree
                         return run_measured(["restic", "backup", "-q", "--tag", source, path], env=renv)
 
@@ -299,9 +311,12 @@ def main():
 
                     def backup(source, benv=benv, repo=repo, counter=counter):
                         counter["n"] += 1
+                        archive = f"{repo}::{source}-{counter['n']}"
+                        if source == "dump" and pipe:
+                            return run_measured(["sh", "-c", f"cat {live_dump} | borg create --compression lz4 "
+                                                 f"{archive} -"], env=benv)
                         path = live_dump if source == "dump" else live_tree
-                        return run_measured(["borg", "create", "--compression", "lz4",
-                                             f"{repo}::{source}-{counter['n']}", path], env=benv)
+                        return run_measured(["borg", "create", "--compression", "lz4", archive, path], env=benv)
 
                     def restore(source, benv=benv, repo=repo, counter=counter, work=work):
                         target = f"{work}/restore-{source}"
@@ -325,7 +340,7 @@ def main():
 
         mb_of = {"dump": dump_mb, "tree": tree_mb}
         peers = all(t in tools for t in ("fleetvault", "restic", "borg"))
-        print(f"\nInputs: PostgreSQL chat dump {dump_mb:.0f} MB ({args.posts} posts), upload tree "
+        print(f"\nInputs: PostgreSQL chat dump {dump_mb:.0f} MB ({args.posts} posts, read from a {args.dump_input}), upload tree "
               f"{tree_mb:.0f} MB ({nfiles} files); {args.rounds} round(s), medians; 2 cores.\n")
         print("| step | tool | wall s | MB/s | CPU s | peak RSS MB | coordinator peak RSS MB "
               "| fleetvault vs restic | vs borg |")

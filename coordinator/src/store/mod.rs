@@ -146,33 +146,56 @@ impl ChunkStore {
     ) -> Result<PutOutcome, StoreError> {
         self.check_space(chunks.iter().map(|(_, e)| e.len() as u64).sum())?;
         let mut outcome = PutOutcome::default();
-        let mut pending = Vec::new();
+        // Every file of the batch is written before any is synced: the first sync's journal
+        // commit then carries the others, whose own syncs find little left to do (one file
+        // synced after the other made a commit, and a wait on the disk, per chunk).
+        // At most `OPEN_UNSYNCED` files wait open for their sync.
+        let mut pending: Vec<(PathBuf, PathBuf)> = Vec::new();
+        let mut unsynced: Vec<(File, usize)> = Vec::new();
+        let discard = |pending: &[(PathBuf, PathBuf)]| {
+            // Nothing of a refused batch is kept, not even in tmp/.
+            for (tmp, _) in pending {
+                let _ = fs::remove_file(tmp);
+            }
+        };
+        let sync = |unsynced: &mut Vec<(File, usize)>, pending: &[(PathBuf, PathBuf)]| {
+            for (f, i) in unsynced.drain(..) {
+                f.sync_all().map_err(io_err("syncing", &pending[i].0))?;
+            }
+            Ok::<(), StoreError>(())
+        };
         for (id, envelope) in chunks {
             let plain_len = match chunk::verify(envelope, id) {
                 Ok(n) => u64::from(n),
                 Err(source) => {
-                    // Nothing of a refused batch is kept, not even in tmp/.
-                    for (tmp, _) in &pending {
-                        let _ = fs::remove_file(tmp);
-                    }
+                    discard(&pending);
                     return Err(StoreError::BadChunk { id: *id, source });
                 }
             };
             let dest = self.chunk_path(id);
-            if dest.exists() || pending.iter().any(|(_, d): &(PathBuf, PathBuf)| *d == dest) {
+            if dest.exists() || pending.iter().any(|(_, d)| *d == dest) {
                 continue;
             }
             let tmp = self.tmp_path(&id.to_hex()[..16]);
-            if let Err(e) = write_synced(&tmp, envelope) {
-                for (tmp, _) in &pending {
-                    let _ = fs::remove_file(tmp);
+            let written = write_unsynced(&tmp, envelope).and_then(|f| {
+                unsynced.push((f, pending.len()));
+                pending.push((tmp, dest));
+                if unsynced.len() < OPEN_UNSYNCED {
+                    return Ok(());
                 }
+                sync(&mut unsynced, &pending)
+            });
+            if let Err(e) = written {
+                discard(&pending);
                 return Err(e);
             }
             outcome.new += 1;
             outcome.new_plain += plain_len;
             outcome.new_stored += envelope.len() as u64;
-            pending.push((tmp, dest));
+        }
+        if let Err(e) = sync(&mut unsynced, &pending) {
+            discard(&pending);
+            return Err(e);
         }
         let mut dirs = BTreeSet::new();
         for (tmp, dest) in &pending {
@@ -325,16 +348,29 @@ impl ChunkStore {
 ///
 /// On failure (a full disk) the partial file is removed, so a refused write leaves nothing.
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let mut f = File::create_new(path).map_err(io_err("creating", path))?;
-    let written = f
-        .write_all(bytes)
-        .map_err(io_err("writing", path))
-        .and_then(|()| f.sync_all().map_err(io_err("syncing", path)));
-    if written.is_err() {
+    let f = write_unsynced(path, bytes)?;
+    let synced = f.sync_all().map_err(io_err("syncing", path));
+    if synced.is_err() {
         drop(f);
         let _ = fs::remove_file(path);
     }
-    written
+    synced
+}
+
+/// Chunk files of one batch written before they are synced together.
+const OPEN_UNSYNCED: usize = 64;
+
+/// Creates `path` with `bytes`, not yet synced; removes it again if writing fails.
+fn write_unsynced(path: &Path, bytes: &[u8]) -> Result<File, StoreError> {
+    let mut f = File::create_new(path).map_err(io_err("creating", path))?;
+    match f.write_all(bytes) {
+        Ok(()) => Ok(f),
+        Err(e) => {
+            drop(f);
+            let _ = fs::remove_file(path);
+            Err(io_err("writing", path)(e))
+        }
+    }
 }
 
 /// fsyncs a directory, so renames and creations in it are durable.
@@ -384,6 +420,15 @@ mod tests {
             })
             .collect();
         batch.push(batch[7].clone());
+        // A bad chunk after more files than are kept open unsynced: none of the batch stays.
+        let mut refused = batch.clone();
+        refused[90].0 = ChunkId::of(b"not this content");
+        assert!(store.put_batch(&refused).is_err());
+        assert!(
+            !store.contains(&batch[0].0),
+            "a refused batch stored a chunk"
+        );
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
         let out = store.put_batch(&batch).unwrap();
         assert_eq!(out.new, 100);
         for (id, env) in &batch {
