@@ -7,7 +7,7 @@
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::MAX_FRAME_LEN;
 
@@ -72,16 +72,19 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     Ok(msg)
 }
 
-/// Writes one frame.
-pub async fn write_frame<T: Serialize, W: AsyncWrite + Unpin>(
-    w: &mut W,
+/// Writes one frame. The encoded frame is handed to quinn as it is (`write_chunk`), not copied
+/// into its send buffer.
+pub async fn write_frame<T: Serialize>(
+    w: &mut quinn::SendStream,
     msg: &T,
 ) -> Result<(), FrameError> {
     let bytes = encode(msg);
     if bytes.len() - 4 > MAX_FRAME_LEN {
         return Err(FrameError::TooLarge((bytes.len() - 4) as u64));
     }
-    w.write_all(&bytes).await.map_err(FrameError::Io)
+    w.write_chunk(bytes::Bytes::from(bytes))
+        .await
+        .map_err(|e| FrameError::Io(e.into()))
 }
 
 /// Reads one frame; `Ok(None)` when the stream ends cleanly before a frame starts.
@@ -105,14 +108,16 @@ pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
     if len > MAX_FRAME_LEN {
         return Err(FrameError::TooLarge(len as u64));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            FrameError::Truncated
-        } else {
-            FrameError::Io(e)
+    // Read into spare capacity: a chunk's megabyte is not zeroed first.
+    let mut body = Vec::with_capacity(len);
+    let mut rest = r.take(len as u64);
+    while body.len() < len {
+        match rest.read_buf(&mut body).await {
+            Ok(0) => return Err(FrameError::Truncated),
+            Ok(_) => {}
+            Err(e) => return Err(FrameError::Io(e)),
         }
-    })?;
+    }
     decode_body(&body).map(Some)
 }
 
