@@ -13,8 +13,11 @@ plus, for fleetvault, the coordinator), peak RSS (the client's; for fleetvault a
 coordinator's during the step), stored bytes, and fleetvault's ratio to each.
 
     python3 tests/bench/compare.py [--posts 3300000] [--tree-mb 1024] [--rounds 3] [--level N]
+        [--dump-input pipe|file] [--tools fleetvault,restic,borg] [--data DIR]
 
-The defaults (a 1 GiB dump, a 1 GiB tree, three rounds) take about 10 minutes on 2 cores.
+Every tool reads the dump the same way: through a pipe from `cat` by default, as from
+`pg_dump |`. The defaults (a 1 GiB dump, a 1 GiB tree, three rounds) take about 10 minutes on
+2 cores.
 
 Installs restic and borgbackup from Debian's packages when missing (run as root).
 """

@@ -287,6 +287,10 @@ impl MariaDb {
         let dir = root.path();
         let data = dir.join("data");
         std::fs::create_dir(&data)?;
+        // Its own temporary directory: another process cleaning /tmp must not delete a temp
+        // table's file under a running query (seen once as "Error on delete of '/tmp/#sql-...'").
+        let tmp = dir.join("tmp");
+        std::fs::create_dir(&tmp)?;
         chown(dir, "mysql")?;
         run(
             Command::new("mariadb-install-db")
@@ -308,6 +312,7 @@ impl MariaDb {
                 .arg("--no-defaults")
                 .arg(format!("--datadir={}", data.display()))
                 .arg(format!("--socket={}", socket.display()))
+                .arg(format!("--tmpdir={}", tmp.display()))
                 .arg(format!("--port={port}"))
                 .args([
                     "--bind-address=127.0.0.1",
