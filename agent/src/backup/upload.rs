@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use fleetvault_common::chunk::seal;
-use fleetvault_common::protocol::frame::write_frame;
+use fleetvault_common::protocol::frame::write_chunk_request;
 use fleetvault_common::protocol::{Request, Response};
 use fleetvault_common::{Chunk, Client, SnapshotId};
 use tokio::sync::{mpsc, Semaphore};
@@ -92,7 +92,7 @@ async fn upload_batch(
     let mut bytes = 0;
     for (id, envelope) in sealed {
         bytes += envelope.len() as u64;
-        write_frame(&mut send, &Request::Chunk { id, envelope })
+        write_chunk_request(&mut send, id, envelope)
             .await
             .map_err(|e| client.lost(e))?;
     }

@@ -63,6 +63,57 @@ impl postcard::ser_flavors::Flavor for Frame {
     }
 }
 
+/// Writes the frame of a message whose last field is a byte string (a chunk's envelope)
+/// without copying those bytes: `msg` is the message with that field empty, `tail` the
+/// field's bytes. The stream carries exactly what [`write_frame`] of the whole message would.
+pub async fn write_frame_with_tail<T: Serialize>(
+    w: &mut quinn::SendStream,
+    msg: &T,
+    tail: Vec<u8>,
+) -> Result<(), FrameError> {
+    let head = encode_head(msg, tail.len())?;
+    w.write_all_chunks(&mut [bytes::Bytes::from(head), bytes::Bytes::from(tail)])
+        .await
+        .map_err(|e| FrameError::Io(e.into()))
+}
+
+/// Writes a [`Request::Chunk`] without copying the envelope (an upload's or a replica's).
+pub async fn write_chunk_request(
+    w: &mut quinn::SendStream,
+    id: crate::ChunkId,
+    envelope: Vec<u8>,
+) -> Result<(), FrameError> {
+    let msg = super::Request::Chunk {
+        id,
+        envelope: Vec::new(),
+    };
+    write_frame_with_tail(w, &msg, envelope).await
+}
+
+/// The frame of `msg` (whose last field is an empty byte string) up to where a `tail_len`
+/// bytes long last field's bytes would start.
+fn encode_head<T: Serialize>(msg: &T, tail_len: usize) -> Result<Vec<u8>, FrameError> {
+    let mut head = encode(msg);
+    // An empty byte string is encoded as its length, a varint 0, and nothing else.
+    assert_eq!(
+        head.pop(),
+        Some(0),
+        "the message must end with an empty byte field"
+    );
+    let mut n = tail_len;
+    while n >= 0x80 {
+        head.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    head.push(n as u8);
+    let body = head.len() - 4 + tail_len;
+    if body > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge(body as u64));
+    }
+    head[..4].copy_from_slice(&(body as u32).to_le_bytes());
+    Ok(head)
+}
+
 /// Decodes one frame body, refusing trailing bytes.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     let (msg, rest) = postcard::take_from_bytes(body)?;
@@ -127,6 +178,24 @@ mod tests {
     use crate::id::{ChunkId, SnapshotId};
     use crate::protocol::{ReadPart, Request, Response};
     use proptest::prelude::*;
+
+    #[test]
+    fn a_frame_with_its_tail_apart_is_the_whole_frame() {
+        let id = ChunkId::of(b"x");
+        for len in [0, 1, 127, 128, 300, 16_383, 16_384, 70_000, 1 << 20] {
+            let envelope: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let mut parts = encode_head(
+                &Response::Chunk {
+                    id,
+                    envelope: Vec::new(),
+                },
+                len,
+            )
+            .unwrap();
+            parts.extend_from_slice(&envelope);
+            assert_eq!(parts, encode(&Response::Chunk { id, envelope }), "{len}");
+        }
+    }
 
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
-use fleetvault_common::protocol::frame::write_frame;
+use fleetvault_common::protocol::frame::write_chunk_request;
 use fleetvault_common::protocol::{Request, Response, MAX_MISSING_BATCH, MAX_PUT_BATCH};
 use fleetvault_common::{ChunkId, Client, Credentials, SnapshotId, SnapshotRecord};
 use tracing::{debug, info};
@@ -261,7 +261,7 @@ async fn put_group(
     let (mut send, mut recv) = client.open(&Request::PutChunks { snapshot, count }).await?;
     let mut written = Ok(());
     for (id, envelope) in group.into_iter().zip(envelopes) {
-        if let Err(e) = write_frame(&mut send, &Request::Chunk { id, envelope }).await {
+        if let Err(e) = write_chunk_request(&mut send, id, envelope).await {
             written = Err(client.lost(e));
             break;
         }

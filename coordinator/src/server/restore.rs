@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use fleetvault_certs::Role;
-use fleetvault_common::protocol::frame::write_frame;
+use fleetvault_common::protocol::frame::{write_frame, write_frame_with_tail};
 use fleetvault_common::protocol::{ErrorCode, ReadPart, Response};
 use fleetvault_common::{ChunkId, SnapshotId, SnapshotStatus};
 
@@ -79,15 +79,20 @@ impl Session {
                 }
             });
             while let Some(item) = rx.recv().await {
-                let msg = match item {
-                    Ok((id, Some(envelope))) => Response::Chunk { id, envelope },
-                    Ok((id, None)) => Response::ChunkMissing { id },
+                match item {
+                    Ok((id, Some(envelope))) => {
+                        let msg = Response::Chunk {
+                            id,
+                            envelope: Vec::new(),
+                        };
+                        write_frame_with_tail(send, &msg, envelope).await?;
+                    }
+                    Ok((id, None)) => write_frame(send, &Response::ChunkMissing { id }).await?,
                     Err(e) => {
                         reader.abort();
                         return Err(Failure::Reply(ErrorCode::Internal, e.to_string()));
                     }
-                };
-                write_frame(send, &msg).await?;
+                }
             }
         }
         Ok(write_frame(send, &Response::End).await?)
