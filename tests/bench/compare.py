@@ -46,10 +46,15 @@ def run_measured(args, env=None, stdin=None, stdout=subprocess.DEVNULL, extra_pi
     extra_before = proc_cpu(extra_pid) if extra_pid else 0.0
     if extra_pid:
         reset_hwm(extra_pid)
+    drops = udp_receive_drops()
     t = time.time()
     p = subprocess.Popen(args, env=env, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.time() - t
+    drops = udp_receive_drops() - drops
+    if drops:
+        print(f"  {os.path.basename(args[0])}: {drops} UDP packets dropped (receive buffers full)",
+              file=sys.stderr, flush=True)
     err = p.stderr.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{args[0]} failed: {err.strip()}")
@@ -59,6 +64,13 @@ def run_measured(args, env=None, stdin=None, stdout=subprocess.DEVNULL, extra_pi
         cpu += proc_cpu(extra_pid) - extra_before
         extra_rss = vmhwm_kib(extra_pid)
     return wall, cpu, ru.ru_maxrss, extra_rss
+
+
+def udp_receive_drops():
+    """The system's count of UDP packets dropped for a full receive buffer."""
+    with open("/proc/net/snmp") as f:
+        rows = [line.split() for line in f if line.startswith("Udp:")]
+    return int(rows[1][rows[0].index("RcvbufErrors")])
 
 
 def vmhwm_kib(pid):
