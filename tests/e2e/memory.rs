@@ -2,7 +2,8 @@
 //! a 3 GiB stream stays under 1.5 times its peak backing up a 1 GiB one (bounded queues
 //! between the stages, nothing buffered per backup but the manifest). The smaller backup is
 //! 1 GiB, not less: a short backup may end before its queues and windows fill, and its lower
-//! peak would measure the machine's load rather than the agent.
+//! peak would measure the machine's load rather than the agent. Each size is backed up twice
+//! and the lower peak counts.
 
 use std::process::Command;
 
@@ -51,10 +52,17 @@ fn agent_memory_stays_flat_from_1_gib_to_3_gib() -> anyhow::Result<()> {
             ..CommandSource::default()
         })?;
     }
-    let (small_kib, small_read) = measured_backup(&agent, "small")?;
-    let (large_kib, large_read) = measured_backup(&agent, "large")?;
-    assert_eq!(small_read, 1024 * MIB);
-    assert_eq!(large_read, 3072 * MIB);
+    // The lower of two peaks for each size: one backup's peak can catch the machine's load
+    // (windows and queues filling while the coordinator is held up); growth shows in both.
+    let mut peaks = [u64::MAX; 2];
+    for _ in 0..2 {
+        for (i, (name, mib)) in [("small", 1024), ("large", 3072)].into_iter().enumerate() {
+            let (kib, read) = measured_backup(&agent, name)?;
+            assert_eq!(read, mib * MIB);
+            peaks[i] = peaks[i].min(kib);
+        }
+    }
+    let [small_kib, large_kib] = peaks;
     eprintln!("agent peak RSS: {small_kib} KiB for 1 GiB, {large_kib} KiB for 3 GiB");
     assert!(
         large_kib * 2 < small_kib * 3,
