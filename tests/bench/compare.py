@@ -37,6 +37,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pg_dedup import Pg, day_one, day_two, dir_size, free_port, REPO  # noqa: E402
 
 
+ALL_TOOLS = ("fleetvault", "restic", "borg")
+
+
 def run_measured(args, env=None, stdin=None, stdout=subprocess.DEVNULL, extra_pid=None):
     """Runs a command; returns (wall seconds, CPU seconds, peak RSS KiB, the extra process's peak
     RSS KiB during the command). `extra_pid` (the coordinator) adds its CPU time to the command's."""
@@ -228,7 +231,7 @@ def main():
                     help="fleetvault's zstd level (compression_level of both sources; default: the agent's)")
     args = ap.parse_args()
     tools = args.tools.split(",")
-    if not tools or any(t not in ("fleetvault", "restic", "borg") for t in tools):
+    if not tools or any(t not in ALL_TOOLS for t in tools):
         raise SystemExit(f"--tools: expected a subset of fleetvault,restic,borg, got {args.tools!r}")
     missing = [p for p, t in [("restic", "restic"), ("borgbackup", "borg")] if t in tools and not shutil.which(t)]
     if missing:
@@ -250,6 +253,7 @@ def main():
         tree_mb = dir_size(trees[1]) / 1e6
         # Both days' inputs live at the same paths when backed up, as on a real host.
         live_dump, live_tree = f"{root}/live/dump.sql", f"{root}/live/tree"
+        cat_dump = f"cat {live_dump}"
         os.makedirs(f"{root}/live")
 
         def stage(day):
@@ -260,8 +264,7 @@ def main():
             os.link(dumps[day], live_dump)
             if day == 1 and os.path.exists(live_tree):
                 shutil.rmtree(live_tree)
-            sync_tree(trees[day], live_tree)
-            subprocess.run(["sync"])
+            sync_tree(trees[day], live_tree)  # run_measured syncs before each step
 
         for rnd in range(args.rounds):
             # Alternate who goes first: page cache and the neighbours' load favour nobody.
@@ -283,7 +286,7 @@ def main():
                     conf = f"{work}/agent/agent.toml"
                     with open(conf, "a") as f:
                         level = f"compression_level = {args.level}\n" if args.level else ""
-                        dump_source = (f'kind = "command"\nbackup_command = "cat {live_dump}"\n' if pipe
+                        dump_source = (f'kind = "command"\nbackup_command = "{cat_dump}"\n' if pipe
                                        else f'kind = "files"\npaths = ["{live_dump}"]\n')
                         f.write(f'\n[[sources]]\nname = "dump"\n{dump_source}{level}'
                                 f'\n[[sources]]\nname = "tree"\nkind = "files"\npaths = ["{live_tree}"]\n{level}')
@@ -310,7 +313,7 @@ def main():
 
                     def backup(source, renv=renv):
                         if source == "dump" and pipe:
-                            return run_measured(["sh", "-c", f"cat {live_dump} | restic backup -q --tag dump "
+                            return run_measured(["sh", "-c", f"{cat_dump} | restic backup -q --tag dump "
                                                  "--stdin --stdin-filename dump.sql"], env=renv)
                         path = live_dump if source == "dump" else live_tree
                         return run_measured(["restic", "backup", "-q", "--tag", source, path], env=renv)
@@ -328,7 +331,7 @@ def main():
                         counter["n"] += 1
                         archive = f"{repo}::{source}-{counter['n']}"
                         if source == "dump" and pipe:
-                            return run_measured(["sh", "-c", f"cat {live_dump} | borg create --compression lz4 "
+                            return run_measured(["sh", "-c", f"{cat_dump} | borg create --compression lz4 "
                                                  f"{archive} -"], env=benv)
                         path = live_dump if source == "dump" else live_tree
                         return run_measured(["borg", "create", "--compression", "lz4", archive, path], env=benv)
@@ -354,7 +357,7 @@ def main():
                 shutil.rmtree(work, ignore_errors=True)
 
         mb_of = {"dump": dump_mb, "tree": tree_mb}
-        peers = all(t in tools for t in ("fleetvault", "restic", "borg"))
+        peers = all(t in tools for t in ALL_TOOLS)
         print(f"\nInputs: PostgreSQL chat dump {dump_mb:.0f} MB ({args.posts} posts, read from a {args.dump_input}), upload tree "
               f"{tree_mb:.0f} MB ({nfiles} files); {args.rounds} round(s), medians; 2 cores.\n")
         print("| step | tool | wall s | MB/s | CPU s | peak RSS MB | coordinator peak RSS MB "

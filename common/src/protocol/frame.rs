@@ -1,4 +1,4 @@
-//! Length-prefixed postcard frames on a byte stream (a quinn stream in practice).
+//! Length-prefixed postcard frames, written to a quinn stream and read from any byte stream.
 //!
 //! A frame is a u32 little-endian body length followed by the postcard body. The reader
 //! refuses a length over [`MAX_FRAME_LEN`] before allocating, returns `Ok(None)` on a clean
@@ -94,18 +94,14 @@ pub async fn write_chunk_request(
 /// bytes long last field's bytes would start.
 fn encode_head<T: Serialize>(msg: &T, tail_len: usize) -> Result<Vec<u8>, FrameError> {
     let mut head = encode(msg);
-    // An empty byte string is encoded as its length, a varint 0, and nothing else.
+    // A byte string is encoded as its length (a varint, as postcard encodes a usize) and its
+    // bytes: the empty one is a single 0, replaced by the tail's length.
     assert_eq!(
         head.pop(),
         Some(0),
         "the message must end with an empty byte field"
     );
-    let mut n = tail_len;
-    while n >= 0x80 {
-        head.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    head.push(n as u8);
+    let mut head = postcard::to_extend(&tail_len, head).expect("a usize serialises");
     let body = head.len() - 4 + tail_len;
     if body > MAX_FRAME_LEN {
         return Err(FrameError::TooLarge(body as u64));

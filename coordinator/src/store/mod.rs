@@ -145,58 +145,17 @@ impl ChunkStore {
         chunks: &[(ChunkId, Vec<u8>)],
     ) -> Result<PutOutcome, StoreError> {
         self.check_space(chunks.iter().map(|(_, e)| e.len() as u64).sum())?;
-        let mut outcome = PutOutcome::default();
-        // Every file of the batch is written before any is synced: the first sync's journal
-        // commit then carries the others, whose own syncs find little left to do (one file
-        // synced after the other made a commit, and a wait on the disk, per chunk).
-        // At most `OPEN_UNSYNCED` files wait open for their sync.
-        let mut pending: Vec<(PathBuf, PathBuf)> = Vec::new();
-        let mut unsynced: Vec<(File, usize)> = Vec::new();
-        let discard = |pending: &[(PathBuf, PathBuf)]| {
-            // Nothing of a refused batch is kept, not even in tmp/.
-            for (tmp, _) in pending {
-                let _ = fs::remove_file(tmp);
-            }
-        };
-        let sync = |unsynced: &mut Vec<(File, usize)>, pending: &[(PathBuf, PathBuf)]| {
-            for (f, i) in unsynced.drain(..) {
-                f.sync_all().map_err(io_err("syncing", &pending[i].0))?;
-            }
-            Ok::<(), StoreError>(())
-        };
-        for (id, envelope) in chunks {
-            let plain_len = match chunk::verify(envelope, id) {
-                Ok(n) => u64::from(n),
-                Err(source) => {
-                    discard(&pending);
-                    return Err(StoreError::BadChunk { id: *id, source });
+        // (tmp, dest) of every file written; nothing of a refused batch is kept, not even in tmp/.
+        let mut pending = Vec::new();
+        let outcome = match self.write_batch(chunks, &mut pending) {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                for (tmp, _) in &pending {
+                    let _ = fs::remove_file(tmp);
                 }
-            };
-            let dest = self.chunk_path(id);
-            if dest.exists() || pending.iter().any(|(_, d)| *d == dest) {
-                continue;
-            }
-            let tmp = self.tmp_path(&id.to_hex()[..16]);
-            let written = write_unsynced(&tmp, envelope).and_then(|f| {
-                unsynced.push((f, pending.len()));
-                pending.push((tmp, dest));
-                if unsynced.len() < OPEN_UNSYNCED {
-                    return Ok(());
-                }
-                sync(&mut unsynced, &pending)
-            });
-            if let Err(e) = written {
-                discard(&pending);
                 return Err(e);
             }
-            outcome.new += 1;
-            outcome.new_plain += plain_len;
-            outcome.new_stored += envelope.len() as u64;
-        }
-        if let Err(e) = sync(&mut unsynced, &pending) {
-            discard(&pending);
-            return Err(e);
-        }
+        };
         let mut dirs = BTreeSet::new();
         for (tmp, dest) in &pending {
             #[allow(clippy::disallowed_methods)] // store/ is where renames belong
@@ -208,6 +167,47 @@ impl ChunkStore {
         for dir in dirs {
             sync_dir(&dir)?;
         }
+        Ok(outcome)
+    }
+
+    /// Verifies the batch's new chunks and writes each into tmp/, synced, adding (tmp, dest) to
+    /// `pending` as it is created. Every file is written before it is synced (up to
+    /// `OPEN_UNSYNCED` at a time): the first sync's journal commit then carries the others,
+    /// whose own syncs find little left to do, where one file synced after the other made a
+    /// commit, and a wait on the disk, per chunk.
+    fn write_batch(
+        &self,
+        chunks: &[(ChunkId, Vec<u8>)],
+        pending: &mut Vec<(PathBuf, PathBuf)>,
+    ) -> Result<PutOutcome, StoreError> {
+        // The files of the last `unsynced.len()` entries of `pending`.
+        let mut unsynced: Vec<File> = Vec::new();
+        let sync = |unsynced: &mut Vec<File>, pending: &[(PathBuf, PathBuf)]| {
+            let names = &pending[pending.len() - unsynced.len()..];
+            for (f, (tmp, _)) in unsynced.drain(..).zip(names) {
+                f.sync_all().map_err(io_err("syncing", tmp))?;
+            }
+            Ok::<(), StoreError>(())
+        };
+        let mut outcome = PutOutcome::default();
+        for (id, envelope) in chunks {
+            let plain_len = chunk::verify(envelope, id)
+                .map_err(|source| StoreError::BadChunk { id: *id, source })?;
+            let dest = self.chunk_path(id);
+            if dest.exists() || pending.iter().any(|(_, d)| *d == dest) {
+                continue;
+            }
+            let tmp = self.tmp_path(&id.to_hex()[..16]);
+            unsynced.push(write_unsynced(&tmp, envelope)?);
+            pending.push((tmp, dest));
+            if unsynced.len() == OPEN_UNSYNCED {
+                sync(&mut unsynced, pending)?;
+            }
+            outcome.new += 1;
+            outcome.new_plain += u64::from(plain_len);
+            outcome.new_stored += envelope.len() as u64;
+        }
+        sync(&mut unsynced, pending)?;
         Ok(outcome)
     }
 
