@@ -41,17 +41,14 @@ impl Syncer {
         }
     }
 
-    fn first_error(&self) -> Option<anyhow::Error> {
-        self.failed.lock().expect("syncer lock").take()
-    }
-
-    /// Queues `job`; fails with an earlier job's error, if one failed.
+    /// Queues `job`; fails with an earlier job's error, if one failed. The error stays for
+    /// [`Syncer::finish`], so a caller that goes on after a refused job still sees it there.
     pub(crate) fn submit(
         &self,
         job: impl FnOnce() -> anyhow::Result<()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        if let Some(e) = self.first_error() {
-            return Err(e);
+        if let Some(e) = self.failed.lock().expect("syncer lock").as_ref() {
+            return Err(anyhow::anyhow!("{e:#}"));
         }
         self.tx
             .as_ref()
@@ -63,7 +60,8 @@ impl Syncer {
     /// Waits for every queued job; the first failure, if any.
     pub(crate) fn finish(mut self) -> anyhow::Result<()> {
         self.stop();
-        self.first_error().map_or(Ok(()), Err)
+        let failed = self.failed.lock().expect("syncer lock").take();
+        failed.map_or(Ok(()), Err)
     }
 
     /// Closes the queue and waits until the workers have run what it held.
@@ -155,6 +153,7 @@ mod tests {
     fn a_failed_job_is_reported_by_finish() {
         let syncer = Syncer::new(2, 4);
         syncer.submit(|| anyhow::bail!("disk on fire")).unwrap();
+        // Whether this one is refused depends on timing; either way finish reports the failure.
         syncer.submit(|| Ok(())).ok();
         let err = syncer.finish().unwrap_err();
         assert_eq!(err.to_string(), "disk on fire");
@@ -172,6 +171,8 @@ mod tests {
             refused.map(|e| e.to_string()).as_deref(),
             Some("disk on fire")
         );
+        // A refused submission does not use the failure up: finish still reports it.
+        assert_eq!(syncer.finish().unwrap_err().to_string(), "disk on fire");
     }
 
     #[test]
