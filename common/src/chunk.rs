@@ -181,19 +181,18 @@ pub fn open_verified(envelope: &[u8], expected: &ChunkId) -> Result<Vec<u8>, Env
     Ok(plain)
 }
 
-/// [`open_verified`] for an envelope the caller gives up: a raw payload becomes the plaintext
-/// in the same allocation (the restore path, where most bytes of media files arrive raw).
-pub fn open_verified_owned(
-    mut envelope: Vec<u8>,
+/// [`open_verified`] for an envelope in a shared buffer: a raw payload's plaintext is a view of
+/// the same buffer, not a copy (the restore path, where most bytes of media files arrive raw).
+pub fn open_verified_shared(
+    envelope: bytes::Bytes,
     expected: &ChunkId,
-) -> Result<Vec<u8>, EnvelopeError> {
+) -> Result<bytes::Bytes, EnvelopeError> {
     let (codec, _) = parse_header(&envelope)?;
     if codec != CODEC_RAW {
-        return open_verified(&envelope, expected);
+        return open_verified(&envelope, expected).map(bytes::Bytes::from);
     }
     verify(&envelope, expected)?;
-    envelope.drain(..HEADER_LEN);
-    Ok(envelope)
+    Ok(envelope.slice(HEADER_LEN..))
 }
 
 /// Checks that an envelope opens to a plaintext hashing to `expected`, and returns that
@@ -264,7 +263,10 @@ mod tests {
             let id = ChunkId::of(&plain);
             let env = seal(&plain, DEFAULT_ZSTD_LEVEL);
             assert_eq!(verify(&env, &id).unwrap() as usize, plain.len());
-            assert_eq!(open_verified_owned(env.clone(), &id).unwrap(), plain);
+            assert_eq!(
+                open_verified_shared(env.clone().into(), &id).unwrap(),
+                plain
+            );
             let wrong = ChunkId::of(b"something else");
             assert!(matches!(
                 verify(&env, &wrong),
@@ -306,7 +308,7 @@ mod tests {
             env[at] ^= 0x40;
             if let Ok(plain) = open(&env) {
                 prop_assert_eq!(verify(&env, &id).is_ok(), plain == data);
-                prop_assert_eq!(open_verified_owned(env.clone(), &id).is_ok(), plain == data);
+                prop_assert_eq!(open_verified_shared(env.clone().into(), &id).is_ok(), plain == data);
             } else {
                 prop_assert!(verify(&env, &id).is_err());
             }

@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 
-use crate::protocol::frame::{read_frame, write_frame, FrameError};
+use crate::protocol::frame::{read_frame, read_frame_or_chunk, write_frame, FrameError, Incoming};
 use crate::protocol::{ErrorCode, Hello, HelloReply, Request, Response, PROTOCOL_VERSION};
 use crate::transport::{self, Credentials};
 
@@ -113,7 +113,26 @@ impl Client {
     /// Reads the next reply on a stream; a `Response::Error` becomes [`ClientError::Remote`]
     /// and a stream that ends early is an error.
     pub async fn reply(&self, recv: &mut quinn::RecvStream) -> Result<Response, ClientError> {
-        match read_frame::<Response, _>(recv).await {
+        self.settle(read_frame::<Response, _>(recv).await)
+    }
+
+    /// [`Client::reply`] for a stream of chunks: a chunk's envelope stays in the buffer its
+    /// frame was read into.
+    pub async fn reply_or_chunk(
+        &self,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<Incoming<Response>, ClientError> {
+        match read_frame_or_chunk::<Response, _>(recv).await {
+            Ok(Some(chunk @ Incoming::Chunk { .. })) => Ok(chunk),
+            Ok(Some(Incoming::Message(m))) => self.settle(Ok(Some(m))).map(Incoming::Message),
+            Ok(None) => self.settle(Ok(None)).map(Incoming::Message),
+            Err(e) => self.settle(Err(e)).map(Incoming::Message),
+        }
+    }
+
+    /// A read reply as the caller sees it.
+    fn settle(&self, frame: Result<Option<Response>, FrameError>) -> Result<Response, ClientError> {
+        match frame {
             Ok(Some(Response::Error { code, message })) => {
                 Err(ClientError::Remote { code, message })
             }

@@ -9,7 +9,9 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{anyhow, bail};
+use bytes::Bytes;
 use fleetvault_common::chunk::{self, EnvelopeError};
+use fleetvault_common::protocol::frame::Incoming;
 use fleetvault_common::protocol::Response;
 use fleetvault_common::{ChunkId, ChunkRef, Client, SnapshotId, StreamManifest};
 use tokio::sync::{mpsc, oneshot};
@@ -19,7 +21,7 @@ pub(crate) enum Fetched {
     /// A chunk frame, being opened and verified against its id on the blocking pool.
     Chunk {
         id: ChunkId,
-        opened: oneshot::Receiver<Result<Vec<u8>, EnvelopeError>>,
+        opened: oneshot::Receiver<Result<Bytes, EnvelopeError>>,
     },
     /// Any other frame.
     Frame(Box<Response>),
@@ -33,15 +35,15 @@ pub(crate) async fn fetch(
     tx: mpsc::Sender<Result<Fetched, String>>,
 ) {
     loop {
-        let item = match client.reply(recv).await {
-            Ok(Response::Chunk { id, envelope }) => {
+        let item = match client.reply_or_chunk(recv).await {
+            Ok(Incoming::Chunk { id, envelope }) => {
                 let (done, opened) = oneshot::channel();
                 tokio::task::spawn_blocking(move || {
-                    let _ = done.send(chunk::open_verified_owned(envelope, &id));
+                    let _ = done.send(chunk::open_verified_shared(envelope, &id));
                 });
                 Ok(Fetched::Chunk { id, opened })
             }
-            Ok(frame) => Ok(Fetched::Frame(Box::new(frame))),
+            Ok(Incoming::Message(frame)) => Ok(Fetched::Frame(Box::new(frame))),
             Err(e) => Err(e.to_string()),
         };
         let end = match &item {
@@ -78,7 +80,7 @@ impl Reassembler {
     }
 
     /// The verified plaintext of the next chunk, which must be `expected`.
-    pub(crate) fn next_checked(&mut self, expected: &ChunkRef) -> anyhow::Result<Vec<u8>> {
+    pub(crate) fn next_checked(&mut self, expected: &ChunkRef) -> anyhow::Result<Bytes> {
         let snapshot = self.snapshot;
         match self.recv()? {
             Fetched::Chunk { id, opened } if id == expected.id => {
@@ -111,7 +113,7 @@ impl Reassembler {
     }
 
     /// For sinks that speak `io::Result`: the same as [`Reassembler::next_checked`].
-    pub(crate) fn next(&mut self, expected: &ChunkRef) -> std::io::Result<Vec<u8>> {
+    pub(crate) fn next(&mut self, expected: &ChunkRef) -> std::io::Result<Bytes> {
         self.next_checked(expected)
             .map_err(|e| std::io::Error::other(format!("{e:#}")))
     }

@@ -35,7 +35,7 @@ const SYNC_THREADS: usize = 4;
 const SYNC_QUEUE: usize = 64;
 
 /// Fetches the verified plaintext of the next chunk, which must be the one given.
-pub(crate) type NextChunk<'a> = dyn FnMut(&ChunkRef) -> io::Result<Vec<u8>> + 'a;
+pub(crate) type NextChunk<'a> = dyn FnMut(&ChunkRef) -> io::Result<bytes::Bytes> + 'a;
 
 /// Restores `tree` under `target` (created if missing); `written` is told about every block of
 /// file bytes written.
@@ -309,7 +309,7 @@ mod tests {
 
     fn restore(target: &Path, entries: Vec<TreeEntry>) -> anyhow::Result<()> {
         let tree = TreeManifest { entries };
-        let data: Vec<Vec<u8>> = vec![b"hello".to_vec(); 8];
+        let data = vec![bytes::Bytes::from_static(b"hello"); 8];
         let mut it = data.into_iter();
         restore_tree(
             target,

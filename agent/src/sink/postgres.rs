@@ -232,7 +232,7 @@ fn restore_tables(
     let meta_entry = next(pg::META)?;
     let mut meta_bytes = Vec::new();
     for c in &meta_entry.chunks {
-        meta_bytes.extend(reasm.next_checked(c)?);
+        meta_bytes.extend_from_slice(&reasm.next_checked(c)?);
     }
     let meta: DumpMeta = serde_json::from_slice(&meta_bytes).context("reading meta.json")?;
     let run_sql = |name: &str, e: &fleetvault_common::TreeEntry, reasm: &mut Reassembler| {
@@ -276,7 +276,7 @@ fn restore_tables(
         for c in &e.chunks {
             let plain = reasm.next_checked(c)?;
             let n = plain.len() as u64;
-            rt.block_on(sink.send(Bytes::from(plain)))
+            rt.block_on(sink.send(plain))
                 .map_err(|e| anyhow!("restoring the rows of {table}: {}", pg_error(&e)))?;
             written.fetch_add(n, Ordering::Relaxed);
         }

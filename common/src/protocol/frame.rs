@@ -5,11 +5,13 @@
 //! end between frames, errs on an end inside one, and refuses trailing bytes in a body.
 //! `read_frame` is not cancel-safe: never race it against a shutdown signal.
 
+use bytes::Bytes;
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::MAX_FRAME_LEN;
+use crate::id::ChunkId;
 
 /// A frame that could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +113,7 @@ fn encode_head<T: Serialize>(msg: &T, tail_len: usize) -> Result<Vec<u8>, FrameE
 }
 
 /// Decodes one frame body, refusing trailing bytes.
-pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+pub fn decode_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
     let (msg, rest) = postcard::take_from_bytes(body)?;
     if !rest.is_empty() {
         return Err(FrameError::Trailing(rest.len()));
@@ -138,6 +140,57 @@ pub async fn write_frame<T: Serialize>(
 pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<Option<T>, FrameError> {
+    match read_body(r).await? {
+        Some(body) => decode_body(&body).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// A frame read by [`read_frame_or_chunk`].
+#[derive(Debug)]
+pub enum Incoming<T> {
+    /// A chunk frame; its envelope is a view of the frame's own buffer.
+    Chunk {
+        /// The chunk's id, as the frame gives it.
+        id: ChunkId,
+        /// The sealed chunk.
+        envelope: Bytes,
+    },
+    /// Any other message.
+    Message(T),
+}
+
+/// A message type with a chunk variant, `{ id: ChunkId, envelope: bytes }`, that
+/// [`read_frame_or_chunk`] reads without copying the envelope out of the frame.
+pub trait WithChunks: DeserializeOwned {
+    /// The chunk variant's postcard tag (the variant's index, one varint byte).
+    const CHUNK_TAG: u8;
+}
+
+/// [`read_frame`], except that a chunk frame's envelope stays in the buffer the frame was read
+/// into (decoding it as a message would copy every chunk's bytes once more).
+pub async fn read_frame_or_chunk<T: WithChunks, R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<Incoming<T>>, FrameError> {
+    let Some(body) = read_body(r).await? else {
+        return Ok(None);
+    };
+    if body.first() != Some(&T::CHUNK_TAG) {
+        return decode_body(&body).map(|m| Some(Incoming::Message(m)));
+    }
+    let (id, envelope) = {
+        let (id, envelope): (ChunkId, &[u8]) = decode_body(&body[1..])?;
+        let start = envelope.as_ptr() as usize - body.as_ptr() as usize;
+        (id, start..start + envelope.len())
+    };
+    Ok(Some(Incoming::Chunk {
+        id,
+        envelope: Bytes::from(body).slice(envelope),
+    }))
+}
+
+/// Reads one frame's body; `Ok(None)` when the stream ends cleanly before a frame starts.
+async fn read_body<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -165,7 +218,7 @@ pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
             Err(e) => return Err(FrameError::Io(e)),
         }
     }
-    decode_body(&body).map(Some)
+    Ok(Some(body))
 }
 
 #[cfg(test)]
@@ -211,6 +264,24 @@ mod tests {
         })
     }
 
+    /// [`read_all`] through [`read_frame_or_chunk`], chunk frames turned back into messages.
+    fn read_all_chunks(bytes: &[u8]) -> Result<Vec<Request>, FrameError> {
+        rt().block_on(async {
+            let mut r = bytes;
+            let mut out = Vec::new();
+            while let Some(m) = read_frame_or_chunk::<Request, _>(&mut r).await? {
+                out.push(match m {
+                    Incoming::Chunk { id, envelope } => Request::Chunk {
+                        id,
+                        envelope: envelope.to_vec(),
+                    },
+                    Incoming::Message(m) => m,
+                });
+            }
+            Ok(out)
+        })
+    }
+
     fn valid_frames() -> Vec<u8> {
         let mut bytes = encode(&Request::Read {
             snapshot: SnapshotId(9),
@@ -237,6 +308,50 @@ mod tests {
             bytes.extend(encode(m));
         }
         assert_eq!(read_all::<Request>(&bytes).unwrap(), msgs);
+    }
+
+    #[test]
+    fn a_chunk_frame_is_read_with_its_envelope_in_place() {
+        let id = ChunkId::of(b"x");
+        let frames = [
+            encode(&Request::ListAgents),
+            encode(&Request::Chunk {
+                id,
+                envelope: (0..300).map(|i| i as u8).collect(),
+            }),
+        ]
+        .concat();
+        rt().block_on(async {
+            let mut r = &frames[..];
+            let first = read_frame_or_chunk::<Request, _>(&mut r).await.unwrap();
+            assert!(matches!(
+                first,
+                Some(Incoming::Message(Request::ListAgents))
+            ));
+            match read_frame_or_chunk::<Request, _>(&mut r).await.unwrap() {
+                Some(Incoming::Chunk { id: got, envelope }) => {
+                    assert_eq!(got, id);
+                    assert_eq!(envelope.len(), 300);
+                    assert!(envelope.iter().enumerate().all(|(i, &b)| b == i as u8));
+                }
+                other => panic!("not a chunk: {other:?}"),
+            }
+            assert!(read_frame_or_chunk::<Request, _>(&mut r)
+                .await
+                .unwrap()
+                .is_none());
+        });
+        let mut trailing = encode(&Request::Chunk {
+            id,
+            envelope: vec![1],
+        });
+        trailing.push(0);
+        let len = (trailing.len() - 4) as u32;
+        trailing[..4].copy_from_slice(&len.to_le_bytes());
+        assert!(matches!(
+            read_all_chunks(&trailing),
+            Err(FrameError::Trailing(1))
+        ));
     }
 
     #[test]
@@ -291,7 +406,11 @@ mod tests {
             }
             bytes.truncate(cut % (bytes.len() + 1));
             bytes.extend(extra);
-            let _ = read_all::<Request>(&bytes);
+            // Reading chunk frames in place reads exactly what decoding them would.
+            let whole = read_all::<Request>(&bytes);
+            let in_place = read_all_chunks(&bytes);
+            prop_assert_eq!(whole.as_ref().ok(), in_place.as_ref().ok());
+            prop_assert_eq!(whole.is_ok(), in_place.is_ok());
             let _ = read_all::<Response>(&bytes);
         }
 

@@ -594,6 +594,16 @@ pub enum Response {
     },
 }
 
+/// Chunk frames are read without copying their envelope (`frame::read_frame_or_chunk`); the
+/// tags are pinned by `wire_format_is_pinned`.
+impl frame::WithChunks for Request {
+    const CHUNK_TAG: u8 = 2;
+}
+
+impl frame::WithChunks for Response {
+    const CHUNK_TAG: u8 = 7;
+}
+
 /// Work the coordinator pushes to a live agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Push {
@@ -796,6 +806,13 @@ mod tests {
         };
         assert_eq!(postcard::to_stdvec(&read).unwrap(), [6, 5, 1]);
         assert_eq!(postcard::to_stdvec(&Response::End).unwrap(), [9]);
+        let id = ChunkId([7; 32]);
+        let envelope = vec![1, 2];
+        let chunk = postcard::to_stdvec(&Request::Chunk { id, envelope }).unwrap();
+        assert_eq!(chunk[0], <Request as frame::WithChunks>::CHUNK_TAG);
+        let envelope = vec![1, 2];
+        let chunk = postcard::to_stdvec(&Response::Chunk { id, envelope }).unwrap();
+        assert_eq!(chunk[0], <Response as frame::WithChunks>::CHUNK_TAG);
         assert_eq!(
             postcard::to_stdvec(&Push::Backup {
                 source: "d".into(),

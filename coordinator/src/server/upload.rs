@@ -9,9 +9,10 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use fleetvault_certs::Role;
 use fleetvault_common::chunk;
-use fleetvault_common::protocol::frame::{read_frame, write_frame};
+use fleetvault_common::protocol::frame::{read_frame_or_chunk, write_frame, Incoming};
 use fleetvault_common::protocol::{
     Begin, Commit, ErrorCode, Request, Response, MAX_MISSING_BATCH, MAX_PUT_BATCH,
 };
@@ -150,8 +151,8 @@ impl Session {
         let mut batch_bytes = 0;
         let mut new = 0;
         for i in 0..count {
-            match read_frame::<Request, _>(recv).await? {
-                Some(Request::Chunk { id, envelope }) => {
+            match read_frame_or_chunk::<Request, _>(recv).await? {
+                Some(Incoming::Chunk { id, envelope }) => {
                     batch_bytes += envelope.len();
                     batch.push((id, envelope));
                 }
@@ -175,7 +176,7 @@ impl Session {
     async fn write_batch(
         self: &Arc<Self>,
         snapshot: SnapshotId,
-        batch: Vec<(ChunkId, Vec<u8>)>,
+        batch: Vec<(ChunkId, Bytes)>,
     ) -> Result<u32, Failure> {
         let this = self.clone();
         let ids: Vec<ChunkId> = batch.iter().map(|(id, _)| *id).collect();

@@ -142,9 +142,9 @@ impl ChunkStore {
     /// were already renamed into place are complete and valid (never partial).
     pub(crate) fn put_batch(
         &self,
-        chunks: &[(ChunkId, Vec<u8>)],
+        chunks: &[(ChunkId, impl AsRef<[u8]>)],
     ) -> Result<PutOutcome, StoreError> {
-        self.check_space(chunks.iter().map(|(_, e)| e.len() as u64).sum())?;
+        self.check_space(chunks.iter().map(|(_, e)| e.as_ref().len() as u64).sum())?;
         // (tmp, dest) of every file written; nothing of a refused batch is kept, not even in tmp/.
         let mut pending = Vec::new();
         let outcome = match self.write_batch(chunks, &mut pending) {
@@ -177,7 +177,7 @@ impl ChunkStore {
     /// commit, and a wait on the disk, per chunk.
     fn write_batch(
         &self,
-        chunks: &[(ChunkId, Vec<u8>)],
+        chunks: &[(ChunkId, impl AsRef<[u8]>)],
         pending: &mut Vec<(PathBuf, PathBuf)>,
     ) -> Result<PutOutcome, StoreError> {
         // The files of the last `unsynced.len()` entries of `pending`.
@@ -191,6 +191,7 @@ impl ChunkStore {
         };
         let mut outcome = PutOutcome::default();
         for (id, envelope) in chunks {
+            let envelope = envelope.as_ref();
             let plain_len = chunk::verify(envelope, id)
                 .map_err(|source| StoreError::BadChunk { id: *id, source })?;
             let dest = self.chunk_path(id);
