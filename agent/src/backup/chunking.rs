@@ -11,7 +11,7 @@ use fleetvault_common::{Chunk, ChunkId, Chunker, ChunkerParams, StreamManifest};
 use tokio::sync::mpsc;
 
 /// Plaintext bytes collected before a batch goes to the uploader.
-const BATCH_BYTES: usize = 8 << 20;
+const BATCH_BYTES: usize = 4 << 20;
 /// Chunks per batch at most.
 const BATCH_CHUNKS: usize = 256;
 
