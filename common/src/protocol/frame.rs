@@ -178,14 +178,12 @@ pub async fn read_frame_or_chunk<T: WithChunks, R: AsyncRead + Unpin>(
     if body.first() != Some(&T::CHUNK_TAG) {
         return decode_body(&body).map(|m| Some(Incoming::Message(m)));
     }
-    let (id, envelope) = {
-        let (id, envelope): (ChunkId, &[u8]) = decode_body(&body[1..])?;
-        let start = envelope.as_ptr() as usize - body.as_ptr() as usize;
-        (id, start..start + envelope.len())
-    };
+    // The envelope is the body's last field and trailing bytes are refused: it is the tail.
+    let (id, envelope): (ChunkId, &[u8]) = decode_body(&body[1..])?;
+    let start = body.len() - envelope.len();
     Ok(Some(Incoming::Chunk {
         id,
-        envelope: Bytes::from(body).slice(envelope),
+        envelope: Bytes::from(body).slice(start..),
     }))
 }
 
