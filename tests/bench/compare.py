@@ -43,7 +43,8 @@ ALL_TOOLS = ("fleetvault", "restic", "borg")
 
 def run_measured(args, env=None, stdin=None, stdout=subprocess.DEVNULL, extra_pid=None):
     """Runs a command; returns (wall seconds, CPU seconds, peak RSS KiB, the extra process's peak
-    RSS KiB during the command). `extra_pid` (the coordinator) adds its CPU time to the command's."""
+    RSS KiB during the command, the share of the machine's CPU time the host stole meanwhile).
+    `extra_pid` (the coordinator) adds its CPU time to the command's."""
     # Every step starts with nothing left to write back: a tool that leaves its writes in the
     # page cache must not slow down the next step's syncs.
     os.sync()
@@ -51,10 +52,16 @@ def run_measured(args, env=None, stdin=None, stdout=subprocess.DEVNULL, extra_pi
     if extra_pid:
         reset_hwm(extra_pid)
     drops = udp_receive_drops()
+    steal = cpu_ticks()
     t = time.time()
     p = subprocess.Popen(args, env=env, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.time() - t
+    steal = [b - a for a, b in zip(steal, cpu_ticks())]
+    stolen = steal[7] / max(1, sum(steal))
+    if stolen >= 0.05:
+        print(f"  {os.path.basename(args[0])}: {stolen:.0%} of the CPU stolen by the host",
+              file=sys.stderr, flush=True)
     drops = udp_receive_drops() - drops
     if drops:
         print(f"  {os.path.basename(args[0])}: {drops} UDP packets dropped (receive buffers full)",
@@ -67,7 +74,14 @@ def run_measured(args, env=None, stdin=None, stdout=subprocess.DEVNULL, extra_pi
     if extra_pid:
         cpu += proc_cpu(extra_pid) - extra_before
         extra_rss = vmhwm_kib(extra_pid)
-    return wall, cpu, ru.ru_maxrss, extra_rss
+    return wall, cpu, ru.ru_maxrss, extra_rss, stolen
+
+
+def cpu_ticks():
+    """The machine's CPU time by kind (/proc/stat: user, nice, system, idle, iowait, irq,
+    softirq, steal), in ticks."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:9]]
 
 
 def udp_receive_drops():
@@ -400,6 +414,9 @@ def main():
             print(f"| after day {day} | " + " | ".join(f"{sizes[(t, day)] / 1e6:.1f} MB" for t in tools) + " |")
         print("| added by day 2 | " + " | ".join(f"{(sizes[(t, 2)] - sizes[(t, 1)]) / 1e6:.1f} MB" for t in tools)
               + " |")
+        worst = max((r[4], tool, step) for (tool, step), runs in results.items() for r in runs)
+        print(f"\nMost CPU stolen by the host during one step: {worst[0]:.0%} ({worst[1]}, {worst[2]}); "
+              "steps with steal are slower for reasons outside the tools.")
         if peers:
             print(f"\nfleetvault stored / restic stored: day 1 {sizes[('fleetvault', 1)] / sizes[('restic', 1)]:.2f}x, "
                   f"day 2 {sizes[('fleetvault', 2)] / sizes[('restic', 2)]:.2f}x")

@@ -77,8 +77,8 @@ def main():
               "coordinator peak RSS MB | time per GiB |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for mib in sizes:
-            wall, cpu, rss, crss = run_measured([f"{binv}/fleetvault-agent", "backup", "--config", confs[0],
-                                                 "--source", f"s{mib}", "--json"], extra_pid=serve.pid)
+            wall, cpu, rss, crss, _stolen = run_measured([f"{binv}/fleetvault-agent", "backup", "--config", confs[0],
+                                                         "--source", f"s{mib}", "--json"], extra_pid=serve.pid)
             mb = mib * 1.048576
             print(f"| {mib} MiB | {wall:.1f} | {mb / wall:.0f} | {cpu:.1f} | {rss / 1024:.0f} | {crss / 1024:.0f} | "
                   f"{wall / (mib / 1024):.1f} s |")
