@@ -28,6 +28,7 @@ use anyhow::{bail, Context};
 use filetime::FileTime;
 use fleetvault_common::{ChunkRef, EntryKind, TreeEntry, TreeManifest};
 
+use super::direct::{self, DirectWriter, Staging};
 use super::durable::Syncer;
 
 /// Threads syncing and finishing written files, and files waiting for them.
@@ -52,6 +53,7 @@ pub(crate) fn restore_tree(
     // Files are synced, renamed into place and given their metadata in the background while
     // the next ones are written.
     let syncer = Syncer::new(SYNC_THREADS, SYNC_QUEUE);
+    let mut staging = Staging::new();
     let mut files = HashSet::new();
     for (entry, rel) in tree.entries.iter().zip(&rels) {
         let dest = target.join(rel);
@@ -85,7 +87,7 @@ pub(crate) fn restore_tree(
                         dest.display()
                     );
                 }
-                let (f, tmp) = restore_file(&dest, entry, next, written)?;
+                let (f, tmp) = restore_file(&dest, entry, next, written, &mut staging)?;
                 let entry = entry.clone();
                 syncer.submit(move || {
                     // Temp, fsync, rename: a file appears under its real name only whole.
@@ -195,13 +197,15 @@ fn ensure_parents(target: &Path, rel: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes a file's content under a temporary name beside `dest`; returns the open file and
-/// that name (the caller syncs and renames it).
+/// Writes a file's content under a temporary name beside `dest` (large files with `O_DIRECT`
+/// where the filesystem allows it); returns the open file and that name (the caller syncs and
+/// renames it).
 fn restore_file(
     dest: &Path,
     entry: &TreeEntry,
     next: &mut NextChunk<'_>,
     written: &mut dyn FnMut(u64),
+    staging: &mut Staging,
 ) -> anyhow::Result<(File, PathBuf)> {
     if fs::symlink_metadata(dest).is_ok() {
         bail!(
@@ -216,22 +220,44 @@ fn restore_file(
     let tmp = dest.with_file_name(tmp_name);
     let _ = fs::remove_file(&tmp);
     // O_EXCL: never follows a symlink someone put at the temporary name.
-    let mut f = OpenOptions::new()
+    let created = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
-    if let Err(e) = write_chunks(&mut f, entry, next, written, dest) {
-        drop(f);
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
+    let mut written_to = |mut f: File| -> anyhow::Result<File> {
+        if entry.size < direct::DIRECT_MIN {
+            write_chunks(&mut f, entry, next, written, dest)?;
+            return Ok(f);
+        }
+        match direct::reopen_direct(&tmp, &f)
+            .with_context(|| format!("opening {}", tmp.display()))?
+        {
+            Some(mut d) => {
+                let mut w = DirectWriter::new(&mut d, staging);
+                write_chunks(&mut w, entry, next, written, dest)?;
+                w.finish()
+                    .with_context(|| format!("writing {}", dest.display()))?;
+                Ok(d)
+            }
+            None => {
+                write_chunks(&mut f, entry, next, written, dest)?;
+                Ok(f)
+            }
+        }
+    };
+    match written_to(created) {
+        Ok(f) => Ok((f, tmp)),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e)
+        }
     }
-    Ok((f, tmp))
 }
 
 fn write_chunks(
-    f: &mut File,
+    f: &mut dyn Write,
     entry: &TreeEntry,
     next: &mut NextChunk<'_>,
     written: &mut dyn FnMut(u64),

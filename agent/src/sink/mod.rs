@@ -3,6 +3,7 @@
 //! tools (`postgres`, `mysql`, `sqlite`, `mongodb`).
 
 pub(crate) mod database;
+pub(crate) mod direct;
 pub(crate) mod durable;
 pub(crate) mod files;
 pub(crate) mod mongodb;
