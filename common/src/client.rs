@@ -122,12 +122,13 @@ impl Client {
         &self,
         recv: &mut quinn::RecvStream,
     ) -> Result<Incoming<Response>, ClientError> {
-        match read_frame_or_chunk::<Response, _>(recv).await {
-            Ok(Some(chunk @ Incoming::Chunk { .. })) => Ok(chunk),
-            Ok(Some(Incoming::Message(m))) => self.settle(Ok(Some(m))).map(Incoming::Message),
-            Ok(None) => self.settle(Ok(None)).map(Incoming::Message),
-            Err(e) => self.settle(Err(e)).map(Incoming::Message),
-        }
+        let frame = match read_frame_or_chunk::<Response, _>(recv).await {
+            Ok(Some(Incoming::Message(m))) => Ok(Some(m)),
+            Ok(Some(chunk)) => return Ok(chunk),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        self.settle(frame).map(Incoming::Message)
     }
 
     /// A read reply as the caller sees it.

@@ -260,7 +260,7 @@ def main():
     args = ap.parse_args()
     tools = args.tools.split(",")
     if not tools or any(t not in ALL_TOOLS for t in tools):
-        raise SystemExit(f"--tools: expected a subset of fleetvault,restic,borg, got {args.tools!r}")
+        raise SystemExit(f"--tools: expected a subset of {','.join(ALL_TOOLS)}, got {args.tools!r}")
     missing = [p for p, t in [("restic", "restic"), ("borgbackup", "borg")] if t in tools and not shutil.which(t)]
     if missing:
         subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True)
@@ -288,9 +288,7 @@ def main():
             """Makes the live inputs day `day`'s. The tree changes in place, as on a real host:
             unchanged files keep their inodes and times, so every tool can skip them on day 2.
             Going back to day 1 is done in place too: removing the tree's ~2000 directories
-            would leave as many recently freed inodes, which ext4 without a journal (this
-            machine's disk) scans past on every file it creates for the next minute, a cost that
-            only the tool creating thousands of files (fleetvault's store) would pay."""
+            would free as many inodes (see `release_space`)."""
             if os.path.exists(live_dump):
                 os.remove(live_dump)
             os.link(dumps[day], live_dump)

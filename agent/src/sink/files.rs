@@ -226,34 +226,39 @@ fn restore_file(
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
-    let mut written_to = |mut f: File| -> anyhow::Result<File> {
-        if entry.size < direct::DIRECT_MIN {
-            write_chunks(&mut f, entry, next, written, dest)?;
-            return Ok(f);
-        }
-        match direct::reopen_direct(&tmp, &f)
-            .with_context(|| format!("opening {}", tmp.display()))?
-        {
-            Some(mut d) => {
-                let mut w = DirectWriter::new(&mut d, staging);
-                write_chunks(&mut w, entry, next, written, dest)?;
-                w.finish()
-                    .with_context(|| format!("writing {}", dest.display()))?;
-                Ok(d)
-            }
-            None => {
-                write_chunks(&mut f, entry, next, written, dest)?;
-                Ok(f)
-            }
-        }
-    };
-    match written_to(created) {
-        Ok(f) => Ok((f, tmp)),
-        Err(e) => {
-            let _ = fs::remove_file(&tmp);
-            Err(e)
-        }
+    let result = fill_file(created, &tmp, dest, entry, next, written, staging);
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
     }
+    result.map(|f| (f, tmp))
+}
+
+/// Writes a file's chunks into `created` (the file at `tmp`), directly when it is large and
+/// the filesystem allows it; returns the handle to sync.
+fn fill_file(
+    mut created: File,
+    tmp: &Path,
+    dest: &Path,
+    entry: &TreeEntry,
+    next: &mut NextChunk<'_>,
+    written: &mut dyn FnMut(u64),
+    staging: &mut Staging,
+) -> anyhow::Result<File> {
+    let direct = if entry.size >= direct::DIRECT_MIN {
+        direct::reopen_direct(tmp, &created)
+            .with_context(|| format!("opening {}", tmp.display()))?
+    } else {
+        None
+    };
+    let Some(mut d) = direct else {
+        write_chunks(&mut created, entry, next, written, dest)?;
+        return Ok(created);
+    };
+    let mut w = DirectWriter::new(&mut d, staging);
+    write_chunks(&mut w, entry, next, written, dest)?;
+    w.finish()
+        .with_context(|| format!("writing {}", dest.display()))?;
+    Ok(d)
 }
 
 fn write_chunks(
