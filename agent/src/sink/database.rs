@@ -97,13 +97,7 @@ pub(crate) async fn inspect(db: &DbSource) -> anyhow::Result<TargetState> {
         Engine::Postgres => super::postgres::inspect(db).await,
         Engine::Mysql => blocking(super::mysql::inspect).await,
         Engine::Sqlite => blocking(super::sqlite::inspect).await,
-        // Without a MongoDB shell the target cannot be inspected: a plain restore only adds
-        // (mongorestore refuses duplicates), and a replace always takes a safety snapshot.
-        Engine::Mongodb => Ok(TargetState {
-            exists: true,
-            empty: true,
-            server_version: None,
-        }),
+        Engine::Mongodb => blocking(super::mongodb::inspect).await,
     }
 }
 
@@ -119,7 +113,7 @@ pub(crate) fn restore(
         Engine::Postgres => {
             super::postgres::restore(&r.db, r.format, manifest, reasm, written, &r.tag, rt)
         }
-        Engine::Mysql => super::mysql::restore(&r.db, manifest, reasm, written),
+        Engine::Mysql => super::mysql::restore(&r.db, r.replace, manifest, reasm, written),
         Engine::Sqlite => super::sqlite::restore(&r.db, manifest, reasm, written, &r.tag),
         Engine::Mongodb => {
             super::mongodb::restore(&r.db, &r.from_database, r.replace, manifest, reasm, written)

@@ -9,4 +9,5 @@ pub(crate) mod files;
 pub(crate) mod mongodb;
 pub(crate) mod mysql;
 pub(crate) mod postgres;
+pub(crate) mod restricted;
 pub(crate) mod sqlite;

@@ -26,12 +26,14 @@ use crate::source::database::{major_version, DbSource, PgFormat};
 use crate::source::postgres::{self as pg, pg_error, quote_ident, DumpMeta, PgSettings};
 
 use super::database::{feed_tool, TargetState};
+use super::restricted::{require_restrict, Restricted};
 
 /// The maintenance database used to create, rename and drop databases.
 const MAINTENANCE_DB: &str = "postgres";
 
 /// Whether the target database exists, holds anything, and the server's major version.
 pub(crate) async fn inspect(db: &DbSource) -> anyhow::Result<TargetState> {
+    check_name(&db.database)?;
     let settings = PgSettings::of(db)?;
     let admin = settings.connect(MAINTENANCE_DB).await?;
     let version = pg::server_version(&admin).await?;
@@ -67,6 +69,38 @@ pub(crate) async fn inspect(db: &DbSource) -> anyhow::Result<TargetState> {
     })
 }
 
+/// PostgreSQL's longest name, in bytes (NAMEDATALEN - 1): the server cuts longer ones.
+const MAX_NAME: usize = 63;
+
+/// Refuses a database name the server would cut short (and so restore under another name).
+fn check_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        bail!(
+            "database name {name:?} is {} bytes: PostgreSQL names hold 1 to {MAX_NAME} bytes (nothing was touched)",
+            name.len()
+        );
+    }
+    Ok(())
+}
+
+/// The temporary names of a replace: the restored copy ("work") and the previous database
+/// ("old") while the two are swapped. Both start with the target's first bytes (for whoever
+/// reads the database list), end with a hash of the whole target and the snapshot, fit in
+/// [`MAX_NAME`] bytes, and differ from each other and from the target, whatever its length.
+fn temp_names(target: &str, tag: &str) -> (String, String) {
+    let hash = blake3::hash(format!("{target}\0{tag}").as_bytes()).to_hex();
+    let hash = &hash.as_str()[..16];
+    let mut cut = MAX_NAME - "__fv_old_".len() - hash.len();
+    while !target.is_char_boundary(cut.min(target.len())) {
+        cut -= 1;
+    }
+    let prefix = &target[..cut.min(target.len())];
+    (
+        format!("{prefix}__fv_{hash}"),
+        format!("{prefix}__fv_old_{hash}"),
+    )
+}
+
 /// Restores `manifest` (a dump of `format`) into `db.database`; blocking.
 pub(crate) fn restore(
     db: &DbSource,
@@ -79,6 +113,10 @@ pub(crate) fn restore(
 ) -> anyhow::Result<()> {
     let settings = PgSettings::of(db)?;
     let target = db.database.as_str();
+    check_name(target)?;
+    if matches!(format, PgFormat::Plain | PgFormat::Tables) {
+        require_restrict()?;
+    }
     let admin = rt.block_on(settings.connect(MAINTENANCE_DB))?;
     let exists = rt
         .block_on(admin.query_opt(
@@ -88,13 +126,8 @@ pub(crate) fn restore(
         .map_err(|e| anyhow!("looking up database {target:?}: {}", pg_error(&e)))?
         .is_some();
     // Restore beside the target when it exists; swap only after success.
-    let work = if exists {
-        let mut w = format!("{target}__fv_{tag}");
-        w.truncate(63);
-        w
-    } else {
-        target.to_owned()
-    };
+    let (work_name, old) = temp_names(target, tag);
+    let work = if exists { work_name } else { target.to_owned() };
     let exec = |sql: String| {
         rt.block_on(admin.batch_execute(&sql))
             .map_err(|e| anyhow!("{sql}: {}", pg_error(&e)))
@@ -111,7 +144,7 @@ pub(crate) fn restore(
             restore_tables(&settings, &work, db.restore_jobs, tree, reasm, written, rt)
         }
         (PgFormat::Plain, Manifest::Stream(s)) => {
-            pipe(psql(&settings, &work), "psql", s, reasm, written)
+            run_psql(&settings, &work, |out| reasm.stream(s, out, written))
         }
         (PgFormat::Custom, Manifest::Stream(s)) if db.restore_jobs > 1 => {
             restore_custom_parallel(&settings, &work, db.restore_jobs, s, reasm, written)
@@ -123,7 +156,7 @@ pub(crate) fn restore(
                 "--no-password",
                 "--single-transaction",
                 "-d",
-                &work,
+                &conninfo_dbname(&work),
             ]);
             pipe(cmd, "pg_restore", s, reasm, written)
         }
@@ -148,11 +181,6 @@ pub(crate) fn restore(
         return Err(e.context(format!("restore into {target:?} failed; {state}{cleanup}")));
     }
     if exists {
-        let old = {
-            let mut o = format!("{target}__fv_old_{tag}");
-            o.truncate(63);
-            o
-        };
         exec(format!("DROP DATABASE IF EXISTS {}", quote_ident(&old)))?;
         // Other sessions block the rename: end them (the operator asked for a replace).
         rt.block_on(admin.execute(
@@ -178,6 +206,38 @@ pub(crate) fn restore(
         exec(format!("DROP DATABASE {}", quote_ident(&old)))?;
     }
     Ok(())
+}
+
+/// `-d` of a tool that expands it as a connection string (pg_restore): a conninfo naming only
+/// the database, so that a name such as `host=elsewhere dbname=x` is only a name.
+fn conninfo_dbname(database: &str) -> String {
+    format!(
+        "dbname='{}'",
+        database.replace('\\', "\\\\").replace('\'', "\\'")
+    )
+}
+
+/// Runs psql into `database` with `feed` writing the dump, in psql's restricted mode: no
+/// meta-command in the dump runs (see [`Restricted`]).
+fn run_psql(
+    settings: &PgSettings,
+    database: &str,
+    feed: impl FnOnce(&mut dyn Write) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    require_restrict()?;
+    let child = ShellCommand::spawn_command(
+        "psql",
+        "psql",
+        psql(settings, database),
+        Stdio::piped(),
+        Stdio::null(),
+    )
+    .map_err(|e| anyhow!(e))?;
+    feed_tool(child, |stdin| {
+        let mut restricted = Restricted::new(stdin)?;
+        feed(&mut restricted)?;
+        restricted.finish().context("writing to psql")
+    })
 }
 
 /// `psql` into `database`: stop at the first error, all in one transaction, never prompt.
@@ -236,13 +296,13 @@ fn restore_tables(
     }
     let meta: DumpMeta = serde_json::from_slice(&meta_bytes).context("reading meta.json")?;
     let run_sql = |name: &str, e: &fleetvault_common::TreeEntry, reasm: &mut Reassembler| {
-        let cmd = psql(settings, work);
         let stream = StreamManifest {
             chunks: e.chunks.clone(),
             len: e.size,
             checksum: [0; 32],
         };
-        pipe_unchecked(cmd, &stream, reasm, written).with_context(|| format!("restoring {name}"))
+        psql_unchecked(settings, work, &stream, reasm, written)
+            .with_context(|| format!("restoring {name}"))
     };
     let pre = next(pg::PRE_DATA)?;
     run_sql(pg::PRE_DATA, pre, reasm)?;
@@ -325,7 +385,7 @@ fn restore_custom_parallel(
         "-j",
         &jobs.to_string(),
         "-d",
-        work,
+        &conninfo_dbname(work),
     ])
     .arg(&path);
     let out = cmd.output().context("running pg_restore")?;
@@ -341,20 +401,19 @@ fn restore_custom_parallel(
     Ok(())
 }
 
-/// Like [`pipe`] for a part of a tree: every chunk is verified; the part has no checksum of
-/// its own (the manifest holding its chunk list is itself checksummed).
-fn pipe_unchecked(
-    cmd: std::process::Command,
+/// Like [`pipe`] for a part of a tree, into psql: every chunk is verified; the part has no
+/// checksum of its own (the manifest holding its chunk list is itself checksummed).
+fn psql_unchecked(
+    settings: &PgSettings,
+    database: &str,
     stream: &StreamManifest,
     reasm: &mut Reassembler,
     written: &AtomicU64,
 ) -> anyhow::Result<()> {
-    let child = ShellCommand::spawn_command("psql", "psql", cmd, Stdio::piped(), Stdio::null())
-        .map_err(|e| anyhow!(e))?;
-    feed_tool(child, |stdin| {
+    run_psql(settings, database, |out| {
         for c in &stream.chunks {
             let plain = reasm.next_checked(c)?;
-            stdin.write_all(&plain).context("writing to psql")?;
+            out.write_all(&plain).context("writing to psql")?;
             written.fetch_add(plain.len() as u64, Ordering::Relaxed);
         }
         Ok(())
@@ -376,6 +435,44 @@ pub(crate) fn check_versions(dump: Option<&str>, server: Option<&str>) -> anyhow
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temporary_names_fit_and_never_collide() {
+        let tag = "0123456789abcdef";
+        for target in [
+            "chat".to_owned(),
+            "x".repeat(57),
+            "x".repeat(58),
+            "y".repeat(63),
+            format!("{}é", "z".repeat(61)),
+            "日本語のデータベース名前はとても長いですね長い".to_owned(),
+        ] {
+            assert!(target.len() <= MAX_NAME, "{target}");
+            let (work, old) = temp_names(&target, tag);
+            assert!(
+                work.len() <= MAX_NAME && old.len() <= MAX_NAME,
+                "{work} {old}"
+            );
+            assert_ne!(work, old);
+            assert_ne!(work, target);
+            assert_ne!(old, target);
+        }
+        // Two long names alike up to the cut get different temporary names.
+        let (a, b) = ("a".repeat(62) + "1", "a".repeat(62) + "2");
+        assert_ne!(temp_names(&a, tag).0, temp_names(&b, tag).0);
+        assert!(check_name(&"n".repeat(63)).is_ok());
+        let err = check_name(&"n".repeat(64)).unwrap_err().to_string();
+        assert!(err.contains("64 bytes"), "{err}");
+    }
+
+    #[test]
+    fn a_name_given_to_pg_restore_is_only_a_name() {
+        assert_eq!(conninfo_dbname("chat"), "dbname='chat'");
+        assert_eq!(
+            conninfo_dbname("host=evil dbname='x' \\"),
+            "dbname='host=evil dbname=\\'x\\' \\\\'"
+        );
+    }
 
     #[test]
     fn an_older_server_major_is_refused() {

@@ -21,7 +21,7 @@ pub(crate) fn inspect(db: &DbSource) -> anyhow::Result<TargetState> {
     let empty = if exists {
         let out = Command::new("sqlite3")
             .arg("-readonly")
-            .arg(path)
+            .arg(not_an_option(path))
             .arg("SELECT COUNT(*) FROM sqlite_master")
             .output()
             .context("running sqlite3")?;
@@ -41,6 +41,15 @@ pub(crate) fn inspect(db: &DbSource) -> anyhow::Result<TargetState> {
         empty,
         server_version: None,
     })
+}
+
+/// `path`, made to start with `./` when it is relative, so that it is never taken for an option.
+fn not_an_option(path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        Path::new(".").join(path)
+    }
 }
 
 /// Restores a dump into the file `db.database` (blocking).
@@ -68,8 +77,11 @@ pub(crate) fn restore(
     tmp_name.push(format!(".fleetvault-{tag}"));
     let tmp = dir.join(tmp_name);
     let _ = std::fs::remove_file(&tmp);
+    // -safe: the dump may come from another (compromised) host; safe mode refuses the dot
+    // commands and SQL functions that run programs or touch other files (.shell, .system,
+    // .output, .load, ATTACH, writefile(), …) and stops at the first one.
     let mut cmd = Command::new("sqlite3");
-    cmd.arg("-bail").arg(&tmp);
+    cmd.args(["-safe", "-bail"]).arg(&tmp);
     let child =
         ShellCommand::spawn_command("sqlite3", "sqlite3", cmd, Stdio::piped(), Stdio::null())
             .map_err(|e| anyhow!(e))?;

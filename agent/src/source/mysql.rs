@@ -52,22 +52,21 @@ impl MyTool {
         let dir = secret_dir()?;
         let options = dir.path().join("client.cnf");
         let mut text = String::from("[client]\n");
-        let esc = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
         if let Some(h) = &db.host {
             if h.starts_with('/') {
-                text.push_str(&format!("socket=\"{}\"\n", esc(h)));
+                text.push_str(&format!("socket={}\n", option_value("host", h)?));
             } else {
-                text.push_str(&format!("host=\"{}\"\n", esc(h)));
+                text.push_str(&format!("host={}\n", option_value("host", h)?));
             }
         }
         if let Some(p) = db.port {
             text.push_str(&format!("port={p}\n"));
         }
         if let Some(u) = &db.user {
-            text.push_str(&format!("user=\"{}\"\n", esc(u)));
+            text.push_str(&format!("user={}\n", option_value("user", u)?));
         }
         if let Some(pw) = db.password()? {
-            text.push_str(&format!("password=\"{}\"\n", esc(&pw)));
+            text.push_str(&format!("password={}\n", option_value("password", &pw)?));
         }
         write_secret(&options, &text)?;
         Ok(Self { _dir: dir, options })
@@ -98,6 +97,39 @@ impl MyTool {
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+}
+
+/// The longest host, user or password written to an option file (bytes, before escaping).
+const OPTION_VALUE_MAX: usize = 1024;
+
+/// A quoted option-file value: the client's option parser reads `\\`, `\"`, `\n` and `\r`
+/// back, so a value stays one value on one line, whatever it holds (a line break in a password
+/// or host must never start another option).
+fn option_value(what: &str, value: &str) -> anyhow::Result<String> {
+    if value.contains('\0') {
+        bail!("the MySQL {what} holds a NUL byte, which the client cannot be given");
+    }
+    // The client reads option files in lines of at most 4 KiB: the rest of a longer line
+    // would be read as another option.
+    if value.len() > OPTION_VALUE_MAX {
+        bail!(
+            "the MySQL {what} is {} bytes long; the client takes at most {OPTION_VALUE_MAX}",
+            value.len()
+        );
+    }
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    Ok(out)
 }
 
 /// `` `name` `` with embedded backticks doubled.
