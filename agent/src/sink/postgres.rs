@@ -445,7 +445,7 @@ mod tests {
             "x".repeat(58),
             "y".repeat(63),
             format!("{}é", "z".repeat(61)),
-            "日本語のデータベース名前はとても長いですね長い".to_owned(),
+            "日本語のデータベース名前はとても長いですね".to_owned(),
         ] {
             assert!(target.len() <= MAX_NAME, "{target}");
             let (work, old) = temp_names(&target, tag);
