@@ -595,7 +595,9 @@ fn ignore_eperm(r: rustix::io::Result<()>) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use filetime::FileTime;
     use fleetvault_common::ChunkId;
+    use std::os::unix::fs::PermissionsExt;
 
     fn entry(path: &[u8], kind: EntryKind, data: &[u8]) -> TreeEntry {
         TreeEntry {
@@ -719,6 +721,143 @@ mod tests {
             "wrote outside: {:?}",
             listing(&outside)
         );
+    }
+
+    #[test]
+    fn names_up_to_255_bytes_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("t");
+        let mut entries = vec![entry(b"d", EntryKind::Dir, b"")];
+        for len in [236, 250, 255] {
+            let name = "n".repeat(len);
+            entries.push(entry(
+                format!("d/{name}").as_bytes(),
+                EntryKind::File,
+                b"hello",
+            ));
+            entries.push(entry(name.as_bytes(), EntryKind::File, b"hello"));
+        }
+        restore(&target, entries).unwrap();
+        for len in [236, 250, 255] {
+            let name = "n".repeat(len);
+            assert_eq!(fs::read(target.join("d").join(&name)).unwrap(), b"hello");
+            assert_eq!(fs::read(target.join(&name)).unwrap(), b"hello");
+        }
+        assert_eq!(listing(&target).len(), 7, "{:?}", listing(&target));
+    }
+
+    #[test]
+    fn a_directory_swapped_for_a_symlink_mid_restore_leads_nowhere_outside() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::set_permissions(&outside, fs::Permissions::from_mode(0o755)).unwrap();
+        let target = dir.path().join("t");
+        let mut d = entry(b"d", EntryKind::Dir, b"");
+        d.mode = 0o711;
+        let tree = TreeManifest {
+            entries: vec![
+                d,
+                entry(b"d/x", EntryKind::File, b"hello"),
+                entry(b"f", EntryKind::File, b"hello"),
+            ],
+        };
+        // While `f` is written, a local user who may write into the target puts a symlink to
+        // `outside` in place of `d`.
+        let mut calls = 0;
+        let (t, o) = (target.clone(), outside.clone());
+        let r = restore_tree(
+            &target,
+            &tree,
+            &mut |_| {
+                calls += 1;
+                if calls == 2 {
+                    fs::rename(t.join("d"), t.join("d.moved")).unwrap();
+                    std::os::unix::fs::symlink(&o, t.join("d")).unwrap();
+                }
+                Ok(bytes::Bytes::from_static(b"hello"))
+            },
+            &mut |_| {},
+        );
+        let md = fs::metadata(&outside).unwrap();
+        assert_eq!(
+            md.permissions().mode() & 0o7777,
+            0o755,
+            "outside was chmodded"
+        );
+        assert!(
+            listing(&outside).is_empty(),
+            "wrote outside: {:?}",
+            listing(&outside)
+        );
+        let err = r.unwrap_err();
+        assert!(
+            format!("{err:#}").contains("no longer a directory"),
+            "{err:#}"
+        );
+        // The file went where the directory really is.
+        assert_eq!(fs::read(target.join("d.moved/x")).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn a_failed_restore_leaves_existing_directories_as_they_were() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("t");
+        fs::create_dir_all(target.join("d")).unwrap();
+        fs::set_permissions(target.join("d"), fs::Permissions::from_mode(0o751)).unwrap();
+        let mut d = entry(b"d", EntryKind::Dir, b"");
+        d.mode = 0o700;
+        let tree = TreeManifest {
+            entries: vec![d, entry(b"d/x", EntryKind::File, b"hello")],
+        };
+        let err = restore_tree(
+            &target,
+            &tree,
+            &mut |_| Err(io::Error::other("the coordinator went away")),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("went away"), "{err:#}");
+        let md = fs::metadata(target.join("d")).unwrap();
+        assert_eq!(md.permissions().mode() & 0o7777, 0o751);
+        assert_eq!(
+            listing(&target),
+            vec![PathBuf::from("d")],
+            "a temp file was left"
+        );
+        // The same restore succeeding gives the directory the snapshot's mode.
+        restore(&target, tree.entries.clone()).unwrap();
+        let md = fs::metadata(target.join("d")).unwrap();
+        assert_eq!(md.permissions().mode() & 0o7777, 0o700);
+    }
+
+    #[test]
+    fn an_in_place_restore_stays_inside_the_configured_paths() {
+        let paths = [
+            PathBuf::from("/srv/app/data"),
+            PathBuf::from("/srv/app/conf.toml"),
+        ];
+        let ok = TreeManifest {
+            entries: vec![
+                entry(b"srv/app/data", EntryKind::Dir, b""),
+                entry(b"srv/app/data/a", EntryKind::File, b"hello"),
+                entry(b"srv/app/conf.toml", EntryKind::File, b"hello"),
+            ],
+        };
+        check_within(&ok, &paths).unwrap();
+        for bad in [
+            &b"etc/cron.d/evil"[..],
+            b"srv/app",
+            b"srv/app/data2/x",
+            b"srv/app/conf.toml.d/x",
+        ] {
+            let mut t = ok.clone();
+            t.entries.push(entry(bad, EntryKind::File, b"hello"));
+            let err = check_within(&t, &paths).unwrap_err().to_string();
+            let shown = format!("/{}", String::from_utf8_lossy(bad));
+            assert!(err.contains(&shown) && err.contains("outside"), "{err}");
+        }
+        check_within(&ok, &[PathBuf::from("/")]).unwrap();
     }
 
     #[test]
