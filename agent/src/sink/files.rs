@@ -763,7 +763,7 @@ mod tests {
             ],
         };
         // While `f` is written, a local user who may write into the target puts a symlink to
-        // `outside` in place of `d`.
+        // `outside` in place of `d` (whose mode is set at the end).
         let mut calls = 0;
         let (t, o) = (target.clone(), outside.clone());
         let r = restore_tree(
@@ -772,6 +772,13 @@ mod tests {
             &mut |_| {
                 calls += 1;
                 if calls == 2 {
+                    // `d/x` is renamed in the background: let it land first.
+                    for _ in 0..500 {
+                        if t.join("d/x").exists() {
+                            break;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
                     fs::rename(t.join("d"), t.join("d.moved")).unwrap();
                     std::os::unix::fs::symlink(&o, t.join("d")).unwrap();
                 }
@@ -795,7 +802,6 @@ mod tests {
             format!("{err:#}").contains("no longer a directory"),
             "{err:#}"
         );
-        // The file went where the directory really is.
         assert_eq!(fs::read(target.join("d.moved/x")).unwrap(), b"hello");
     }
 
