@@ -494,13 +494,17 @@ async fn restore_part(
         .parse()?;
     let source = config.source(&part.name)?;
     match &source.kind {
-        SourceKind::Files { .. } => {
+        SourceKind::Files { paths, .. } => {
             let target = match (&how.root, old_root) {
                 (Some(new_root), Some(old_root)) => crate::restore::Target::Relocated {
                     dir: new_root.clone(),
                     from: old_root.to_owned(),
                 },
-                _ => crate::restore::Target::Path(PathBuf::from("/")),
+                // In place: only inside what this host backs up under that part's name (the
+                // snapshot may come from another, compromised host).
+                _ => crate::restore::Target::InPlace {
+                    paths: paths.clone(),
+                },
             };
             crate::restore::run(client.clone(), id, target, |_| {}).await
         }
@@ -537,6 +541,34 @@ fn rewrite(
     let rel = file
         .strip_prefix(old_root)
         .with_context(|| format!("{} is not under {}", file.display(), old_root.display()))?;
+    // The index comes from the snapshot's host: its path must stay below the new root, and
+    // nothing on the way may be a symlink (the restored tree may hold one).
+    if !rel
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)))
+        || rel.as_os_str().is_empty()
+    {
+        bail!(
+            "refusing to rewrite {}: the snapshot's configuration path leaves {}",
+            file.display(),
+            old_root.display()
+        );
+    }
+    let mut at = new_root.to_path_buf();
+    for c in rel.components() {
+        at.push(c);
+        let md =
+            std::fs::symlink_metadata(&at).with_context(|| format!("checking {}", at.display()))?;
+        let last = at.as_path() == new_root.join(rel);
+        if md.file_type().is_symlink() || (!last && !md.is_dir()) || (last && !md.is_file()) {
+            bail!(
+                "refusing to rewrite {}: {} is not a plain {}",
+                new_root.join(rel).display(),
+                at.display(),
+                if last { "file" } else { "directory" }
+            );
+        }
+    }
     let path = new_root.join(rel);
     let old_db = index
         .parts
@@ -546,12 +578,22 @@ fn rewrite(
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let out = profiles::rewrite_config(profile, &text, &old_db, new_db, old_root, new_root)?;
-    let tmp = path.with_extension("fleetvault-tmp");
-    std::fs::write(&tmp, out).with_context(|| format!("writing {}", tmp.display()))?;
+    // A short temporary name beside it (the file's own name may be up to 255 bytes).
+    let tmp = path.with_file_name(crate::sink::durable::temp_name());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, out.as_bytes()))
+        .with_context(|| format!("writing {}", tmp.display()))?;
     let perms = std::fs::metadata(&path)?.permissions();
     std::fs::set_permissions(&tmp, perms)?;
     #[allow(clippy::disallowed_methods)] // replacing one config file atomically, not a chunk
-    std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
+    let renamed = std::fs::rename(&tmp, &path);
+    if renamed.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    renamed.with_context(|| format!("replacing {}", path.display()))?;
     Ok(Some(path.display().to_string()))
 }
 

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{AgentConfig, SourceConfig, SourceKind};
 use crate::sink::database::{self as db_sink, DbRestore};
-use crate::sink::durable::SyncedFile;
+use crate::sink::durable::NewFile;
 use crate::sink::files as files_sink;
 use crate::source::command::ShellCommand;
 pub(crate) use reassemble::Reassembler;
@@ -43,6 +43,10 @@ pub(crate) enum Target {
     /// A files snapshot whose paths lie under `from`, restored with `from` replaced by `dir`
     /// (a bundle restored under a new root).
     Relocated { dir: PathBuf, from: PathBuf },
+    /// A files snapshot restored in place under `/` (a bundle's files part), refused before
+    /// anything is written unless every entry lies inside these paths: those its source is
+    /// configured with on this host.
+    InPlace { paths: Vec<PathBuf> },
 }
 
 /// Chunks buffered between the network and the sink, each being opened on its own blocking
@@ -124,6 +128,7 @@ pub(crate) async fn run(
         Target::Command(c) => Some(format!("restore_command `{c}`")),
         Target::Database(r) => Some(r.db.database.clone()),
         Target::Relocated { dir, .. } => Some(dir.display().to_string()),
+        Target::InPlace { .. } => Some("/".into()),
     };
     let (rec, manifest, mut recv) = open_read(&client, snapshot, ReadPart::All).await?;
     let total = manifest.logical_len();
@@ -221,6 +226,14 @@ fn write_sink(
             })?;
             Ok(())
         }
+        (Manifest::Tree(tree), Target::InPlace { paths }) => {
+            files_sink::check_within(tree, paths)?;
+            let root = std::path::Path::new("/");
+            files_sink::restore_tree(root, tree, &mut |r| reasm.next(r), &mut |n| {
+                written.fetch_add(n, Ordering::Relaxed);
+            })?;
+            Ok(())
+        }
         (Manifest::Tree(tree), Target::Relocated { dir, from }) => {
             let tree = relocate(tree, from)?;
             files_sink::restore_tree(dir, &tree, &mut |r| reasm.next(r), &mut |n| {
@@ -236,6 +249,9 @@ fn write_sink(
         (Manifest::Stream(_), Target::Relocated { .. }) => {
             bail!("a stream snapshot cannot be relocated")
         }
+        (Manifest::Stream(_), Target::InPlace { .. }) => {
+            bail!("a stream snapshot cannot be restored as a files part (nothing was written)")
+        }
         (Manifest::Stream(stream), Target::Stdout) => {
             let out = std::io::stdout();
             let mut out = out.lock();
@@ -243,12 +259,10 @@ fn write_sink(
             out.flush().context("writing to stdout")
         }
         (Manifest::Stream(stream), Target::Path(path)) => {
-            let f = std::fs::File::create_new(path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            let mut f = SyncedFile::new(f);
+            // Under a temporary name until whole and synced; removed if the restore fails.
+            let mut f = NewFile::create(path)?;
             reasm.stream(stream, &mut f, written)?;
             f.finish()
-                .with_context(|| format!("writing {}", path.display()))
         }
         (Manifest::Stream(stream), Target::Command(cmd)) => {
             let mut child = ShellCommand::spawn(

@@ -9,10 +9,11 @@
 //! filesystem refuses `O_DIRECT` (tmpfs, some FUSE ones) the file is written through the page
 //! cache as before. The caller still fsyncs the file (its size and blocks).
 
-use std::fs::{File, OpenOptions};
+use std::ffi::OsStr;
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::Path;
+use std::os::fd::BorrowedFd;
+use std::os::unix::fs::MetadataExt;
 
 /// Files at least this large are written directly; smaller ones are not worth a staging copy.
 pub(crate) const DIRECT_MIN: u64 = 1 << 20;
@@ -39,17 +40,19 @@ impl Staging {
     }
 }
 
-/// Reopens `path`, just created as `created`, for direct writes; `None` where the filesystem
-/// refuses `O_DIRECT`. The new handle must be the same file (no symlink, same inode).
-pub(crate) fn reopen_direct(path: &Path, created: &File) -> io::Result<Option<File>> {
-    let direct = match OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
-        Err(e) => return Err(e),
+/// Reopens `name` in `dir`, just created as `created`, for direct writes; `None` where the
+/// filesystem refuses `O_DIRECT`. The new handle must be the same file (no symlink, same inode).
+pub(crate) fn reopen_direct(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    created: &File,
+) -> io::Result<Option<File>> {
+    use rustix::fs::{Mode, OFlags};
+    let flags = OFlags::WRONLY | OFlags::DIRECT | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let direct = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+        Ok(fd) => File::from(fd),
+        Err(rustix::io::Errno::INVAL) => return Ok(None),
+        Err(e) => return Err(e.into()),
     };
     let (a, b) = (created.metadata()?, direct.metadata()?);
     if (a.dev(), a.ino()) != (b.dev(), b.ino()) {
@@ -121,6 +124,8 @@ impl Write for DirectWriter<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
+    use std::os::fd::AsFd;
 
     #[test]
     fn direct_writes_hold_exactly_what_was_written() {
@@ -139,7 +144,9 @@ mod tests {
                 .create_new(true)
                 .open(&path)
                 .unwrap();
-            let Some(mut f) = reopen_direct(&path, &created).unwrap() else {
+            let d = File::open(dir.path()).unwrap();
+            let name = OsStr::new(path.file_name().unwrap());
+            let Some(mut f) = reopen_direct(d.as_fd(), name, &created).unwrap() else {
                 continue;
             };
             direct_used = true;
@@ -164,7 +171,8 @@ mod tests {
         let created = File::create(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         File::create(&path).unwrap();
-        if let Err(e) = reopen_direct(&path, &created) {
+        let d = File::open(dir.path()).unwrap();
+        if let Err(e) = reopen_direct(d.as_fd(), OsStr::new("f"), &created) {
             assert!(e.to_string().contains("replaced"), "{e}");
         } else {
             panic!("a replaced file was accepted");

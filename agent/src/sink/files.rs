@@ -1,35 +1,48 @@
 //! The `files` sink: recreates a [`TreeManifest`] under a target directory.
 //!
 //! Safety first: before anything is written, every entry's path is checked (no empty path,
-//! no `.`/`..` component, not absolute, no NUL, never below an entry that is a symlink), and
-//! while writing, every existing parent is checked with `lstat` to be a real directory, so a
-//! hostile or damaged manifest cannot write outside the target. Existing files are never
-//! overwritten: a restore goes into an empty or new directory.
+//! no `.`/`..` component, not absolute, no NUL, never below an entry that is a symlink), and an
+//! in-place restore also checks that every entry lies inside the paths its source is configured
+//! with on this host ([`check_within`]). While writing, nothing is resolved by path below the
+//! target: each directory is opened relative to its parent's open handle without following a
+//! symlink (`openat` with `O_NOFOLLOW`), and every entry is created, renamed and given its
+//! metadata relative to such a handle or on its own open file. So neither a symlink of the
+//! snapshot nor one put in place of a directory while the restore runs (by a local user who can
+//! write there) can lead a write, a rename or a `chmod`/`chown` outside the target. Existing
+//! files are never overwritten: a restore goes into an empty or new directory, or beside what
+//! is there.
 //!
-//! Order: directories are created owner-writable as they come; each file is written to a
-//! temporary name beside it, then synced and renamed in the background while the next files
-//! are written, so no torn file ever carries a real name and the restore waits for the disk
-//! only at its end;
-//! symlinks are created as they come. Directory modes and mtimes are applied last, deepest
-//! first, because writing into a directory changes its mtime and a 0555 directory refuses new
-//! entries. Owners are restored when the process may (root); otherwise they are left as is.
+//! Order: directories are created owner-writable as they come; each file is written to a short
+//! random temporary name beside it (any name the filesystem accepts fits beside it), given its
+//! owner, mode and mtime, then synced and renamed in the background while the next files are
+//! written, so no torn file ever carries a real name and the restore waits for the disk only at
+//! its end; symlinks are created as they come. Directory modes and mtimes are applied last,
+//! deepest first, because writing into a directory changes its mtime and a 0555 directory
+//! refuses new entries. Owners are restored when the process may (root); otherwise they are
+//! left as is.
+//!
+//! Directories that already exist keep their mode and owner until the restore has succeeded
+//! (one the restoring user cannot write into is opened up for the restore's duration only); a
+//! failed restore puts back the mode and owner of every existing directory it touched.
 //!
 //! The data chunks arrive in manifest order, so every file entry consumes its chunks in turn.
 
 use std::collections::HashSet;
-use std::ffi::OsStr;
-use std::fs::{self, File, OpenOptions};
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use filetime::FileTime;
 use fleetvault_common::{ChunkRef, EntryKind, TreeEntry, TreeManifest};
+use rustix::fs::{AtFlags, Gid, Mode, OFlags, Timespec, Timestamps, Uid};
+use rustix::io::Errno;
 
 use super::direct::{self, DirectWriter, Staging};
-use super::durable::Syncer;
+use super::durable::{self, Syncer};
 
 /// Threads syncing and finishing written files, and files waiting for them.
 const SYNC_THREADS: usize = 4;
@@ -37,6 +50,51 @@ const SYNC_QUEUE: usize = 64;
 
 /// Fetches the verified plaintext of the next chunk, which must be the one given.
 pub(crate) type NextChunk<'a> = dyn FnMut(&ChunkRef) -> io::Result<bytes::Bytes> + 'a;
+
+/// Refuses `tree` unless every entry lies inside one of `paths` (absolute paths, as a files
+/// source is configured): what an in-place restore of a files source may write. Checked before
+/// anything is written; the error names the first entry outside.
+pub(crate) fn check_within(tree: &TreeManifest, paths: &[PathBuf]) -> anyhow::Result<()> {
+    let mut allowed = Vec::with_capacity(paths.len());
+    for p in paths {
+        let mut bytes: Vec<u8> = Vec::new();
+        for c in p.components() {
+            match c {
+                Component::RootDir | Component::CurDir => {}
+                Component::Normal(n) => {
+                    if !bytes.is_empty() {
+                        bytes.push(b'/');
+                    }
+                    bytes.extend_from_slice(n.as_bytes());
+                }
+                _ => bail!(
+                    "configured path {} is not a plain absolute path: cannot tell what a restore may write",
+                    p.display()
+                ),
+            }
+        }
+        allowed.push(bytes);
+    }
+    for e in &tree.entries {
+        let inside = allowed.iter().any(|a| {
+            a.is_empty()
+                || (e.path.starts_with(a)
+                    && (e.path.len() == a.len() || e.path.get(a.len()) == Some(&b'/')))
+        });
+        if !inside {
+            bail!(
+                "refusing snapshot entry /{}: it is outside the paths this source is configured with here ({}); nothing was written",
+                String::from_utf8_lossy(&e.path),
+                paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    Ok(())
+}
 
 /// Restores `tree` under `target` (created if missing); `written` is told about every block of
 /// file bytes written.
@@ -49,58 +107,102 @@ pub(crate) fn restore_tree(
     let rels = check_paths(tree)?;
     fs::create_dir_all(target)
         .with_context(|| format!("creating restore target {}", target.display()))?;
-    let mut dirs: Vec<(PathBuf, &TreeEntry)> = Vec::new();
+    let mut dirs = Dirs::open(target)?;
+    let mut existing = Vec::new();
+    let result = write_tree(&mut dirs, tree, &rels, next, written, &mut existing);
+    if result.is_err() {
+        // Existing directories as they were (best effort: the restore's error is the news).
+        for (rel, was) in existing.iter().rev() {
+            if let Err(e) = put_back(&mut dirs, rel, was) {
+                tracing::warn!(error = %format!("{e:#}"), "cannot put an existing directory back as it was");
+            }
+        }
+    }
+    result
+}
+
+/// The mode and owner of a directory that existed before the restore.
+#[derive(Debug, Clone, Copy)]
+struct Was {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+}
+
+fn write_tree(
+    dirs: &mut Dirs,
+    tree: &TreeManifest,
+    rels: &[PathBuf],
+    next: &mut NextChunk<'_>,
+    written: &mut dyn FnMut(u64),
+    existing: &mut Vec<(PathBuf, Was)>,
+) -> anyhow::Result<()> {
+    let mut created: Vec<(&Path, &TreeEntry)> = Vec::new();
     // Files are synced, renamed into place and given their metadata in the background while
     // the next ones are written.
     let syncer = Syncer::new(SYNC_THREADS, SYNC_QUEUE);
     let mut staging = Staging::new();
     let mut files = HashSet::new();
-    for (entry, rel) in tree.entries.iter().zip(&rels) {
-        let dest = target.join(rel);
-        ensure_parents(target, rel)?;
+    for (entry, rel) in tree.entries.iter().zip(rels) {
+        let dest = dirs.shown(rel);
+        let parent = dirs.dir(rel.parent().unwrap_or(Path::new("")), true)?;
+        let name = rel.file_name().context("snapshot entry without a name")?;
         match entry.kind {
             EntryKind::Dir => {
-                match fs::symlink_metadata(&dest) {
-                    Ok(md) if md.is_dir() => {}
+                match rustix::fs::statat(&*parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(st) if is_dir(st.st_mode) => {
+                        let was = Was {
+                            mode: st.st_mode & 0o7777,
+                            uid: st.st_uid,
+                            gid: st.st_gid,
+                        };
+                        if !existing.iter().any(|(r, _)| r == rel) {
+                            existing.push((rel.clone(), was));
+                        }
+                        // Left as it is unless this user cannot add entries to it.
+                        let access = rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK;
+                        if rustix::fs::accessat(&*parent, name, access, AtFlags::EACCESS).is_err() {
+                            let dir = open_dir(parent.as_fd(), name, OFlags::RDONLY, &dest)?;
+                            rustix::fs::fchmod(&dir, Mode::from(was.mode | 0o700))
+                                .map_err(io::Error::from)
+                                .with_context(|| format!("opening up {}", dest.display()))?;
+                        }
+                    }
                     Ok(_) => bail!(
                         "cannot restore directory {}: something else is there",
                         dest.display()
                     ),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        fs::create_dir(&dest)
+                    Err(Errno::NOENT) => {
+                        // Writable until the end, whatever the snapshot's mode: its contents follow.
+                        rustix::fs::mkdirat(&*parent, name, Mode::from(0o700))
+                            .map_err(io::Error::from)
                             .with_context(|| format!("creating directory {}", dest.display()))?;
                     }
                     Err(e) => {
-                        return Err(e).with_context(|| format!("checking {}", dest.display()))
+                        return Err(io::Error::from(e))
+                            .with_context(|| format!("checking {}", dest.display()))
                     }
                 }
-                // Writable until the end, whatever the snapshot's mode: its contents follow.
-                fs::set_permissions(&dest, fs::Permissions::from_mode(0o700))
-                    .with_context(|| format!("setting mode of {}", dest.display()))?;
-                dirs.push((dest, entry));
+                created.push((rel, entry));
             }
             EntryKind::File => {
                 // A file written by this restore may still wait for its rename.
-                if !files.insert(dest.clone()) {
+                if !files.insert(rel.clone()) {
                     bail!(
                         "cannot restore {}: it already exists (restore into an empty directory)",
                         dest.display()
                     );
                 }
-                let (f, tmp) = restore_file(&dest, entry, next, written, &mut staging)?;
+                let (f, tmp) =
+                    restore_file(&parent, name, &dest, entry, next, written, &mut staging)?;
                 let entry = entry.clone();
+                let name = name.to_owned();
                 syncer.submit(move || {
-                    // Temp, fsync, rename: a file appears under its real name only whole.
-                    f.sync_all()
-                        .with_context(|| format!("syncing {}", dest.display()))?;
-                    drop(f);
-                    #[allow(clippy::disallowed_methods)]
-                    fs::rename(&tmp, &dest)
-                        .with_context(|| format!("renaming into {}", dest.display()))?;
-                    apply_owner(&dest, &entry)?;
-                    fs::set_permissions(&dest, fs::Permissions::from_mode(entry.mode))
-                        .with_context(|| format!("setting mode of {}", dest.display()))?;
-                    set_mtime(&dest, &entry)
+                    let r = finish_file(f, &parent, &tmp, &name, &entry, &dest);
+                    if r.is_err() {
+                        let _ = rustix::fs::unlinkat(&*parent, tmp.as_os_str(), AtFlags::empty());
+                    }
+                    r
                 })?;
             }
             EntryKind::Symlink => {
@@ -110,23 +212,204 @@ pub(crate) fn restore_tree(
                         dest.display()
                     )
                 })?;
-                std::os::unix::fs::symlink(OsStr::from_bytes(link_target), &dest)
+                rustix::fs::symlinkat(OsStr::from_bytes(link_target), &*parent, name)
+                    .map_err(io::Error::from)
                     .with_context(|| format!("creating symlink {}", dest.display()))?;
-                apply_owner(&dest, entry)?;
-                set_mtime(&dest, entry)?;
+                let (uid, gid) = owner(entry);
+                ignore_eperm(rustix::fs::chownat(
+                    &*parent,
+                    name,
+                    uid,
+                    gid,
+                    AtFlags::SYMLINK_NOFOLLOW,
+                ))
+                .with_context(|| format!("setting owner of {}", dest.display()))?;
+                rustix::fs::utimensat(&*parent, name, &times(entry), AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(io::Error::from)
+                    .with_context(|| format!("setting mtime of {}", dest.display()))?;
             }
         }
     }
     syncer.finish()?;
     // Deepest first: a parent's mtime is set after its children stop changing it.
-    dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
-    for (dest, entry) in dirs {
-        apply_owner(&dest, entry)?;
-        fs::set_permissions(&dest, fs::Permissions::from_mode(entry.mode))
-            .with_context(|| format!("setting mode of {}", dest.display()))?;
-        set_mtime(&dest, entry)?;
+    created.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
+    for (rel, entry) in created {
+        let dest = dirs.shown(rel);
+        let parent = dirs.dir(rel.parent().unwrap_or(Path::new("")), false)?;
+        let name = rel.file_name().context("snapshot entry without a name")?;
+        set_dir_meta(parent.as_fd(), name, &dest, entry.mode, Some(entry))?;
     }
     Ok(())
+}
+
+/// Puts an existing directory's mode and owner back as they were before the restore.
+fn put_back(dirs: &mut Dirs, rel: &Path, was: &Was) -> anyhow::Result<()> {
+    let dest = dirs.shown(rel);
+    let parent = dirs.dir(rel.parent().unwrap_or(Path::new("")), false)?;
+    let name = rel.file_name().context("entry without a name")?;
+    let dir = open_dir(parent.as_fd(), name, OFlags::RDONLY, &dest)?;
+    let st = rustix::fs::fstat(&dir).map_err(io::Error::from)?;
+    if (st.st_uid, st.st_gid) != (was.uid, was.gid) {
+        ignore_eperm(rustix::fs::fchown(
+            &dir,
+            Some(Uid::from_raw(was.uid)),
+            Some(Gid::from_raw(was.gid)),
+        ))?;
+    }
+    rustix::fs::fchmod(&dir, Mode::from(was.mode))
+        .map_err(io::Error::from)
+        .with_context(|| format!("setting mode of {}", dest.display()))
+}
+
+/// Gives a directory its owner, mode and (with `entry`) mtime, through its own open handle;
+/// where this user may not open it (no read permission), through its parent without
+/// following a symlink.
+fn set_dir_meta(
+    parent: BorrowedFd<'_>,
+    name: &OsStr,
+    dest: &Path,
+    mode: u32,
+    entry: Option<&TreeEntry>,
+) -> anyhow::Result<()> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    match rustix::fs::openat(parent, name, flags, Mode::empty()) {
+        Ok(dir) => {
+            if let Some(e) = entry {
+                let (uid, gid) = owner(e);
+                ignore_eperm(rustix::fs::fchown(&dir, uid, gid))
+                    .with_context(|| format!("setting owner of {}", dest.display()))?;
+            }
+            rustix::fs::fchmod(&dir, Mode::from(mode))
+                .map_err(io::Error::from)
+                .with_context(|| format!("setting mode of {}", dest.display()))?;
+            if let Some(e) = entry {
+                rustix::fs::futimens(&dir, &times(e))
+                    .map_err(io::Error::from)
+                    .with_context(|| format!("setting mtime of {}", dest.display()))?;
+            }
+            Ok(())
+        }
+        Err(Errno::ACCESS) => {
+            let st = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(io::Error::from)
+                .with_context(|| format!("checking {}", dest.display()))?;
+            if !is_dir(st.st_mode) {
+                bail!("refusing to set the mode of {}: it is no longer a directory", dest.display());
+            }
+            if let Some(e) = entry {
+                let (uid, gid) = owner(e);
+                ignore_eperm(rustix::fs::chownat(parent, name, uid, gid, AtFlags::SYMLINK_NOFOLLOW))
+                    .with_context(|| format!("setting owner of {}", dest.display()))?;
+            }
+            rustix::fs::chmodat(parent, name, Mode::from(mode), AtFlags::empty())
+                .map_err(io::Error::from)
+                .with_context(|| format!("setting mode of {}", dest.display()))?;
+            if let Some(e) = entry {
+                rustix::fs::utimensat(parent, name, &times(e), AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(io::Error::from)
+                    .with_context(|| format!("setting mtime of {}", dest.display()))?;
+            }
+            Ok(())
+        }
+        Err(Errno::LOOP | Errno::NOTDIR) => bail!(
+            "refusing to set the mode of {}: it is no longer a directory (a symlink would lead outside the target)",
+            dest.display()
+        ),
+        Err(e) => Err(io::Error::from(e)).with_context(|| format!("opening {}", dest.display())),
+    }
+}
+
+fn is_dir(st_mode: u32) -> bool {
+    rustix::fs::FileType::from_raw_mode(st_mode) == rustix::fs::FileType::Directory
+}
+
+/// Open handles of the directories from the target down to the one entries go into now (a
+/// manifest comes depth first, so consecutive entries share most of them).
+struct Dirs {
+    target: PathBuf,
+    root: Arc<OwnedFd>,
+    chain: Vec<(OsString, Arc<OwnedFd>)>,
+}
+
+impl Dirs {
+    /// The target itself (the operator's path: a symlink there is followed).
+    fn open(target: &Path) -> anyhow::Result<Self> {
+        let root = rustix::fs::openat(
+            rustix::fs::CWD,
+            target,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io::Error::from)
+        .with_context(|| format!("opening restore target {}", target.display()))?;
+        Ok(Self {
+            target: target.to_owned(),
+            root: Arc::new(root),
+            chain: Vec::new(),
+        })
+    }
+
+    /// `rel` under the target, for messages.
+    fn shown(&self, rel: &Path) -> PathBuf {
+        self.target.join(rel)
+    }
+
+    /// The directory `rel` below the target, each component opened without following a
+    /// symlink; missing ones are created when `create`, and anything but a directory refused.
+    fn dir(&mut self, rel: &Path, create: bool) -> anyhow::Result<Arc<OwnedFd>> {
+        let comps: Vec<&OsStr> = rel.iter().collect();
+        let same = self
+            .chain
+            .iter()
+            .zip(&comps)
+            .take_while(|((n, _), c)| n.as_os_str() == **c)
+            .count();
+        self.chain.truncate(same);
+        for (i, c) in comps.iter().enumerate().skip(same) {
+            let parent = self.chain.last().map_or(&self.root, |(_, fd)| fd).clone();
+            let shown = self.target.join(comps[..=i].iter().collect::<PathBuf>());
+            let fd = match open_dir(parent.as_fd(), c, OFlags::PATH, &shown) {
+                Err(e) if create && is_not_found(&e) => {
+                    match rustix::fs::mkdirat(&*parent, *c, Mode::from(0o777)) {
+                        Ok(()) | Err(Errno::EXIST) => {}
+                        Err(e) => {
+                            return Err(io::Error::from(e))
+                                .with_context(|| format!("creating directory {}", shown.display()))
+                        }
+                    }
+                    open_dir(parent.as_fd(), c, OFlags::PATH, &shown)?
+                }
+                other => other?,
+            };
+            self.chain.push((c.to_os_string(), Arc::new(fd)));
+        }
+        Ok(self.chain.last().map_or(&self.root, |(_, fd)| fd).clone())
+    }
+}
+
+fn is_not_found(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<io::Error>()
+        .is_some_and(|e| e.kind() == io::ErrorKind::NotFound)
+}
+
+/// Opens directory `name` in `parent` without following a symlink (`how`: `PATH` to walk
+/// through, `RDONLY` to change it); a symlink or anything else is refused.
+fn open_dir(
+    parent: BorrowedFd<'_>,
+    name: &OsStr,
+    how: OFlags,
+    shown: &Path,
+) -> anyhow::Result<OwnedFd> {
+    let flags = how | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    match rustix::fs::openat(parent, name, flags, Mode::empty()) {
+        Ok(fd) => Ok(fd),
+        Err(Errno::LOOP | Errno::NOTDIR) => bail!(
+            "refusing to restore below {}: it is not a directory (a symlink would lead outside the target)",
+            shown.display()
+        ),
+        Err(e) => Err(anyhow::Error::new(io::Error::from(e)))
+            .with_context(|| format!("opening directory {}", shown.display())),
+    }
 }
 
 /// Checks every entry's path and returns them as relative paths, or refuses the manifest.
@@ -173,71 +456,40 @@ fn check_paths(tree: &TreeManifest) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Creates the missing parents of `rel` under `target`, refusing any that is not a real
-/// directory (a symlink placed there would lead outside the target).
-fn ensure_parents(target: &Path, rel: &Path) -> anyhow::Result<()> {
-    let mut at = target.to_path_buf();
-    let Some(parent) = rel.parent() else {
-        return Ok(());
-    };
-    for c in parent.components() {
-        at.push(c);
-        match fs::symlink_metadata(&at) {
-            Ok(md) if md.is_dir() => {}
-            Ok(_) => bail!(
-                "refusing to restore below {}: it is not a directory (a symlink would lead outside the target)",
-                at.display()
-            ),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir(&at).with_context(|| format!("creating directory {}", at.display()))?;
-            }
-            Err(e) => return Err(e).with_context(|| format!("checking {}", at.display())),
-        }
-    }
-    Ok(())
-}
-
-/// Writes a file's content under a temporary name beside `dest` (large files with `O_DIRECT`
-/// where the filesystem allows it); returns the open file and that name (the caller syncs and
-/// renames it).
+/// Writes a file's content under a fresh temporary name in `parent` (large files with
+/// `O_DIRECT` where the filesystem allows it); returns the open file and that name (the caller
+/// finishes and renames it).
 fn restore_file(
+    parent: &OwnedFd,
+    name: &OsStr,
     dest: &Path,
     entry: &TreeEntry,
     next: &mut NextChunk<'_>,
     written: &mut dyn FnMut(u64),
     staging: &mut Staging,
-) -> anyhow::Result<(File, PathBuf)> {
-    if fs::symlink_metadata(dest).is_ok() {
+) -> anyhow::Result<(File, OsString)> {
+    if rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
         bail!(
             "cannot restore {}: it already exists (restore into an empty directory)",
             dest.display()
         );
     }
-    let name = dest.file_name().context("file entry without a name")?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(".fleetvault-restore");
-    let tmp = dest.with_file_name(tmp_name);
-    let _ = fs::remove_file(&tmp);
-    // O_EXCL: never follows a symlink someone put at the temporary name.
-    let created = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    let result = fill_file(created, &tmp, dest, entry, next, written, staging);
+    let (created, tmp) = durable::create_temp(parent.as_fd(), 0o600)
+        .with_context(|| format!("creating a temporary file for {}", dest.display()))?;
+    let result = fill_file(created, parent, &tmp, dest, entry, next, written, staging);
     if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        let _ = rustix::fs::unlinkat(parent, tmp.as_os_str(), AtFlags::empty());
     }
     result.map(|f| (f, tmp))
 }
 
-/// Writes a file's chunks into `created` (the file at `tmp`), directly when it is large and
-/// the filesystem allows it; returns the handle to sync.
+/// Writes a file's chunks into `created` (the file `tmp` in `parent`), directly when it is
+/// large and the filesystem allows it; returns the handle to finish.
+#[allow(clippy::too_many_arguments)]
 fn fill_file(
     mut created: File,
-    tmp: &Path,
+    parent: &OwnedFd,
+    tmp: &OsStr,
     dest: &Path,
     entry: &TreeEntry,
     next: &mut NextChunk<'_>,
@@ -245,8 +497,8 @@ fn fill_file(
     staging: &mut Staging,
 ) -> anyhow::Result<File> {
     let direct = if entry.size >= direct::DIRECT_MIN {
-        direct::reopen_direct(tmp, &created)
-            .with_context(|| format!("opening {}", tmp.display()))?
+        direct::reopen_direct(parent.as_fd(), tmp, &created)
+            .with_context(|| format!("opening {} for direct writes", dest.display()))?
     } else {
         None
     };
@@ -259,6 +511,33 @@ fn fill_file(
     w.finish()
         .with_context(|| format!("writing {}", dest.display()))?;
     Ok(d)
+}
+
+/// Owner, mode and mtime on the open file, then sync, then the rename to its name in
+/// `parent` (never replacing anything): it appears under its real name only whole.
+fn finish_file(
+    f: File,
+    parent: &OwnedFd,
+    tmp: &OsStr,
+    name: &OsStr,
+    entry: &TreeEntry,
+    dest: &Path,
+) -> anyhow::Result<()> {
+    let (uid, gid) = owner(entry);
+    // The owner before the mode: a chown clears the set-id bits the mode may carry.
+    ignore_eperm(rustix::fs::fchown(&f, uid, gid))
+        .with_context(|| format!("setting owner of {}", dest.display()))?;
+    rustix::fs::fchmod(&f, Mode::from(entry.mode))
+        .map_err(io::Error::from)
+        .with_context(|| format!("setting mode of {}", dest.display()))?;
+    rustix::fs::futimens(&f, &times(entry))
+        .map_err(io::Error::from)
+        .with_context(|| format!("setting mtime of {}", dest.display()))?;
+    f.sync_all()
+        .with_context(|| format!("syncing {}", dest.display()))?;
+    drop(f);
+    durable::rename_new(parent.as_fd(), tmp, name)
+        .with_context(|| format!("renaming into {}", dest.display()))
 }
 
 fn write_chunks(
@@ -286,30 +565,39 @@ fn write_chunks(
     Ok(())
 }
 
-fn set_mtime(path: &Path, entry: &TreeEntry) -> anyhow::Result<()> {
-    let t = FileTime::from_unix_time(entry.mtime, entry.mtime_nsec);
-    filetime::set_symlink_file_times(path, t, t)
-        .with_context(|| format!("setting mtime of {}", path.display()))
+fn times(entry: &TreeEntry) -> Timestamps {
+    let t = Timespec {
+        tv_sec: entry.mtime,
+        tv_nsec: i64::from(entry.mtime_nsec.min(999_999_999)) as _,
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
 }
 
-/// Restores the owner when allowed; an unprivileged restore keeps the restoring user's.
-fn apply_owner(path: &Path, entry: &TreeEntry) -> anyhow::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let md = fs::symlink_metadata(path).with_context(|| format!("checking {}", path.display()))?;
-    if md.uid() == entry.uid && md.gid() == entry.gid {
-        return Ok(());
-    }
-    match std::os::unix::fs::lchown(path, Some(entry.uid), Some(entry.gid)) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("setting owner of {}", path.display())),
+/// The entry's owner (an id of -1, which no file has, is left unchanged).
+fn owner(entry: &TreeEntry) -> (Option<Uid>, Option<Gid>) {
+    (
+        (entry.uid != u32::MAX).then(|| Uid::from_raw(entry.uid)),
+        (entry.gid != u32::MAX).then(|| Gid::from_raw(entry.gid)),
+    )
+}
+
+/// An owner change this process may not make (not root) leaves the restoring user's.
+fn ignore_eperm(r: rustix::io::Result<()>) -> io::Result<()> {
+    match r {
+        Ok(()) | Err(Errno::PERM) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use filetime::FileTime;
     use fleetvault_common::ChunkId;
+    use std::os::unix::fs::PermissionsExt;
 
     fn entry(path: &[u8], kind: EntryKind, data: &[u8]) -> TreeEntry {
         TreeEntry {
@@ -433,6 +721,149 @@ mod tests {
             "wrote outside: {:?}",
             listing(&outside)
         );
+    }
+
+    #[test]
+    fn names_up_to_255_bytes_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("t");
+        let mut entries = vec![entry(b"d", EntryKind::Dir, b"")];
+        for len in [236, 250, 255] {
+            let name = "n".repeat(len);
+            entries.push(entry(
+                format!("d/{name}").as_bytes(),
+                EntryKind::File,
+                b"hello",
+            ));
+            entries.push(entry(name.as_bytes(), EntryKind::File, b"hello"));
+        }
+        restore(&target, entries).unwrap();
+        for len in [236, 250, 255] {
+            let name = "n".repeat(len);
+            assert_eq!(fs::read(target.join("d").join(&name)).unwrap(), b"hello");
+            assert_eq!(fs::read(target.join(&name)).unwrap(), b"hello");
+        }
+        assert_eq!(listing(&target).len(), 7, "{:?}", listing(&target));
+    }
+
+    #[test]
+    fn a_directory_swapped_for_a_symlink_mid_restore_leads_nowhere_outside() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::set_permissions(&outside, fs::Permissions::from_mode(0o755)).unwrap();
+        let target = dir.path().join("t");
+        let mut d = entry(b"d", EntryKind::Dir, b"");
+        d.mode = 0o711;
+        let tree = TreeManifest {
+            entries: vec![
+                d,
+                entry(b"d/x", EntryKind::File, b"hello"),
+                entry(b"f", EntryKind::File, b"hello"),
+            ],
+        };
+        // While `f` is written, a local user who may write into the target puts a symlink to
+        // `outside` in place of `d` (whose mode is set at the end).
+        let mut calls = 0;
+        let (t, o) = (target.clone(), outside.clone());
+        let r = restore_tree(
+            &target,
+            &tree,
+            &mut |_| {
+                calls += 1;
+                if calls == 2 {
+                    // `d/x` is renamed in the background: let it land first.
+                    for _ in 0..500 {
+                        if t.join("d/x").exists() {
+                            break;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    fs::rename(t.join("d"), t.join("d.moved")).unwrap();
+                    std::os::unix::fs::symlink(&o, t.join("d")).unwrap();
+                }
+                Ok(bytes::Bytes::from_static(b"hello"))
+            },
+            &mut |_| {},
+        );
+        let md = fs::metadata(&outside).unwrap();
+        assert_eq!(
+            md.permissions().mode() & 0o7777,
+            0o755,
+            "outside was chmodded"
+        );
+        assert!(
+            listing(&outside).is_empty(),
+            "wrote outside: {:?}",
+            listing(&outside)
+        );
+        let err = r.unwrap_err();
+        assert!(
+            format!("{err:#}").contains("no longer a directory"),
+            "{err:#}"
+        );
+        assert_eq!(fs::read(target.join("d.moved/x")).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn a_failed_restore_leaves_existing_directories_as_they_were() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("t");
+        fs::create_dir_all(target.join("d")).unwrap();
+        fs::set_permissions(target.join("d"), fs::Permissions::from_mode(0o751)).unwrap();
+        let mut d = entry(b"d", EntryKind::Dir, b"");
+        d.mode = 0o700;
+        let tree = TreeManifest {
+            entries: vec![d, entry(b"d/x", EntryKind::File, b"hello")],
+        };
+        let err = restore_tree(
+            &target,
+            &tree,
+            &mut |_| Err(io::Error::other("the coordinator went away")),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("went away"), "{err:#}");
+        let md = fs::metadata(target.join("d")).unwrap();
+        assert_eq!(md.permissions().mode() & 0o7777, 0o751);
+        assert_eq!(
+            listing(&target),
+            vec![PathBuf::from("d")],
+            "a temp file was left"
+        );
+        // The same restore succeeding gives the directory the snapshot's mode.
+        restore(&target, tree.entries.clone()).unwrap();
+        let md = fs::metadata(target.join("d")).unwrap();
+        assert_eq!(md.permissions().mode() & 0o7777, 0o700);
+    }
+
+    #[test]
+    fn an_in_place_restore_stays_inside_the_configured_paths() {
+        let paths = [
+            PathBuf::from("/srv/app/data"),
+            PathBuf::from("/srv/app/conf.toml"),
+        ];
+        let ok = TreeManifest {
+            entries: vec![
+                entry(b"srv/app/data", EntryKind::Dir, b""),
+                entry(b"srv/app/data/a", EntryKind::File, b"hello"),
+                entry(b"srv/app/conf.toml", EntryKind::File, b"hello"),
+            ],
+        };
+        check_within(&ok, &paths).unwrap();
+        for bad in [
+            &b"etc/cron.d/evil"[..],
+            b"srv/app",
+            b"srv/app/data2/x",
+            b"srv/app/conf.toml.d/x",
+        ] {
+            let mut t = ok.clone();
+            t.entries.push(entry(bad, EntryKind::File, b"hello"));
+            let err = check_within(&t, &paths).unwrap_err().to_string();
+            let shown = format!("/{}", String::from_utf8_lossy(bad));
+            assert!(err.contains(&shown) && err.contains("outside"), "{err}");
+        }
+        check_within(&ok, &[PathBuf::from("/")]).unwrap();
     }
 
     #[test]
