@@ -247,6 +247,10 @@ pub(crate) fn serve(root: &Path) -> anyhow::Result<ExitCode> {
     if let Some(e) = rebuild_error {
         bail!("rebuilding the catalog from the store: {e}");
     }
+    // Before anything is served or collected: a crash between a store record and its catalog
+    // entry must not leave the two disagreeing.
+    crate::reconcile::reconcile(&store, &catalog)
+        .map_err(|e| anyhow::anyhow!("reconciling the catalog with the store: {e}"))?;
     let state = Arc::new(State::new(root, store, catalog, &cfg));
     runtime()?.block_on(async move {
         let endpoint = fleetvault_common::server_endpoint(cfg.listen_addr()?, &creds)?;
@@ -756,14 +760,7 @@ fn records_with_chunks(
     Ok(records
         .into_iter()
         .map(|rec| {
-            let Some(root) = &rec.root else {
-                return (rec, Vec::new());
-            };
-            let mut chunks: Vec<_> = root.chunks.iter().map(|c| c.id).collect();
-            match crate::server::load_manifest(store, rec.id, root) {
-                Ok((manifest, _)) => chunks.extend(manifest.data_chunks().map(|c| c.id)),
-                Err(e) => tracing::warn!(snapshot = %rec.id, error = %e, "manifest unreadable; its data chunks are not attributed to its agent"),
-            }
+            let chunks = crate::reconcile::chunks_of(store, &rec);
             (rec, chunks)
         })
         .collect())

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use fleetvault_common::protocol::{AgentInfo, LastBackup};
-use fleetvault_common::ChunkId;
+use fleetvault_common::{ChunkId, SnapshotId, StreamManifest};
 
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::CoordinatorConfig;
@@ -24,6 +24,9 @@ pub(crate) struct State {
     /// garbage collection never deletes them (DESIGN.md rule 9). The lock also serializes a
     /// "which are missing?" answer with a deletion of the same chunk.
     pub(crate) pins: Mutex<Pins>,
+    /// Held by the garbage collection that runs: one at a time, operator's or scheduled
+    /// (`jobs::gc::collect` refuses a second).
+    pub(crate) gc_lock: Mutex<()>,
     /// Backups the coordinator starts (jobs) take a slot; the rest wait, listed `pending`.
     pub(crate) slots: Arc<tokio::sync::Semaphore>,
     /// Unreferenced chunks younger than this are kept by garbage collection.
@@ -49,11 +52,19 @@ pub(crate) struct Pins {
     /// Pins released (a backup committed) while a collection runs: its marking predates
     /// that commit, so these stay live until it ends.
     pub(crate) released: HashSet<ChunkId>,
+    /// Per connection: the parent snapshots (id, manifest root) its running backups were given
+    /// at `Begin`. An incremental files backup reuses the parent's chunk lists for unchanged
+    /// files without asking `Missing`, so a collection marks these parents' chunks live even
+    /// when the parent was deleted since (retention, an operator).
+    pub(crate) parents: HashMap<usize, Vec<(SnapshotId, StreamManifest)>>,
 }
 
 impl Pins {
-    /// The pins of `conn` are no longer needed by a running backup.
+    /// The pins of `conn` are no longer needed by a running backup. Its parents are dropped
+    /// too: a committed backup's chunks are pinned by its commit, so a collection under way
+    /// keeps them through `released`.
     pub(crate) fn release(&mut self, conn: usize) {
+        self.parents.remove(&conn);
         if let Some(set) = self.by_conn.remove(&conn) {
             if self.gc_running {
                 self.released.extend(set);
@@ -82,6 +93,7 @@ impl State {
             live: LiveAgents::default(),
             jobs: Default::default(),
             pins: Mutex::default(),
+            gc_lock: Mutex::default(),
             slots: Arc::new(tokio::sync::Semaphore::new(slots)),
             gc_min_age: std::sync::atomic::AtomicU64::new(3600),
             root: root.to_owned(),

@@ -27,7 +27,18 @@ pub(crate) enum CatalogError {
     /// No such snapshot.
     #[error("snapshot {0} not found")]
     NotFound(SnapshotId),
+    /// An id from a peer that this catalog's id counter could not safely go past.
+    #[error(
+        "snapshot id {0} is out of range: ids are allocated from the clock, and this one is \
+         more than a year ahead of this coordinator's"
+    )]
+    IdOutOfRange(SnapshotId),
 }
+
+/// How far ahead of this coordinator's clock a peer's snapshot id may be (milliseconds): a
+/// year of clock skew, while the id counter, which continues after the largest id it holds,
+/// keeps more than 100,000 years of room below `u64::MAX`.
+const MAX_ID_AHEAD_MS: u64 = 366 * 24 * 3600 * 1000;
 
 /// What the catalog remembers of an agent.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -91,6 +102,7 @@ impl Catalog {
         path: &Path,
         records: impl FnOnce() -> Vec<(SnapshotRecord, Vec<ChunkId>)>,
     ) -> Result<Self, CatalogError> {
+        private_dir(path)?;
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(CACHE_BYTES)
@@ -297,14 +309,42 @@ impl Catalog {
         Ok(out)
     }
 
+    /// Refuses a snapshot id from a peer that the id counter could not go past: ids are
+    /// milliseconds shifted left by 12 ([`Catalog::next_id`]), and one far in the future (such
+    /// as `u64::MAX`) would make every id allocated here afterwards overflow.
+    pub(crate) fn check_foreign_id(id: SnapshotId) -> Result<(), CatalogError> {
+        let limit = clock::now_ms().saturating_add(MAX_ID_AHEAD_MS) << 12;
+        if id.0 > limit {
+            return Err(CatalogError::IdOutOfRange(id));
+        }
+        Ok(())
+    }
+
     /// Stores a completed snapshot received from peer `origin` under the primary's id, flushed;
-    /// ids allocated here afterwards sort after it.
+    /// ids allocated here afterwards sort after it. An id out of range is refused
+    /// ([`Catalog::check_foreign_id`]).
     pub(crate) fn adopt(&self, rec: &SnapshotRecord, origin: &str) -> Result<(), CatalogError> {
+        Self::check_foreign_id(rec.id)?;
         let mut last = self.last_id.lock().expect("id lock");
         self.origin
             .insert(rec.id.0.to_be_bytes(), origin.as_bytes())?;
         self.put(rec)?;
         self.db.flush()?;
+        *last = (*last).max(rec.id.0);
+        Ok(())
+    }
+
+    /// Puts back a completed snapshot from its immutable store record, with the chunks it
+    /// references as its agent's refs (start-up reconciliation, `crate::reconcile`); ids
+    /// allocated afterwards sort after it. Not flushed: the caller flushes once at the end.
+    pub(crate) fn restore(
+        &self,
+        rec: &SnapshotRecord,
+        chunks: &[ChunkId],
+    ) -> Result<(), CatalogError> {
+        let mut last = self.last_id.lock().expect("id lock");
+        self.add_refs(&rec.agent, chunks.iter())?;
+        self.put(rec)?;
         *last = (*last).max(rec.id.0);
         Ok(())
     }
@@ -380,6 +420,18 @@ impl Catalog {
     }
 }
 
+/// Creates the catalog's directory 0700 (or makes an existing one so): sled creates its files
+/// with the umask's mode, and the catalog names every host's snapshots and chunks.
+fn private_dir(path: &Path) -> Result<(), CatalogError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|e| CatalogError::Db(sled::Error::Io(e)))
+}
+
 fn decode<T: serde::de::DeserializeOwned>(v: &[u8]) -> Result<T, CatalogError> {
     frame::decode_body(v).map_err(|e| CatalogError::Corrupt(e.to_string()))
 }
@@ -404,6 +456,43 @@ mod tests {
         assert!(ids.iter().all(|id| cat.has_ref("a", id).unwrap()));
         assert!(!cat.has_ref("b", &ids[0]).unwrap());
         assert!(!cat.has_ref("a", &ChunkId::of(b"never added")).unwrap());
+    }
+
+    #[test]
+    fn a_peer_id_the_counter_cannot_go_past_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(dir.path(), Vec::new).unwrap();
+        for id in [
+            u64::MAX,
+            u64::MAX - 1,
+            (clock::now_ms() + 2 * MAX_ID_AHEAD_MS) << 12,
+        ] {
+            let rec = record(SnapshotId(id), SnapshotStatus::Completed);
+            let err = cat.adopt(&rec, "peer").unwrap_err();
+            assert!(err.to_string().contains("out of range"), "{err}");
+            assert!(matches!(
+                cat.get(SnapshotId(id)),
+                Err(CatalogError::NotFound(_))
+            ));
+        }
+        // A primary whose clock is a little ahead is fine, and ids here continue after it.
+        let ahead = SnapshotId((clock::now_ms() + 3_600_000) << 12);
+        cat.adopt(&record(ahead, SnapshotStatus::Completed), "peer")
+            .unwrap();
+        assert!(cat.next_id() > ahead);
+    }
+
+    #[test]
+    fn catalog_dir_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        drop(Catalog::open(&path, Vec::new).unwrap());
+        assert_eq!(mode(&path), 0o700);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        drop(Catalog::open(&path, Vec::new).unwrap());
+        assert_eq!(mode(&path), 0o700, "an existing open catalog dir");
     }
 
     #[test]

@@ -9,7 +9,15 @@
 //!    (relative to the reference time) and no running backup has pinned it, checked under the
 //!    pins lock, which a "which are missing?" answer also holds: an answer "present" and a
 //!    deletion of the same chunk never interleave. A backup that commits after a sweep
-//!    re-checks that everything it references exists.
+//!    re-checks that everything it references exists, pinning each chunk under the same lock.
+//! 4. The parents of running backups are marked too (`Pins::parents`, after the listing): an
+//!    incremental files backup reuses its parent's chunk lists for unchanged files without
+//!    asking `Missing`, and retention may delete that parent while the backup runs.
+//! 5. One collection at a time (`State::gc_lock`): a second one, operator's or scheduled, is
+//!    refused with "a garbage collection is already running" (the scheduler skips that
+//!    occurrence, as it does for a job still running). Two at once would share
+//!    `Pins::gc_running` and `released`, and the first to end would drop the pins of backups
+//!    that committed while the other was still sweeping.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -20,8 +28,24 @@ use tracing::info;
 
 use crate::State;
 
+/// Why a collection did not start.
+pub(crate) const ALREADY_RUNNING: &str =
+    "a garbage collection is already running; try again when it has finished";
+
 /// Collects garbage; chunks younger than `min_age` are kept whatever their references.
 pub(crate) fn collect(state: &State, min_age: Duration) -> Result<GcReport, String> {
+    let _one_at_a_time = match state.gc_lock.try_lock() {
+        Ok(guard) => guard,
+        Err(std::sync::TryLockError::WouldBlock) => {
+            return Err(ALREADY_RUNNING.into());
+        }
+        // A collection that panicked left nothing half-done that the next one relies on.
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+    };
+    // Test-only fault switch: a collection that takes its time (the lock held, nothing marked).
+    if let Some(hold) = crate::fault::switch!("FLEETVAULT_FAULT_GC_HOLD_WHILE") {
+        hold.hold_while_file_exists();
+    }
     let started = Instant::now();
     let reference = crate::clock::now_system();
     {
@@ -66,6 +90,7 @@ fn mark_and_sweep(
         live.extend(root.chunks.iter().map(|c| c.id));
         live.extend(manifest.data_chunks().map(|c| c.id));
     }
+    mark_parents_of_running_backups(state, &records, &mut live);
     let files = state
         .store
         .list_chunks()
@@ -78,16 +103,12 @@ fn mark_and_sweep(
         ..GcReport::default()
     };
     // Test-only fault switch: die after this many deletions, as a crash mid-collection would.
-    let abort_after: Option<u64> = std::env::var("FLEETVAULT_FAULT_GC_ABORT_AFTER")
-        .ok()
-        .and_then(|v| v.parse().ok());
+    let abort_after = crate::fault::switch!("FLEETVAULT_FAULT_GC_ABORT_AFTER");
     for (id, size, mtime) in files {
-        if abort_after.is_some_and(|n| report.deleted_chunks >= n) {
-            tracing::error!(
-                "fault switch FLEETVAULT_FAULT_GC_ABORT_AFTER: aborting mid-collection"
-            );
-            eprintln!("fault switch: aborting mid-collection");
-            std::process::abort();
+        if let Some(fault) = &abort_after {
+            if fault.number().is_some_and(|n| report.deleted_chunks >= n) {
+                fault.crash("aborting mid-collection");
+            }
         }
         if live.contains(&id) {
             continue;
@@ -110,4 +131,96 @@ fn mark_and_sweep(
     }
     state.store.sync_chunk_dirs().map_err(|e| e.to_string())?;
     Ok(report)
+}
+
+/// Marks the chunks of every parent a running backup was given at `Begin` (read after the
+/// catalog's listing, so a parent deleted before that listing is here). A parent listed as
+/// completed is marked already. One whose manifest cannot be read is skipped: the agent could
+/// not have read it either, and its commit re-checks and pins every chunk it references.
+fn mark_parents_of_running_backups(
+    state: &State,
+    listed: &[fleetvault_common::SnapshotRecord],
+    live: &mut HashSet<ChunkId>,
+) {
+    let parents: Vec<_> = {
+        let pins = state.pins.lock().expect("pins lock");
+        pins.parents.values().flatten().cloned().collect()
+    };
+    let completed: HashSet<_> = listed
+        .iter()
+        .filter(|r| r.status == SnapshotStatus::Completed)
+        .map(|r| r.id)
+        .collect();
+    let mut done = HashSet::new();
+    for (id, root) in parents {
+        if completed.contains(&id) || !done.insert(id) {
+            continue;
+        }
+        match crate::server::load_manifest(&state.store, id, &root) {
+            Ok((manifest, _)) => {
+                live.extend(root.chunks.iter().map(|c| c.id));
+                live.extend(manifest.data_chunks().map(|c| c.id));
+            }
+            Err(e) => {
+                tracing::warn!(snapshot = %id, error = %e, "parent of a running backup unreadable; its chunks are not kept for it")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::tests::stored_snapshot;
+
+    fn state(dir: &std::path::Path) -> State {
+        let store = crate::store::ChunkStore::open(&dir.join("store")).unwrap();
+        let catalog = crate::catalog::Catalog::open(&dir.join("catalog"), Vec::new).unwrap();
+        let cfg: crate::config::CoordinatorConfig =
+            toml::from_str("listen = \"127.0.0.1:0\"\nserver_name = \"localhost\"\n").unwrap();
+        State::new(dir, store, catalog, &cfg)
+    }
+
+    #[test]
+    fn a_second_collection_is_refused_while_one_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path());
+        {
+            let _running = state.gc_lock.lock().unwrap();
+            let err = collect(&state, Duration::ZERO).unwrap_err();
+            assert_eq!(err, ALREADY_RUNNING);
+        }
+        collect(&state, Duration::ZERO).unwrap();
+    }
+
+    #[test]
+    fn the_parent_of_a_running_backup_keeps_its_chunks_when_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path());
+        let id = state.catalog.next_id();
+        let (rec, data_id) = stored_snapshot(&state.store, id, b"reused by the next backup");
+        state.store.write_record(&rec).unwrap();
+        state.catalog.finish(&rec).unwrap();
+        let root = rec.root.clone().unwrap();
+        let manifest_id = root.chunks[0].id;
+        // A backup on connection 1 began with this parent; then retention deleted it.
+        state
+            .pins
+            .lock()
+            .unwrap()
+            .parents
+            .entry(1)
+            .or_default()
+            .push((id, root));
+        state.store.remove_record(id).unwrap();
+        state.catalog.delete(id).unwrap();
+        let report = collect(&state, Duration::ZERO).unwrap();
+        assert_eq!(report.deleted_chunks, 0, "{report:?}");
+        assert!(state.store.contains(&data_id) && state.store.contains(&manifest_id));
+        // Once the backup is over, the deleted parent's chunks are garbage.
+        state.pins.lock().unwrap().release(1);
+        let report = collect(&state, Duration::ZERO).unwrap();
+        assert_eq!(report.deleted_chunks, 2, "{report:?}");
+        assert!(!state.store.contains(&data_id));
+    }
 }

@@ -1,6 +1,7 @@
 //! The scheduler: starts each job at its cron times (UTC), garbage collection at
 //! `gc_schedule` and verification at `verify_schedule`. One run of a job at a time: an occurrence that finds the previous run still
-//! going is skipped with a log line, as is one missed while the coordinator was down. The job
+//! going is skipped with a log line, as is one missed while the coordinator was down, and a
+//! garbage collection that finds another one running (an operator's `gc`). The job
 //! list is re-read when `reload` is notified (SIGHUP).
 
 use std::collections::{HashMap, HashSet};
@@ -78,6 +79,9 @@ pub(crate) async fn run(
             tracker.spawn(async move {
                 match tokio::task::spawn_blocking(move || super::gc::collect(&st, min_age)).await {
                     Ok(Ok(_)) => {}
+                    Ok(Err(e)) if e == super::gc::ALREADY_RUNNING => {
+                        info!("garbage collection already running (started by an operator); skipping this occurrence")
+                    }
                     Ok(Err(e)) => warn!(error = %e, "scheduled garbage collection failed"),
                     Err(e) => warn!(error = %e, "garbage collection panicked"),
                 }

@@ -29,10 +29,10 @@ const STREAMS: usize = 4;
 /// Plaintext bytes per `PutChunks` group (sealed chunks are at most this plus framing).
 const GROUP_BYTES: u64 = 8 << 20;
 
-/// Test-only fault switches, read once per sync.
+/// Test-only fault switches (debug builds only, `crate::fault`), read once per sync.
 struct Faults {
     /// `FLEETVAULT_FAULT_SYNC_ABORT_AFTER=N`: die (as a crash would) once N chunks are acked.
-    abort_after: Option<u64>,
+    abort_after: Option<crate::fault::Switch>,
     /// `FLEETVAULT_FAULT_SYNC_CORRUPT=1`: flip a byte of the first chunk sent.
     corrupt: std::sync::atomic::AtomicBool,
 }
@@ -40,10 +40,8 @@ struct Faults {
 impl Faults {
     fn from_env() -> Self {
         Self {
-            abort_after: std::env::var("FLEETVAULT_FAULT_SYNC_ABORT_AFTER")
-                .ok()
-                .and_then(|v| v.parse().ok()),
-            corrupt: std::env::var_os("FLEETVAULT_FAULT_SYNC_CORRUPT")
+            abort_after: crate::fault::switch!("FLEETVAULT_FAULT_SYNC_ABORT_AFTER"),
+            corrupt: crate::fault::switch!("FLEETVAULT_FAULT_SYNC_CORRUPT")
                 .is_some()
                 .into(),
         }
@@ -279,9 +277,10 @@ async fn put_group(
     let acked = sent.chunks.fetch_add(u64::from(count), Ordering::Relaxed) + u64::from(count);
     sent.bytes.fetch_add(bytes, Ordering::Relaxed);
     sent.progress.fetch_add(bytes, Ordering::Relaxed);
-    if faults.abort_after.is_some_and(|n| acked >= n) {
-        eprintln!("fault switch FLEETVAULT_FAULT_SYNC_ABORT_AFTER: aborting after {acked} chunks");
-        std::process::abort();
+    if let Some(fault) = &faults.abort_after {
+        if fault.number().is_some_and(|n| acked >= n) {
+            fault.crash(&format!("aborting after {acked} chunks"));
+        }
     }
     Ok(())
 }

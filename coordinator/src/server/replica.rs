@@ -61,6 +61,8 @@ impl Session {
         send: &mut quinn::SendStream,
     ) -> Result<(), Failure> {
         self.require(Role::Peer)?;
+        crate::catalog::Catalog::check_foreign_id(snapshot)
+            .map_err(|e| Failure::Reply(ErrorCode::BadRequest, e.to_string()))?;
         self.running.lock().expect("running lock").insert(
             snapshot,
             Backup {
@@ -120,6 +122,7 @@ impl Session {
                 rec.status.name()
             ));
         }
+        crate::catalog::Catalog::check_foreign_id(id).map_err(|e| e.to_string())?;
         fleetvault_certs::validate_name(&rec.agent)
             .map_err(|e| format!("snapshot {id}: agent name: {e}"))?;
         if rec.source.is_empty() || rec.source.len() > 128 || rec.source.contains(['/', '\0']) {

@@ -91,6 +91,24 @@ impl Session {
         }
     }
 
+    /// The newest completed snapshot of `source`, the parent a backup starting now reuses
+    /// unchanged files' chunk lists from without asking `Missing`. Its manifest root is kept
+    /// live for garbage collection while this connection has a backup running
+    /// (`Pins::parents`), also if the parent is deleted meanwhile. Read and registered under
+    /// the pins lock: a collection that reads the registered parents after this either listed
+    /// the parent as completed or runs while it was committed (its pins still held).
+    fn parent_for(&self, source: &str) -> Result<Option<SnapshotRecord>, Failure> {
+        let mut pins = self.state.pins.lock().expect("pins lock");
+        let parent = self.state.catalog.last_completed(self.name(), source)?;
+        if let Some(root) = parent.as_ref().and_then(|p| Some((p.id, p.root.clone()?))) {
+            pins.parents
+                .entry(self.conn.stable_id())
+                .or_default()
+                .push(root);
+        }
+        Ok(parent)
+    }
+
     pub(super) fn owns(&self, id: &ChunkId) -> Result<bool, Failure> {
         if self.uploaded.lock().expect("uploaded lock").contains(id) {
             return Ok(true);
@@ -250,7 +268,7 @@ impl Session {
             .validate()
             .map_err(|e| Failure::Reply(ErrorCode::BadRequest, e))?;
         let catalog = &self.state.catalog;
-        let parent = catalog.last_completed(self.name(), &b.source)?;
+        let parent = self.parent_for(&b.source)?;
         let id = catalog.next_id();
         let mut rec = SnapshotRecord::new(
             id,
@@ -323,6 +341,11 @@ impl Session {
             if !seen.insert(r.id) {
                 continue;
             }
+            // Checked and pinned under the pins lock, which a collection's deletion of the same
+            // chunk also holds: a chunk found here stays until this connection's pins are
+            // released, after the catalog says `completed`. Chunks reused from a parent
+            // without a `Missing` are otherwise unpinned (rule 9).
+            let mut pins = self.state.pins.lock().expect("pins lock");
             let owned = self.owns(&r.id).map_err(|_| "catalog error".to_string())?;
             if !self.state.store.contains(&r.id) || !owned {
                 return Err(format!(
@@ -330,6 +353,10 @@ impl Session {
                     r.id
                 ));
             }
+            pins.by_conn
+                .entry(self.conn.stable_id())
+                .or_default()
+                .insert(r.id);
         }
         Ok(seen)
     }
@@ -361,7 +388,15 @@ impl Session {
             .add_refs(self.name(), seen.iter())
             .map_err(|e| e.to_string())?;
         store.write_record(&rec).map_err(|e| e.to_string())?;
-        catalog.finish(&rec).map_err(|e| e.to_string())?;
+        if let Some(fault) = crate::fault::switch!("FLEETVAULT_FAULT_COMMIT_CRASH") {
+            fault.crash("dying between the store record and the catalog");
+        }
+        if let Err(e) = catalog.finish(&rec) {
+            // The commit is refused, so its record goes too: a record left behind would make
+            // start-up reconciliation complete a snapshot whose chunks may be collected first.
+            let _ = store.remove_record(rec.id);
+            return Err(e.to_string());
+        }
         Ok(rec)
     }
 

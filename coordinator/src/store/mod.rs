@@ -13,10 +13,15 @@
 //! its directory is fsynced; only then does [`ChunkStore::put_batch`] return, and only then is
 //! the chunk acknowledged. A put verifies the chunk's hash first, so nothing stored is ever
 //! under a wrong name. Chunks are never rewritten: an existing file wins.
+//!
+//! Privacy: every directory of the store is 0700 and every file it writes 0600, whatever the
+//! umask and whatever an older version left (fixed at open), so that only the coordinator's
+//! user reads the fleet's data.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -72,18 +77,20 @@ pub(crate) struct ChunkStore {
 }
 
 impl ChunkStore {
-    /// Opens (creating if needed) the store at `root` and empties its `tmp/`.
+    /// Opens (creating if needed) the store at `root` and empties its `tmp/`. Its directories
+    /// are made private (see [`private_dir`]), also those an earlier version left open.
     pub(crate) fn open(root: &Path) -> Result<Self, StoreError> {
+        private_dir(root)?;
         for sub in ["chunks", "snapshots", "tmp"] {
-            let p = root.join(sub);
-            fs::create_dir_all(&p).map_err(io_err("creating", &p))?;
+            private_dir(&root.join(sub))?;
         }
         let chunks = root.join("chunks");
         for b in 0..=255u8 {
-            let p = chunks.join(format!("{b:02x}"));
-            if !p.exists() {
-                fs::create_dir(&p).map_err(io_err("creating", &p))?;
-            }
+            private_dir(&chunks.join(format!("{b:02x}")))?;
+        }
+        let quarantine = root.join("quarantine");
+        if quarantine.exists() {
+            private_dir(&quarantine)?;
         }
         sync_dir(&chunks)?;
         sync_dir(root)?;
@@ -285,7 +292,7 @@ impl ChunkStore {
     /// next backup holding that data uploads it again and heals every snapshot that uses it.
     pub(crate) fn quarantine(&self, id: &ChunkId) -> Result<(), StoreError> {
         let dir = self.root.join("quarantine");
-        fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        private_dir(&dir)?;
         let from = self.chunk_path(id);
         let to = dir.join(id.to_hex());
         #[allow(clippy::disallowed_methods)] // store/ is where renames belong
@@ -328,20 +335,51 @@ impl ChunkStore {
             if path.extension().is_none_or(|e| e != "snap") {
                 continue;
             }
-            let bytes = fs::read(&path).map_err(io_err("reading", &path))?;
-            if bytes.len() < 32 {
-                return Err(StoreError::BadRecord(path));
-            }
-            let (body, sum) = bytes.split_at(bytes.len() - 32);
-            if blake3::hash(body).as_bytes() != sum {
-                return Err(StoreError::BadRecord(path));
-            }
-            let record = fleetvault_common::protocol::frame::decode_body(body)
-                .map_err(|_| StoreError::BadRecord(path.clone()))?;
-            out.push(record);
+            out.push(read_record_file(&path)?);
         }
         Ok(out)
     }
+
+    /// The ids of every snapshot record in the store (from the file names; nothing is read).
+    /// Any listing error is returned.
+    pub(crate) fn record_ids(&self) -> Result<BTreeSet<SnapshotId>, StoreError> {
+        let dir = self.root.join("snapshots");
+        let mut out = BTreeSet::new();
+        for entry in fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
+            let name = entry.map_err(io_err("listing", &dir))?.file_name();
+            if let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".snap"))
+                .and_then(|n| n.parse().ok())
+            {
+                out.insert(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One snapshot's immutable record, checked.
+    pub(crate) fn read_record(&self, id: SnapshotId) -> Result<SnapshotRecord, StoreError> {
+        let record = read_record_file(&self.record_path(id))?;
+        if record.id != id {
+            return Err(StoreError::BadRecord(self.record_path(id)));
+        }
+        Ok(record)
+    }
+}
+
+/// Reads and checks one record file (postcard body + BLAKE3 of it).
+fn read_record_file(path: &Path) -> Result<SnapshotRecord, StoreError> {
+    let bytes = fs::read(path).map_err(io_err("reading", path))?;
+    if bytes.len() < 32 {
+        return Err(StoreError::BadRecord(path.to_owned()));
+    }
+    let (body, sum) = bytes.split_at(bytes.len() - 32);
+    if blake3::hash(body).as_bytes() != sum {
+        return Err(StoreError::BadRecord(path.to_owned()));
+    }
+    fleetvault_common::protocol::frame::decode_body(body)
+        .map_err(|_| StoreError::BadRecord(path.to_owned()))
 }
 
 /// temp file, write, fsync: the first half of DESIGN.md rule 7 (the caller renames and syncs
@@ -361,9 +399,15 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 /// Chunk files of one batch written before they are synced together.
 const OPEN_UNSYNCED: usize = 64;
 
-/// Creates `path` with `bytes`, not yet synced; removes it again if writing fails.
+/// Creates `path` with `bytes`, not yet synced; removes it again if writing fails. The file is
+/// created 0600 (the umask can only narrow that): chunks and records are other hosts' data.
 fn write_unsynced(path: &Path, bytes: &[u8]) -> Result<File, StoreError> {
-    let mut f = File::create_new(path).map_err(io_err("creating", path))?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err("creating", path))?;
     match f.write_all(bytes) {
         Ok(()) => Ok(f),
         Err(e) => {
@@ -372,6 +416,23 @@ fn write_unsynced(path: &Path, bytes: &[u8]) -> Result<File, StoreError> {
             Err(io_err("writing", path)(e))
         }
     }
+}
+
+/// Creates `dir` (with its parents) if needed and makes it 0700 whatever the umask or the mode
+/// it had: the store holds every host's data, readable by the coordinator's user only, also in
+/// a data dir that existed before `init` (e.g. made 0755 by a package).
+pub(crate) fn private_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err("creating", dir))?;
+    let md = fs::metadata(dir).map_err(io_err("reading", dir))?;
+    if md.permissions().mode() & 0o7777 != 0o700 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(io_err("making private", dir))?;
+    }
+    Ok(())
 }
 
 /// fsyncs a directory, so renames and creations in it are durable.
@@ -408,6 +469,51 @@ mod tests {
         assert!(matches!(err, StoreError::BadChunk { .. }), "{err}");
         assert!(!store.contains(&wrong));
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn store_in_an_existing_open_dir_is_made_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        // A data dir made by someone else (a package, an older version) with open modes.
+        for sub in ["", "chunks", "chunks/ab", "snapshots"] {
+            fs::create_dir_all(root.join(sub)).unwrap();
+            fs::set_permissions(root.join(sub), fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let store = ChunkStore::open(&root).unwrap();
+        let data = b"private chunk".to_vec();
+        let id = ChunkId::of(&data);
+        store.put_batch(&[(id, seal(&data, 3))]).unwrap();
+        let rec = SnapshotRecord::new(
+            SnapshotId(7),
+            "a",
+            "s",
+            "command",
+            fleetvault_common::ChunkerParams::default(),
+            1,
+            fleetvault_common::SnapshotStatus::Completed,
+        );
+        store.write_record(&rec).unwrap();
+        store.quarantine(&id).unwrap();
+        store.put_batch(&[(id, seal(&data, 3))]).unwrap();
+        for sub in [
+            "",
+            "chunks",
+            "chunks/ab",
+            "chunks/00",
+            "snapshots",
+            "tmp",
+            "quarantine",
+        ] {
+            assert_eq!(mode(&root.join(sub)), 0o700, "store/{sub}");
+        }
+        assert_eq!(mode(&store.chunk_path(&id)), 0o600, "chunk file");
+        assert_eq!(mode(&root.join("quarantine").join(id.to_hex())), 0o600);
+        assert_eq!(mode(&store.record_path(SnapshotId(7))), 0o600, "record");
     }
 
     #[test]
