@@ -100,11 +100,11 @@ impl Session {
     fn parent_for(&self, source: &str) -> Result<Option<SnapshotRecord>, Failure> {
         let mut pins = self.state.pins.lock().expect("pins lock");
         let parent = self.state.catalog.last_completed(self.name(), source)?;
-        if let Some(root) = parent.as_ref().and_then(|p| Some((p.id, p.root.clone()?))) {
-            pins.parents
-                .entry(self.conn.stable_id())
-                .or_default()
-                .push(root);
+        if let Some((id, root)) = parent.as_ref().and_then(|p| Some((p.id, p.root.clone()?))) {
+            let parents = pins.parents.entry(self.conn.stable_id()).or_default();
+            if !parents.iter().any(|(known, _)| *known == id) {
+                parents.push((id, root));
+            }
         }
         Ok(parent)
     }
