@@ -2,8 +2,8 @@
 //! into it directly (as a commit would, or as a hostile or damaged record would look).
 
 use fleetvault_common::{
-    chunk, ChunkId, ChunkRef, ChunkerParams, Manifest, SnapshotId, SnapshotRecord,
-    SnapshotStatus, StreamManifest,
+    chunk, ChunkId, ChunkRef, ChunkerParams, Manifest, SnapshotId, SnapshotRecord, SnapshotStatus,
+    StreamManifest,
 };
 
 use crate::catalog::Catalog;

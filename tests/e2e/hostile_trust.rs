@@ -178,13 +178,18 @@ fn a_bundle_naming_another_hosts_snapshot_is_refused_at_commit() -> anyhow::Resu
             put(&client, s, &[&index]).await?;
             let m = stream(&index);
             let sum = m.checksum;
-            let message = refusal(commit_manifest(&client, s, &Manifest::Stream(m), Some(sum)).await?)?;
+            let message =
+                refusal(commit_manifest(&client, s, &Manifest::Stream(m), Some(sum)).await?)?;
             assert!(
                 message.contains(listed.as_str())
                     && message.contains("not a completed snapshot of agent evil-01"),
                 "{message}"
             );
-            refusals.push(message.replace(&s.to_string(), "S").replace(listed.as_str(), "P"));
+            refusals.push(
+                message
+                    .replace(&s.to_string(), "S")
+                    .replace(listed.as_str(), "P"),
+            );
         }
         // Another host's snapshot and one that does not exist: the same refusal.
         assert_eq!(refusals[0], refusals[1]);
@@ -194,7 +199,8 @@ fn a_bundle_naming_another_hosts_snapshot_is_refused_at_commit() -> anyhow::Resu
         put(&client, s, &[&index]).await?;
         let m = stream(&index);
         let sum = m.checksum;
-        let bundle = committed(commit_manifest(&client, s, &Manifest::Stream(m), Some(sum)).await?)?;
+        let bundle =
+            committed(commit_manifest(&client, s, &Manifest::Stream(m), Some(sum)).await?)?;
         client.close().await;
         anyhow::Ok(bundle.id.to_string())
     })?;
@@ -254,7 +260,8 @@ fn replies_are_the_same_whether_or_not_another_host_stored_a_chunk() -> anyhow::
                 checksum: *blake3::hash(secret.as_bytes()).as_bytes(),
             };
             let sum = data.checksum;
-            let m = refusal(commit_manifest(&client, s, &Manifest::Stream(data), Some(sum)).await?)?;
+            let m =
+                refusal(commit_manifest(&client, s, &Manifest::Stream(data), Some(sum)).await?)?;
             as_data.push(normal(&m, s, id));
         }
         assert_eq!(as_root[0], as_root[1]);
@@ -344,8 +351,7 @@ fn lying_chunk_lengths_and_checksums_are_refused_at_commit() -> anyhow::Result<(
 }
 
 #[test]
-fn gc_collects_for_everyone_else_when_one_snapshots_manifest_is_unreadable() -> anyhow::Result<()>
-{
+fn gc_collects_for_everyone_else_when_one_snapshots_manifest_is_unreadable() -> anyhow::Result<()> {
     let mut coordinator = Coordinator::init()?;
     coordinator.append_config("gc_min_age_secs = 0\n")?;
     coordinator.serve()?;
@@ -373,7 +379,10 @@ fn gc_collects_for_everyone_else_when_one_snapshots_manifest_is_unreadable() -> 
     assert_eq!(garbage.len(), 2, "{garbage:?}");
     coordinator.cli(&["delete", &gone])?.ensure_success()?;
 
-    let report = coordinator.cli(&["gc", "--json"])?.ensure_success()?.json()?;
+    let report = coordinator
+        .cli(&["gc", "--json"])?
+        .ensure_success()?
+        .json()?;
     assert_eq!(
         report["unreadable"],
         serde_json::json!([broken_id.clone()]),

@@ -249,7 +249,11 @@ impl Catalog {
     }
 
     /// Calls `f` with every chunk `agent` references.
-    pub(crate) fn refs_of(&self, agent: &str, mut f: impl FnMut(ChunkId)) -> Result<(), CatalogError> {
+    pub(crate) fn refs_of(
+        &self,
+        agent: &str,
+        mut f: impl FnMut(ChunkId),
+    ) -> Result<(), CatalogError> {
         let mut prefix = agent.as_bytes().to_vec();
         prefix.push(0);
         for item in self.refs.scan_prefix(&prefix) {

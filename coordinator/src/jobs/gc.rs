@@ -153,6 +153,8 @@ mod tests {
         // What a readable snapshot needs, and what the unreadable one's agent proved, stays.
         assert!(state.store.contains(&ChunkId::of(b"still referenced")));
         assert!(state.store.contains(&kept.root.unwrap().chunks[0].id));
-        assert!(state.store.contains(&ChunkId::of(b"the broken host's data")));
+        assert!(state
+            .store
+            .contains(&ChunkId::of(b"the broken host's data")));
     }
 }

@@ -12,9 +12,7 @@
 use std::collections::HashMap;
 
 use fleetvault_common::protocol::{SnapshotFilter, VerifyResult};
-use fleetvault_common::{
-    chunk, ChunkId, ChunkRef, Manifest, SnapshotId, SnapshotRecord, SnapshotStatus,
-};
+use fleetvault_common::{chunk, ChunkId, ChunkRef, SnapshotId, SnapshotRecord, SnapshotStatus};
 use tracing::{info, warn};
 
 use crate::State;
@@ -204,7 +202,7 @@ fn mark(state: &State, mut rec: SnapshotRecord, r: &VerifyResult) -> Result<(), 
 mod tests {
     use super::*;
     use crate::testing::{put, snapshot, stream_snapshot};
-    use fleetvault_common::StreamManifest;
+    use fleetvault_common::{Manifest, StreamManifest};
 
     #[test]
     fn a_lying_record_is_its_own_problem_and_stops_no_one() {
@@ -224,7 +222,13 @@ mod tests {
         let sum = m.checksum;
         let bad_len = snapshot(&state, "evil", "command", &Manifest::Stream(m), Some(sum));
         let honest = crate::testing::stream(&state, b"evil's data");
-        let bad_sum = snapshot(&state, "evil", "command", &Manifest::Stream(honest), Some([7; 32]));
+        let bad_sum = snapshot(
+            &state,
+            "evil",
+            "command",
+            &Manifest::Stream(honest),
+            Some([7; 32]),
+        );
         let after = stream_snapshot(&state, "other", b"verified after the bad ones");
 
         let results = verify(&state, None).unwrap();
@@ -233,7 +237,12 @@ mod tests {
         for good in [victim.id, after.id] {
             let r = of(good);
             assert!(r.damaged.is_empty() && r.missing.is_empty() && r.problems.is_empty());
-            assert!(!state.catalog.get(good).unwrap().tags.contains(&DAMAGED.into()));
+            assert!(!state
+                .catalog
+                .get(good)
+                .unwrap()
+                .tags
+                .contains(&DAMAGED.into()));
         }
         // The shared chunk is healthy and stays where it is.
         assert!(state.store.contains(&ChunkId::of(shared)));
