@@ -137,6 +137,38 @@ impl Manifest {
         }
     }
 
+    /// Checks that the lengths agree: a stream's length is the sum of its chunks' lengths, a
+    /// file's size the sum of its chunks', and nothing but a file has chunks. Says what
+    /// disagrees (the chunks' own lengths are checked against the store by the coordinator).
+    pub fn check_sizes(&self) -> Result<(), String> {
+        let sum = |chunks: &[ChunkRef]| chunks.iter().map(|c| u64::from(c.len)).sum::<u64>();
+        match self {
+            Manifest::Stream(s) if sum(&s.chunks) != s.len => Err(format!(
+                "the stream's chunks hold {} bytes, its length says {}",
+                sum(&s.chunks),
+                s.len
+            )),
+            Manifest::Stream(_) => Ok(()),
+            Manifest::Tree(t) => {
+                for e in &t.entries {
+                    let ok = match e.kind {
+                        EntryKind::File => sum(&e.chunks) == e.size,
+                        EntryKind::Dir | EntryKind::Symlink => e.chunks.is_empty(),
+                    };
+                    if !ok {
+                        return Err(format!(
+                            "entry {:?}: its chunks hold {} bytes, its size says {}",
+                            String::from_utf8_lossy(&e.path),
+                            sum(&e.chunks),
+                            e.size
+                        ));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Bytes of data the manifest describes (stream length or sum of file sizes).
     pub fn logical_len(&self) -> u64 {
         match self {
@@ -182,6 +214,26 @@ mod tests {
             Manifest::decode(&bytes),
             Err(ManifestError::Trailing(1))
         ));
+    }
+
+    #[test]
+    fn sizes_must_agree_with_chunk_lengths() {
+        let mut m = sample();
+        assert_eq!(m.check_sizes(), Ok(()));
+        let Manifest::Tree(t) = &mut m else {
+            unreachable!()
+        };
+        t.entries[0].size = 4;
+        assert!(m.check_sizes().unwrap_err().contains("size says 4"));
+        let s = Manifest::Stream(StreamManifest {
+            chunks: vec![ChunkRef {
+                id: ChunkId::of(b"abc"),
+                len: 3,
+            }],
+            len: 5,
+            checksum: [0; 32],
+        });
+        assert!(s.check_sizes().unwrap_err().contains("length says 5"));
     }
 
     proptest! {

@@ -674,6 +674,7 @@ pub(crate) fn gc(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
                 "freed_bytes": r.freed_bytes,
                 "young_chunks": r.young_chunks,
                 "duration_ms": r.duration_ms,
+                "unreadable": r.unreadable.iter().map(|id| id.to_string()).collect::<Vec<_>>(),
             })
         );
     } else {
@@ -685,6 +686,9 @@ pub(crate) fn gc(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
             r.young_chunks,
             r.duration_ms as f64 / 1000.0
         );
+        for id in &r.unreadable {
+            println!("    snapshot {id}: manifest unreadable; every chunk its agent references was kept (run verify)");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -697,7 +701,7 @@ pub(crate) fn verify(root: &Path, snapshot: Option<&str>, json: bool) -> anyhow:
     };
     let bad: Vec<_> = results
         .iter()
-        .filter(|r| !r.damaged.is_empty() || !r.missing.is_empty())
+        .filter(|r| !r.damaged.is_empty() || !r.missing.is_empty() || !r.problems.is_empty())
         .collect();
     if json {
         let v: Vec<_> = results
@@ -708,16 +712,17 @@ pub(crate) fn verify(root: &Path, snapshot: Option<&str>, json: bool) -> anyhow:
                     "agent": r.agent,
                     "source": r.source,
                     "chunks": r.chunks,
-                    "ok": r.damaged.is_empty() && r.missing.is_empty(),
+                    "ok": r.damaged.is_empty() && r.missing.is_empty() && r.problems.is_empty(),
                     "damaged": r.damaged.iter().map(|c| c.to_hex()).collect::<Vec<_>>(),
                     "missing": r.missing.iter().map(|c| c.to_hex()).collect::<Vec<_>>(),
+                    "problems": r.problems,
                 })
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         for r in &results {
-            let state = if r.damaged.is_empty() && r.missing.is_empty() {
+            let state = if r.damaged.is_empty() && r.missing.is_empty() && r.problems.is_empty() {
                 "ok"
             } else {
                 "DAMAGED"
@@ -731,6 +736,9 @@ pub(crate) fn verify(root: &Path, snapshot: Option<&str>, json: bool) -> anyhow:
             }
             for c in &r.missing {
                 println!("    missing chunk {c}");
+            }
+            for p in &r.problems {
+                println!("    {p}");
             }
         }
     }

@@ -321,7 +321,15 @@ async fn write_all(
                 continue;
             };
             let id: SnapshotId = id.parse()?;
-            let (_, m, recv) = open(client, id).await?;
+            let (part_rec, m, recv) = open(client, id).await?;
+            // The index is its agent's word: it never brings in another agent's snapshot.
+            if part_rec.agent != rec.agent {
+                bail!(
+                    "bundle {snapshot} of agent {} lists snapshot {id} of agent {}; refused",
+                    rec.agent,
+                    part_rec.agent
+                );
+            }
             let prefix = match &m {
                 Manifest::Stream(_) => std::path::PathBuf::from(format!("{name}.dump")),
                 Manifest::Tree(_) => std::path::PathBuf::from(name),

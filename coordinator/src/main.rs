@@ -14,6 +14,8 @@ mod replicate;
 mod server;
 mod state;
 mod store;
+#[cfg(test)]
+mod testing;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

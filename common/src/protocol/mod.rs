@@ -370,6 +370,9 @@ pub struct VerifyResult {
     pub damaged: Vec<ChunkId>,
     /// Chunks the store does not have.
     pub missing: Vec<ChunkId>,
+    /// What the snapshot's own record or manifest says wrongly (a chunk length, a checksum,
+    /// a manifest that cannot be read): its problem alone, no chunk is quarantined for it.
+    pub problems: Vec<String>,
 }
 
 /// What retention decided for one snapshot.
@@ -402,6 +405,9 @@ pub struct GcReport {
     pub young_chunks: u64,
     /// Wall time.
     pub duration_ms: u64,
+    /// Completed snapshots whose manifest could not be read: everything their agent ever
+    /// proven was kept for them (run verify).
+    pub unreadable: Vec<SnapshotId>,
 }
 
 /// How a database (or any) snapshot is restored into an agent's source.

@@ -260,6 +260,24 @@ impl Catalog {
         Ok(self.refs.contains_key(ref_key(agent, id))?)
     }
 
+    /// Calls `f` with every chunk `agent` references.
+    pub(crate) fn refs_of(
+        &self,
+        agent: &str,
+        mut f: impl FnMut(ChunkId),
+    ) -> Result<(), CatalogError> {
+        let mut prefix = agent.as_bytes().to_vec();
+        prefix.push(0);
+        for item in self.refs.scan_prefix(&prefix) {
+            let (k, _) = item?;
+            let id: [u8; 32] = k[prefix.len()..]
+                .try_into()
+                .map_err(|_| CatalogError::Corrupt(format!("ref of {agent}")))?;
+            f(ChunkId(id));
+        }
+        Ok(())
+    }
+
     /// Records that `agent` references these chunks (at commit; flushed with the record).
     pub(crate) fn add_refs<'a>(
         &self,

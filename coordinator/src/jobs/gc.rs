@@ -4,7 +4,10 @@
 //! 1. The reference time is taken first and never moves; from then on, every backup that
 //!    commits keeps its pins until the collection ends (`Pins::gc_running`).
 //! 2. Mark: every chunk of every completed snapshot (its manifest and the data it lists).
-//!    Any error reading a snapshot or listing the store aborts before anything is deleted.
+//!    Any error listing the snapshots or the store aborts before anything is deleted. A
+//!    snapshot whose manifest cannot be read (damaged, or a hostile record) does not stop
+//!    the others' collection: its data chunks are unknown, so every chunk its agent ever
+//!    proven (the catalog's references) is kept with its manifest's, and it is reported.
 //! 3. Sweep: a chunk that is not marked is deleted only if it is older than the minimum age
 //!    (relative to the reference time) and no running backup has pinned it, checked under the
 //!    pins lock, which a "which are missing?" answer also holds: an answer "present" and a
@@ -24,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use fleetvault_common::protocol::{GcReport, SnapshotFilter};
 use fleetvault_common::{ChunkId, SnapshotStatus};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::State;
 
@@ -76,6 +79,7 @@ fn mark_and_sweep(
     min_age: Duration,
 ) -> Result<GcReport, String> {
     let mut live: HashSet<ChunkId> = HashSet::new();
+    let mut unreadable = Vec::new();
     let records = state
         .catalog
         .list(&SnapshotFilter::default())
@@ -85,10 +89,20 @@ fn mark_and_sweep(
         .filter(|r| r.status == SnapshotStatus::Completed)
     {
         let Some(root) = &rec.root else { continue };
-        let (manifest, _) = crate::server::load_manifest(&state.store, rec.id, root)
-            .map_err(|e| format!("{e}; nothing deleted (run verify)"))?;
         live.extend(root.chunks.iter().map(|c| c.id));
-        live.extend(manifest.data_chunks().map(|c| c.id));
+        match crate::server::load_manifest(&state.store, rec.id, root) {
+            Ok((manifest, _)) => live.extend(manifest.data_chunks().map(|c| c.id)),
+            Err(e) => {
+                warn!(snapshot = %rec.id, agent = %rec.agent, error = %e, "manifest unreadable; keeping every chunk its agent references (run verify)");
+                state
+                    .catalog
+                    .refs_of(&rec.agent, |id| {
+                        live.insert(id);
+                    })
+                    .map_err(|e| format!("listing references: {e}; nothing deleted"))?;
+                unreadable.push(rec.id);
+            }
+        }
     }
     mark_parents_of_running_backups(state, &records, &mut live);
     let files = state
@@ -100,6 +114,7 @@ fn mark_and_sweep(
         .unwrap_or(std::time::UNIX_EPOCH);
     let mut report = GcReport {
         live_chunks: live.len() as u64,
+        unreadable,
         ..GcReport::default()
     };
     // Test-only fault switch: die after this many deletions, as a crash mid-collection would.
@@ -222,5 +237,32 @@ mod tests {
         let report = collect(&state, Duration::ZERO).unwrap();
         assert_eq!(report.deleted_chunks, 2, "{report:?}");
         assert!(!state.store.contains(&data_id));
+    }
+
+    #[test]
+    fn an_unreadable_manifest_stops_no_one_elses_collection() {
+        use crate::testing::stream_snapshot;
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::testing::state(dir.path());
+        let broken = stream_snapshot(&state, "broken", b"the broken host's data");
+        let kept = stream_snapshot(&state, "other", b"still referenced");
+        let gone = stream_snapshot(&state, "other", b"deleted since");
+        // The broken snapshot's manifest chunk is lost.
+        let root = broken.root.clone().unwrap();
+        state.store.delete_chunk(&root.chunks[0].id).unwrap();
+        crate::jobs::ops::delete(&state, gone.id).unwrap();
+
+        let report = collect(&state, Duration::ZERO).unwrap();
+        assert_eq!(report.unreadable, vec![broken.id]);
+        assert_eq!(report.deleted_chunks, 2, "{report:?}");
+        let gone_root = gone.root.unwrap();
+        assert!(!state.store.contains(&gone_root.chunks[0].id));
+        assert!(!state.store.contains(&ChunkId::of(b"deleted since")));
+        // What a readable snapshot needs, and what the unreadable one's agent proved, stays.
+        assert!(state.store.contains(&ChunkId::of(b"still referenced")));
+        assert!(state.store.contains(&kept.root.unwrap().chunks[0].id));
+        assert!(state
+            .store
+            .contains(&ChunkId::of(b"the broken host's data")));
     }
 }

@@ -3,13 +3,16 @@
 //! next backup of that data uploads it again and heals older snapshots); a snapshot with
 //! damaged or missing chunks is tagged `damaged` with the chunks in its warnings, and the tag
 //! is lifted when a later verify finds it whole again.
+//!
+//! What a snapshot's own record or manifest says wrongly (a chunk length that is not the
+//! stored chunk's, checksums that differ, a manifest that cannot be read) is that snapshot's
+//! problem: it is tagged `damaged` with the reason, and neither the chunks it shares with
+//! other snapshots nor the verification of the others are touched.
 
 use std::collections::HashMap;
 
 use fleetvault_common::protocol::{SnapshotFilter, VerifyResult};
-use fleetvault_common::{
-    chunk, ChunkId, ChunkRef, Manifest, SnapshotId, SnapshotRecord, SnapshotStatus,
-};
+use fleetvault_common::{chunk, ChunkId, ChunkRef, SnapshotId, SnapshotRecord, SnapshotStatus};
 use tracing::{info, warn};
 
 use crate::State;
@@ -19,7 +22,8 @@ pub(crate) const DAMAGED: &str = "damaged";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum ChunkState {
-    Ok,
+    /// Whole, with this plaintext length.
+    Ok(u32),
     Damaged,
     Missing,
 }
@@ -32,7 +36,12 @@ pub(crate) fn verify(state: &State, only: Option<SnapshotId>) -> Result<Vec<Veri
             let rec = state.catalog.get(id).map_err(|e| e.to_string())?;
             let mut recs = Vec::new();
             if rec.status == SnapshotStatus::Completed {
-                for part in crate::bundle::parts(state, &rec)? {
+                // A bundle whose index cannot be read is verified alone (and found damaged).
+                let parts = crate::bundle::parts(state, &rec).unwrap_or_else(|e| {
+                    warn!(bundle = %id, error = %e, "cannot read the bundle's parts");
+                    Vec::new()
+                });
+                for part in parts {
                     recs.push(
                         state
                             .catalog
@@ -68,7 +77,7 @@ pub(crate) fn verify(state: &State, only: Option<SnapshotId>) -> Result<Vec<Veri
     }
     let bad = out
         .iter()
-        .filter(|r| !r.damaged.is_empty() || !r.missing.is_empty())
+        .filter(|r| !r.damaged.is_empty() || !r.missing.is_empty() || !r.problems.is_empty())
         .count();
     info!(snapshots = out.len(), damaged = bad, "verify finished");
     Ok(out)
@@ -84,9 +93,10 @@ fn check(
     }
     let s = match state.store.get(&c.id).map_err(|e| e.to_string())? {
         None => ChunkState::Missing,
+        // Only the chunk's own content decides: a reference's length is its manifest's word.
         Some(env) => match chunk::verify(&env, &c.id) {
-            Ok(len) if len == c.len => ChunkState::Ok,
-            _ => {
+            Ok(len) => ChunkState::Ok(len),
+            Err(_) => {
                 warn!(chunk = %c.id, "damaged chunk; quarantining it");
                 state.store.quarantine(&c.id).map_err(|e| e.to_string())?;
                 ChunkState::Damaged
@@ -109,9 +119,19 @@ fn verify_one(
         chunks: 0,
         damaged: Vec::new(),
         missing: Vec::new(),
+        problems: Vec::new(),
     };
     let note = |c: &ChunkRef, s: ChunkState, r: &mut VerifyResult| match s {
-        ChunkState::Ok => {}
+        ChunkState::Ok(len) if len != c.len => {
+            let p = format!(
+                "the manifest says chunk {} holds {} bytes; it holds {len}",
+                c.id, c.len
+            );
+            if !r.problems.contains(&p) {
+                r.problems.push(p);
+            }
+        }
+        ChunkState::Ok(_) => {}
         ChunkState::Damaged if !r.damaged.contains(&c.id) => r.damaged.push(c.id),
         ChunkState::Missing if !r.missing.contains(&c.id) => r.missing.push(c.id),
         _ => {}
@@ -123,36 +143,37 @@ fn verify_one(
     for c in &root.chunks {
         r.chunks += 1;
         let s = check(state, c, seen)?;
-        whole &= s == ChunkState::Ok;
+        whole &= matches!(s, ChunkState::Ok(_));
         note(c, s, &mut r);
     }
     if !whole {
         return Ok(r);
     }
-    let (manifest, _) = crate::server::load_manifest(&state.store, rec.id, root)?;
+    let manifest = match crate::server::load_manifest(&state.store, rec.id, root) {
+        Ok((m, _)) => m,
+        Err(e) => {
+            r.problems.push(format!("its manifest cannot be read: {e}"));
+            return Ok(r);
+        }
+    };
     let mut distinct = std::collections::HashSet::new();
     for c in manifest.data_chunks() {
-        if !distinct.insert(c.id) {
-            continue;
+        if distinct.insert(c.id) {
+            r.chunks += 1;
         }
-        r.chunks += 1;
+        // Every reference, not only each chunk's first: each states a length.
         let s = check(state, c, seen)?;
         note(c, s, &mut r);
     }
-    if let Manifest::Stream(s) = &manifest {
-        if rec.checksum.is_some_and(|sum| sum != s.checksum) {
-            return Err(format!(
-                "snapshot {}: record and manifest checksums differ",
-                rec.id
-            ));
-        }
+    if let Err(e) = crate::server::check_fields(rec.id, &manifest, rec.checksum) {
+        r.problems.push(e);
     }
     Ok(r)
 }
 
 /// Tags a damaged snapshot (or lifts the tag from a healed one), in the catalog and store.
 fn mark(state: &State, mut rec: SnapshotRecord, r: &VerifyResult) -> Result<(), String> {
-    let damaged = !r.damaged.is_empty() || !r.missing.is_empty();
+    let damaged = !r.damaged.is_empty() || !r.missing.is_empty() || !r.problems.is_empty();
     let was = rec.tags.iter().any(|t| t == DAMAGED);
     if damaged == was && !damaged {
         return Ok(());
@@ -167,9 +188,72 @@ fn mark(state: &State, mut rec: SnapshotRecord, r: &VerifyResult) -> Result<(), 
         for id in &r.missing {
             rec.warnings.push(format!("verify: chunk {id} is missing"));
         }
+        for p in &r.problems {
+            rec.warnings.push(format!("verify: {p}"));
+        }
     } else {
         info!(snapshot = %rec.id, "snapshot verifies again");
     }
     state.store.write_record(&rec).map_err(|e| e.to_string())?;
     state.catalog.update(&rec).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{put, snapshot, stream_snapshot};
+    use fleetvault_common::{Manifest, StreamManifest};
+
+    #[test]
+    fn a_lying_record_is_its_own_problem_and_stops_no_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::testing::state(dir.path());
+        let shared = b"a file every host has";
+        let victim = stream_snapshot(&state, "victim", shared);
+        // Records a commit now refuses: a chunk length that lies (the stream's length
+        // agreeing), and a checksum that is not the manifest's.
+        let mut lie = put(&state, shared);
+        lie.len += 5;
+        let m = StreamManifest {
+            chunks: vec![lie],
+            len: u64::from(lie.len),
+            checksum: *blake3::hash(shared).as_bytes(),
+        };
+        let sum = m.checksum;
+        let bad_len = snapshot(&state, "evil", "command", &Manifest::Stream(m), Some(sum));
+        let honest = crate::testing::stream(&state, b"evil's data");
+        let bad_sum = snapshot(
+            &state,
+            "evil",
+            "command",
+            &Manifest::Stream(honest),
+            Some([7; 32]),
+        );
+        let after = stream_snapshot(&state, "other", b"verified after the bad ones");
+
+        let results = verify(&state, None).unwrap();
+        assert_eq!(results.len(), 4);
+        let of = |id: SnapshotId| results.iter().find(|r| r.snapshot == id).unwrap();
+        for good in [victim.id, after.id] {
+            let r = of(good);
+            assert!(r.damaged.is_empty() && r.missing.is_empty() && r.problems.is_empty());
+            assert!(!state
+                .catalog
+                .get(good)
+                .unwrap()
+                .tags
+                .contains(&DAMAGED.into()));
+        }
+        // The shared chunk is healthy and stays where it is.
+        assert!(state.store.contains(&ChunkId::of(shared)));
+        for bad in [bad_len.id, bad_sum.id] {
+            let r = of(bad);
+            assert!(r.damaged.is_empty() && r.missing.is_empty(), "{r:?}");
+            assert_eq!(r.problems.len(), 1, "{r:?}");
+            let rec = state.catalog.get(bad).unwrap();
+            assert!(rec.tags.contains(&DAMAGED.into()), "{rec:?}");
+        }
+        assert!(of(bad_len.id).problems[0].contains("holds"));
+        assert!(of(bad_sum.id).problems[0].contains("checksum"));
+    }
 }

@@ -18,7 +18,7 @@ use fleetvault_common::{SnapshotId, SnapshotRecord, SnapshotStatus};
 use tracing::{info, warn};
 
 use super::session::{Backup, Failure, Session};
-use super::upload::load_manifest;
+use super::upload::{check_fields, load_manifest};
 use crate::catalog::CatalogError;
 use crate::State;
 
@@ -164,6 +164,9 @@ impl Session {
             .root
             .as_ref()
             .ok_or_else(|| format!("snapshot {id} has no manifest"))?;
+        // As an agent's commit: the manifest's chunks proven before they are read.
+        let mut seen = std::collections::HashMap::new();
+        self.check_chunks(id, root.chunks.iter(), &mut seen)?;
         let (manifest, _) = load_manifest(store, id, root)?;
         let data_chunks = manifest.data_chunks().count() as u64;
         if data_chunks != rec.chunks || manifest.logical_len() != rec.logical_bytes {
@@ -174,14 +177,17 @@ impl Session {
                 manifest.logical_len()
             ));
         }
-        let seen = self.check_chunks(id, root, &manifest)?;
+        self.check_chunks(id, manifest.data_chunks(), &mut seen)?;
+        check_fields(id, &manifest, rec.checksum)?;
+        // Parts come before their bundle (oldest first); those not sent here may be absent.
+        crate::bundle::check_commit(&self.state, &rec, &manifest, true)?;
         let owner = self.owner();
         store.write_record(&rec).map_err(|e| e.to_string())?;
         catalog
-            .add_refs(&rec.agent, seen.iter())
+            .add_refs(&rec.agent, seen.keys())
             .map_err(|e| e.to_string())?;
         catalog
-            .add_refs(&owner, seen.iter())
+            .add_refs(&owner, seen.keys())
             .map_err(|e| e.to_string())?;
         catalog
             .adopt(&rec, self.name())

@@ -48,12 +48,16 @@ impl From<crate::catalog::CatalogError> for Failure {
     }
 }
 
-/// Counters of one backup in progress.
+/// Counters of one backup in progress. `new_*` and `stored_bytes` (what the agent is told)
+/// count chunks new for this agent: not proven by it before, or not in the store; the
+/// `store_*` counters (logged for the operator) what the store itself gained.
 #[derive(Default)]
 pub(super) struct Backup {
     pub(super) new_chunks: u64,
     pub(super) new_bytes: u64,
     pub(super) stored_bytes: u64,
+    pub(super) store_new_chunks: u64,
+    pub(super) store_new_bytes: u64,
     /// A snapshot a peer is replicating: it has no catalog record until its commit.
     pub(super) replica: bool,
 }

@@ -6,7 +6,7 @@
 //! (uploaded now, or referenced by one of its earlier snapshots), writes the immutable record
 //! to the store, and only then flips the catalog record to `completed`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -17,13 +17,13 @@ use fleetvault_common::protocol::{
     Begin, Commit, ErrorCode, Request, Response, MAX_MISSING_BATCH, MAX_PUT_BATCH,
 };
 use fleetvault_common::{
-    ChunkId, Manifest, SnapshotId, SnapshotRecord, SnapshotStatus, StreamManifest,
+    ChunkId, ChunkRef, Manifest, SnapshotId, SnapshotRecord, SnapshotStatus, StreamManifest,
 };
 use tracing::{info, warn};
 
 use super::session::{Backup, Failure, Session};
 use crate::clock;
-use crate::store::{ChunkStore, StoreError};
+use crate::store::{ChunkStore, PutOutcome, StoreError};
 
 /// Bytes of sealed chunks collected before they are written as one durable batch.
 const WRITE_BATCH_BYTES: usize = 8 << 20;
@@ -76,6 +76,28 @@ pub(crate) fn load_manifest(
     let (bytes, envelopes) = read_stream(store, snapshot, root, "manifest")?;
     let manifest = Manifest::decode(&bytes).map_err(|e| format!("snapshot {snapshot}: {e}"))?;
     Ok((manifest, envelopes))
+}
+
+/// Checks a commit's manifest against itself and the commit: lengths agree with the chunks'
+/// lengths, and a stream's checksum is the one the commit states (a tree states none).
+pub(crate) fn check_fields(
+    snapshot: SnapshotId,
+    manifest: &Manifest,
+    checksum: Option<[u8; 32]>,
+) -> Result<(), String> {
+    manifest
+        .check_sizes()
+        .map_err(|e| format!("snapshot {snapshot}: manifest: {e}"))?;
+    let agrees = match manifest {
+        Manifest::Stream(s) => checksum == Some(s.checksum),
+        Manifest::Tree(_) => checksum.is_none(),
+    };
+    if !agrees {
+        return Err(format!(
+            "snapshot {snapshot}: the stated checksum is not the manifest's"
+        ));
+    }
+    Ok(())
 }
 
 impl Session {
@@ -209,9 +231,12 @@ impl Session {
             .entry(self.conn.stable_id())
             .or_default()
             .extend(ids.iter().copied());
-        let outcome = tokio::task::spawn_blocking(move || this.state.store.put_batch(&batch))
-            .await
-            .map_err(internal)?;
+        let (fresh, outcome) = tokio::task::spawn_blocking(move || {
+            let fresh = this.fresh(&batch)?;
+            Ok::<_, Failure>((fresh, this.state.store.put_batch(&batch)))
+        })
+        .await
+        .map_err(internal)??;
         let outcome = match outcome {
             Ok(o) => o,
             Err(e @ StoreError::BadChunk { .. }) => {
@@ -245,11 +270,30 @@ impl Session {
             .expect("running lock")
             .get_mut(&snapshot)
         {
-            b.new_chunks += u64::from(outcome.new);
-            b.new_bytes += outcome.new_plain;
-            b.stored_bytes += outcome.new_stored;
+            b.new_chunks += u64::from(fresh.new);
+            b.new_bytes += fresh.new_plain;
+            b.stored_bytes += fresh.new_stored;
+            b.store_new_chunks += u64::from(outcome.new);
+            b.store_new_bytes += outcome.new_stored;
         }
-        Ok(outcome.new)
+        Ok(fresh.new)
+    }
+
+    /// What of `batch` is new for this connection's owner: the chunks a `Missing` would have
+    /// answered missing (not proven by it, or not in the store), each once. Only this is told
+    /// back (`Stored`, the record's counts): whether another host stored a chunk stays hidden.
+    fn fresh(&self, batch: &[(ChunkId, Bytes)]) -> Result<PutOutcome, Failure> {
+        let mut seen = HashSet::new();
+        let mut out = PutOutcome::default();
+        for (id, envelope) in batch {
+            if !seen.insert(*id) || (self.owns(id)? && self.state.store.contains(id)) {
+                continue;
+            }
+            out.new += 1;
+            out.new_plain += chunk::plaintext_len(envelope).map_or(0, u64::from);
+            out.new_stored += envelope.len() as u64;
+        }
+        Ok(out)
     }
 
     pub(super) async fn begin(
@@ -314,7 +358,12 @@ impl Session {
         self.release_pins();
         match result {
             Ok(rec) => {
-                info!(snapshot = %snapshot, chunks = rec.chunks, new_chunks = rec.new_chunks, "backup completed");
+                // The store's own growth is the operator's to know, not the agent's.
+                let (store_new_chunks, store_new_bytes) = backup
+                    .as_ref()
+                    .map(|b| (b.store_new_chunks, b.store_new_bytes))
+                    .unwrap_or_default();
+                info!(snapshot = %snapshot, chunks = rec.chunks, new_chunks = rec.new_chunks, store_new_chunks, store_new_bytes, "backup completed");
                 Ok(write_frame(send, &Response::Committed(rec)).await?)
             }
             Err(reason) => {
@@ -327,48 +376,75 @@ impl Session {
         }
     }
 
-    /// The distinct chunks a snapshot's manifest and data reference, each checked to exist and
-    /// to have been proven by this connection's owner (rule 9: re-checked at commit, and no
-    /// reading other hosts' data by id).
-    pub(super) fn check_chunks(
+    /// Checks chunk references of a snapshot being committed, adding each distinct chunk to
+    /// `seen` with its plaintext length: every chunk must have been proven by this
+    /// connection's owner (uploaded now, or referenced by one of its earlier snapshots: rule 9,
+    /// re-checked at commit, and no reading other hosts' data by id) and be in the store, and
+    /// every reference's length must be what the store holds. Ownership is checked before
+    /// the store is asked anything, and a chunk not proven gets the same refusal whether or
+    /// not the store has it: the reply is no oracle for what other hosts store.
+    pub(super) fn check_chunks<'a>(
         &self,
         snapshot: SnapshotId,
-        root: &StreamManifest,
-        manifest: &Manifest,
-    ) -> Result<HashSet<ChunkId>, String> {
-        let mut seen = HashSet::new();
-        for r in root.chunks.iter().chain(manifest.data_chunks()) {
-            if !seen.insert(r.id) {
-                continue;
-            }
-            // Checked and pinned under the pins lock, which a collection's deletion of the same
-            // chunk also holds: a chunk found here stays until this connection's pins are
-            // released, after the catalog says `completed`. Chunks reused from a parent
-            // without a `Missing` are otherwise unpinned (rule 9).
-            let mut pins = self.state.pins.lock().expect("pins lock");
-            let owned = self.owns(&r.id).map_err(|_| "catalog error".to_string())?;
-            if !self.state.store.contains(&r.id) || !owned {
+        refs: impl Iterator<Item = &'a ChunkRef>,
+        seen: &mut HashMap<ChunkId, u32>,
+    ) -> Result<(), String> {
+        for r in refs {
+            let len = match seen.get(&r.id) {
+                Some(len) => *len,
+                None => {
+                    // Checked and pinned under the pins lock, which a collection's deletion of
+                    // the same chunk also holds: a chunk found here stays until this
+                    // connection's pins are released, after the catalog says `completed`.
+                    // Chunks reused from a parent without a `Missing` are otherwise unpinned
+                    // (rule 9).
+                    let mut pins = self.state.pins.lock().expect("pins lock");
+                    let not_uploaded = || {
+                        format!(
+                            "snapshot {snapshot} refers to chunk {} that was not uploaded",
+                            r.id
+                        )
+                    };
+                    if !self.owns(&r.id).map_err(|_| "catalog error".to_string())? {
+                        return Err(not_uploaded());
+                    }
+                    let len = self
+                        .state
+                        .store
+                        .plaintext_len(&r.id)
+                        .map_err(|e| format!("snapshot {snapshot}: {e}"))?
+                        .ok_or_else(not_uploaded)?;
+                    pins.by_conn
+                        .entry(self.conn.stable_id())
+                        .or_default()
+                        .insert(r.id);
+                    seen.insert(r.id, len);
+                    len
+                }
+            };
+            if r.len != len {
                 return Err(format!(
-                    "snapshot {snapshot} refers to chunk {} that was not uploaded",
-                    r.id
+                    "snapshot {snapshot}: the manifest says chunk {} holds {} bytes; it holds {len}",
+                    r.id, r.len
                 ));
             }
-            pins.by_conn
-                .entry(self.conn.stable_id())
-                .or_default()
-                .insert(r.id);
         }
-        Ok(seen)
+        Ok(())
     }
 
     /// Checks and records a commit; returns the completed record or why it was refused.
     fn commit_blocking(&self, c: Commit) -> Result<SnapshotRecord, String> {
         let store = &self.state.store;
+        // The manifest's own chunks are proven before anything of them is read.
+        let mut seen = HashMap::new();
+        self.check_chunks(c.snapshot, c.root.chunks.iter(), &mut seen)?;
         let (manifest, _) = load_manifest(store, c.snapshot, &c.root)?;
-        let seen = self.check_chunks(c.snapshot, &c.root, &manifest)?;
+        self.check_chunks(c.snapshot, manifest.data_chunks(), &mut seen)?;
+        check_fields(c.snapshot, &manifest, c.checksum)?;
         let chunks = manifest.data_chunks().count() as u64;
         let catalog = &self.state.catalog;
         let mut rec = catalog.get(c.snapshot).map_err(|e| e.to_string())?;
+        crate::bundle::check_commit(&self.state, &rec, &manifest, false)?;
         {
             let running = self.running.lock().expect("running lock");
             if let Some(b) = running.get(&c.snapshot) {
@@ -385,7 +461,7 @@ impl Session {
         rec.ended_ms = Some(clock::now_ms());
         rec.status = SnapshotStatus::Completed;
         catalog
-            .add_refs(self.name(), seen.iter())
+            .add_refs(self.name(), seen.keys())
             .map_err(|e| e.to_string())?;
         store.write_record(&rec).map_err(|e| e.to_string())?;
         if let Some(fault) = crate::fault::switch!("FLEETVAULT_FAULT_COMMIT_CRASH") {

@@ -229,6 +229,31 @@ impl ChunkStore {
         }
     }
 
+    /// The plaintext length a stored chunk's envelope header gives (checked against its
+    /// content when it was stored), `Ok(None)` if the store lacks it. Reads the header only.
+    pub(crate) fn plaintext_len(&self, id: &ChunkId) -> Result<Option<u32>, StoreError> {
+        use std::io::Read;
+        let path = self.chunk_path(id);
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("opening", &path)(e)),
+        };
+        let mut header = [0u8; chunk::HEADER_LEN];
+        let mut got = 0;
+        while got < header.len() {
+            match file.read(&mut header[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err("reading", &path)(e)),
+            }
+        }
+        chunk::plaintext_len(&header[..got])
+            .map(Some)
+            .map_err(|source| StoreError::BadChunk { id: *id, source })
+    }
+
     fn record_path(&self, id: SnapshotId) -> PathBuf {
         self.root.join("snapshots").join(format!("{id}.snap"))
     }
