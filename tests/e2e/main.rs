@@ -11,6 +11,7 @@ mod files;
 mod full_disk;
 mod gc;
 mod hostile;
+mod hostile_files;
 mod hostile_integrity;
 mod hostile_restore;
 mod hostile_trust;
