@@ -221,7 +221,7 @@ fn hostile_sqlite_dump_cannot_run_commands_on_the_restoring_host() -> anyhow::Re
     let coordinator = fleetvault_tests::Coordinator::start()?;
     let agent = coordinator.agent("sqlite-01")?;
     agent.append_config(&format!(
-        "\n[[sources]]\nname = \"evil\"\nkind = \"sqlite\"\ndatabase = \"{}\"\n",
+        "\n[[sources]]\nname = \"evil\"\nkind = \"sqlite\"\npath = \"{}\"\n",
         source_db.display()
     ))?;
     let id = hostile_backup(&agent, &fake, "evil")?;
@@ -302,7 +302,7 @@ fn mongodb_restore_without_replace_is_refused_into_a_database_holding_collection
     let refused = agent_with_tools(&agent, &fake, "restore", &[&id, "--database", "chat_copy"])?
         .ensure_failure()?;
     assert!(
-        refused.contains("holds collections") && refused.contains("--replace"),
+        refused.contains("not empty") && refused.contains("--replace"),
         "{refused}"
     );
     assert!(
@@ -378,8 +378,10 @@ fn postgres_database_names_are_never_connection_strings() -> anyhow::Result<()> 
         agent
             .cli("restore", &[&id, "--database", name])?
             .ensure_success()?;
+        // psql -d expands a name as a connection string too: the test names it as one.
+        let as_conninfo = format!("dbname='{name}'");
         assert_eq!(
-            pg.content(name)?,
+            pg.content(&as_conninfo)?,
             before,
             "{source}: not restored into {name:?}"
         );

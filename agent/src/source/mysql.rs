@@ -172,3 +172,18 @@ pub(crate) fn backup(
     let shown = format!("{program} {} {}", args.join(" "), db.database);
     dump_tool("mariadb-dump", &shown, cmd, batcher)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn option_values_stay_one_value_on_one_line() {
+        let v = option_value("password", "a\"b\\c\nhost=evil\r#x").unwrap();
+        assert_eq!(v, "\"a\\\"b\\\\c\\nhost=evil\\r#x\"");
+        assert!(!v.contains('\n') && !v.contains('\r'));
+        assert!(option_value("password", "a\0b").is_err());
+        let long = "p".repeat(OPTION_VALUE_MAX + 1);
+        assert!(format!("{:#}", option_value("password", &long).unwrap_err()).contains("at most"));
+    }
+}
