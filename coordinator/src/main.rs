@@ -7,6 +7,7 @@ mod commands;
 mod config;
 mod download;
 mod jobs;
+mod limits;
 mod push;
 mod replicate;
 mod server;

@@ -11,6 +11,7 @@ mod files;
 mod full_disk;
 mod gc;
 mod hostile;
+mod hostile_limits;
 mod mariadb;
 mod memory;
 mod mongodb;
