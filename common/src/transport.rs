@@ -216,6 +216,37 @@ fn transport_config() -> Arc<TransportConfig> {
     Arc::new(t)
 }
 
+/// Request streams one peer may have open at once on one connection to the coordinator. An
+/// agent uses about five per backup in flight (four chunk uploads and a `Missing` call), so
+/// even a dozen pushed jobs on one link stay under it; a client at the limit waits for a free
+/// stream (QUIC flow control), it is not refused.
+pub const SERVER_MAX_STREAMS: u32 = 64;
+
+/// Bytes one peer may have in flight, not yet read by the coordinator, on one request stream
+/// (QUIC stream flow-control window): enough for full speed on a fast long link.
+pub const SERVER_STREAM_WINDOW: u32 = 8 << 20;
+
+/// Bytes one peer may have in flight on one connection to the coordinator, all streams
+/// together (QUIC connection flow-control window). With the per-identity connection limit of
+/// the coordinator, this bounds what one certificate can make it buffer below its readers.
+pub const SERVER_CONNECTION_WINDOW: u32 = 32 << 20;
+
+/// The coordinator's side of [`transport_config`]: fewer concurrent streams and a smaller
+/// connection window than a client accepts from the coordinator, since every peer's
+/// connections share the coordinator's memory.
+fn server_transport_config() -> Arc<TransportConfig> {
+    let mut t = TransportConfig::default();
+    t.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(30_000))))
+        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .stream_receive_window(VarInt::from_u32(SERVER_STREAM_WINDOW))
+        .receive_window(VarInt::from_u32(SERVER_CONNECTION_WINDOW))
+        .send_window(64 << 20)
+        .max_concurrent_bidi_streams(VarInt::from_u32(SERVER_MAX_STREAMS))
+        // Nothing in the protocol uses unidirectional streams.
+        .max_concurrent_uni_streams(VarInt::from_u32(0));
+    Arc::new(t)
+}
+
 /// A UDP socket on `addr` (IPv6) that also reaches IPv4 peers, whatever
 /// `net.ipv6.bindv6only` says.
 fn dual_stack(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
@@ -280,7 +311,7 @@ pub fn server_endpoint(
     tls.max_early_data_size = 0;
     let quic = QuicServerConfig::try_from(Arc::new(tls)).map_err(tls_error)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    config.transport_config(transport_config());
+    config.transport_config(server_transport_config());
     // Stateless resets keyed by the coordinator's own key: after a crash and restart on the
     // same address, the new process can reset the old connections, so agents learn at once
     // that they must reconnect instead of waiting for the idle timeout.

@@ -94,6 +94,7 @@ pub(crate) fn init(root: &Path, listen: &str, server_name: &str) -> anyhow::Resu
         max_concurrent_backups: None,
         verify_schedule: None,
         gc_min_age_secs: None,
+        job_timeout_secs: None,
         jobs: Vec::new(),
         replicas: Vec::new(),
         peers: Vec::new(),

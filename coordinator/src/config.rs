@@ -39,6 +39,10 @@ pub(crate) struct CoordinatorConfig {
     /// Unreferenced chunks younger than this many seconds are kept (default 3600).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) gc_min_age_secs: Option<u64>,
+    /// How long a job pushed to a live agent may run before it is abandoned and its backup
+    /// slot freed (default 86400, at most 30 days).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) job_timeout_secs: Option<u64>,
     /// Scheduled backups (`[[jobs]]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) jobs: Vec<crate::jobs::JobConfig>,
@@ -131,6 +135,7 @@ impl DataDir {
                 max_concurrent_backups: None,
                 verify_schedule: None,
                 gc_min_age_secs: None,
+                job_timeout_secs: None,
                 jobs: Vec::new(),
                 replicas: Vec::new(),
                 peers: Vec::new(),
@@ -160,6 +165,10 @@ impl DataDir {
             crate::jobs::parse_schedule(g).map_err(|e| {
                 anyhow::anyhow!("invalid config {}: key `gc_schedule`: {e}", path.display())
             })?;
+        }
+        if let Some(secs) = cfg.job_timeout_secs {
+            crate::limits::validate_job_timeout(secs)
+                .map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))?;
         }
         check_tables(
             &path,

@@ -8,6 +8,7 @@ mod config;
 mod download;
 mod fault;
 mod jobs;
+mod limits;
 mod push;
 mod reconcile;
 mod replicate;

@@ -25,6 +25,8 @@ struct LiveAgent {
 #[derive(Default)]
 pub(crate) struct LiveAgents {
     agents: Mutex<HashMap<String, LiveAgent>>,
+    /// `job_timeout_secs` of `coordinator.toml`; 0 until configured (then the default).
+    job_timeout_secs: std::sync::atomic::AtomicU64,
 }
 
 /// What a live agent reports, for listings.
@@ -34,6 +36,23 @@ pub(crate) struct LiveInfo {
 }
 
 impl LiveAgents {
+    /// Takes `job_timeout_secs` from `coordinator.toml` (the default when unset).
+    pub(crate) fn set_job_timeout_secs(&self, secs: Option<u64>) {
+        let secs = secs.unwrap_or(crate::limits::DEFAULT_JOB_TIMEOUT_SECS);
+        self.job_timeout_secs
+            .store(secs, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long a pushed job may run before it is abandoned.
+    fn job_timeout(&self) -> std::time::Duration {
+        match self
+            .job_timeout_secs
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => std::time::Duration::from_secs(crate::limits::DEFAULT_JOB_TIMEOUT_SECS),
+            secs => std::time::Duration::from_secs(secs),
+        }
+    }
     /// An agent's link is up (replacing an older link of the same agent).
     pub(crate) fn register(
         &self,
@@ -123,7 +142,8 @@ impl LiveAgents {
     ) -> Result<(), Failure> {
         let conn = self.conn(agent)?;
         info!(agent, %source, "pushing backup");
-        relay(agent, &conn, &Push::Backup { source, job: None }, reply).await
+        let push = Push::Backup { source, job: None };
+        relay(agent, &conn, &push, reply, self.job_timeout()).await
     }
 
     /// Runs a backup of `source` on `agent` for `job` and waits for its report.
@@ -138,7 +158,8 @@ impl LiveAgents {
             Failure::Gone => "agent gone".into(),
         })?;
         info!(agent, %source, ?job, "starting backup");
-        exchange(agent, &conn, &Push::Backup { source, job }, None)
+        let push = Push::Backup { source, job };
+        exchange(agent, &conn, &push, None, self.job_timeout())
             .await
             .map_err(|f| match f {
                 Failure::Reply(_, m) | Failure::Protocol(m) => m,
@@ -160,7 +181,7 @@ impl LiveAgents {
         for s in snapshots {
             self.set_grant(agent, *s, true);
         }
-        let result = relay(agent, &conn, &push, reply).await;
+        let result = relay(agent, &conn, &push, reply, self.job_timeout()).await;
         for s in snapshots {
             self.set_grant(agent, *s, false);
         }
@@ -174,13 +195,38 @@ async fn relay(
     conn: &quinn::Connection,
     push: &Push,
     reply: &mut quinn::SendStream,
+    limit: std::time::Duration,
 ) -> Result<(), Failure> {
-    let report = exchange(agent, conn, push, Some(reply)).await?;
+    let report = exchange(agent, conn, push, Some(reply), limit).await?;
     Ok(write_frame(reply, &Response::JobDone(report)).await?)
 }
 
-/// Sends `push` and waits for the agent's result, forwarding progress to `reply` if given.
+/// [`exchange_unbounded`] within `limit` (`job_timeout_secs`): past it the job is abandoned
+/// (its stream is dropped, which stops it, so the agent's next reply fails), which frees the
+/// backup slot it holds, and it fails with the reason.
 async fn exchange(
+    agent: &str,
+    conn: &quinn::Connection,
+    push: &Push,
+    reply: Option<&mut quinn::SendStream>,
+    limit: std::time::Duration,
+) -> Result<JobReport, Failure> {
+    let run = exchange_unbounded(agent, conn, push, reply);
+    match tokio::time::timeout(limit, run).await {
+        Ok(result) => result,
+        Err(_) => {
+            let reason = format!(
+                "agent {agent} did not finish the job within {} s (job_timeout_secs); the job was abandoned",
+                limit.as_secs()
+            );
+            warn!(agent, %reason, "pushed job timed out");
+            Err(Failure::Reply(ErrorCode::JobFailed, reason))
+        }
+    }
+}
+
+/// Sends `push` and waits for the agent's result, forwarding progress to `reply` if given.
+async fn exchange_unbounded(
     agent: &str,
     conn: &quinn::Connection,
     push: &Push,

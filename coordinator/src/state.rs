@@ -40,6 +40,8 @@ pub(crate) struct State {
     sync_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Wakes the replica scheduler (configuration changed, a sync ended).
     pub(crate) replica_wake: tokio::sync::Notify,
+    /// What one certificate may take: connections, buffered bytes, a pushed job's time.
+    pub(crate) limits: Arc<crate::limits::Limits>,
 }
 
 /// Chunks garbage collection must not delete besides those of completed snapshots.
@@ -101,6 +103,7 @@ impl State {
             peers: Default::default(),
             sync_locks: Mutex::default(),
             replica_wake: tokio::sync::Notify::new(),
+            limits: Arc::default(),
         };
         state.configure(cfg);
         state
@@ -115,6 +118,7 @@ impl State {
             cfg.gc_min_age_secs.unwrap_or(3600),
             std::sync::atomic::Ordering::Relaxed,
         );
+        self.live.set_job_timeout_secs(cfg.job_timeout_secs);
         self.replica_wake.notify_one();
     }
 

@@ -13,6 +13,7 @@ mod gc;
 mod hostile;
 mod hostile_files;
 mod hostile_integrity;
+mod hostile_limits;
 mod hostile_restore;
 mod hostile_trust;
 mod mariadb;

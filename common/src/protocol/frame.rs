@@ -146,6 +146,17 @@ pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
     }
 }
 
+/// [`read_frame`] refusing a frame longer than `max` before allocating.
+pub async fn read_frame_max<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<T>, FrameError> {
+    match read_len(r, max).await? {
+        Some(len) => decode_body(&read_body_of(r, len).await?).map(Some),
+        None => Ok(None),
+    }
+}
+
 /// A frame read by [`read_frame_or_chunk`].
 #[derive(Debug)]
 pub enum Incoming<T> {
@@ -175,20 +186,38 @@ pub async fn read_frame_or_chunk<T: WithChunks, R: AsyncRead + Unpin>(
     let Some(body) = read_body(r).await? else {
         return Ok(None);
     };
+    decode_incoming(body).map(Some)
+}
+
+/// Decodes a frame body, a chunk frame's envelope left in place.
+fn decode_incoming<T: WithChunks>(body: Vec<u8>) -> Result<Incoming<T>, FrameError> {
     if body.first() != Some(&T::CHUNK_TAG) {
-        return decode_body(&body).map(|m| Some(Incoming::Message(m)));
+        return decode_body(&body).map(Incoming::Message);
     }
     // The envelope is the body's last field and trailing bytes are refused: it is the tail.
     let (id, envelope): (ChunkId, &[u8]) = decode_body(&body[1..])?;
     let start = body.len() - envelope.len();
-    Ok(Some(Incoming::Chunk {
+    Ok(Incoming::Chunk {
         id,
         envelope: Bytes::from(body).slice(start..),
-    }))
+    })
 }
 
 /// Reads one frame's body; `Ok(None)` when the stream ends cleanly before a frame starts.
 async fn read_body<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
+    match read_len(r, MAX_FRAME_LEN).await? {
+        Some(len) => read_body_of(r, len).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Reads only a frame's length prefix, refusing a length over `max` (itself at most
+/// [`MAX_FRAME_LEN`]); `Ok(None)` when the stream ends cleanly before a frame starts. With
+/// [`read_frame_body`] it lets a reader decide how much it may buffer before allocating.
+pub async fn read_len<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<usize>, FrameError> {
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -203,6 +232,24 @@ async fn read_body<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8>>, F
         got += n;
     }
     let len = u32::from_le_bytes(len) as usize;
+    if len > max.min(MAX_FRAME_LEN) {
+        return Err(FrameError::TooLarge(len as u64));
+    }
+    Ok(Some(len))
+}
+
+/// Reads the `len` bytes of a frame body whose prefix [`read_len`] returned, and decodes it as
+/// [`read_frame_or_chunk`] does.
+pub async fn read_frame_body<T: WithChunks, R: AsyncRead + Unpin>(
+    r: &mut R,
+    len: usize,
+) -> Result<Incoming<T>, FrameError> {
+    let body = read_body_of(r, len).await?;
+    decode_incoming(body)
+}
+
+/// Reads a body of `len` bytes (at most [`MAX_FRAME_LEN`]).
+async fn read_body_of<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> Result<Vec<u8>, FrameError> {
     if len > MAX_FRAME_LEN {
         return Err(FrameError::TooLarge(len as u64));
     }
@@ -216,7 +263,7 @@ async fn read_body<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8>>, F
             Err(e) => return Err(FrameError::Io(e)),
         }
     }
-    Ok(Some(body))
+    Ok(body)
 }
 
 #[cfg(test)]

@@ -66,6 +66,9 @@ pub mod close {
     pub const NOT_AUTHORIZED: u32 = 3;
     /// The coordinator is shutting down.
     pub const SHUTTING_DOWN: u32 = 4;
+    /// A limit was reached (too many connections for this identity, a hello too late); the
+    /// close reason names it.
+    pub const LIMIT_REACHED: u32 = 5;
 }
 
 /// First frame of a connection.

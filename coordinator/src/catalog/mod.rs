@@ -301,6 +301,67 @@ impl Catalog {
         Ok(())
     }
 
+    /// Every owner (agent name, or `peer/NAME`) that has chunk refs.
+    pub(crate) fn ref_owners(&self) -> Result<Vec<String>, CatalogError> {
+        let mut out: Vec<String> = Vec::new();
+        let mut next: Option<Vec<u8>> = None;
+        loop {
+            // Jump from one owner's keys to the next: `owner\0` sorts before `owner\x01`.
+            let item = match &next {
+                Some(from) => self.refs.range(from.clone()..).next(),
+                None => self.refs.iter().next(),
+            };
+            let Some(item) = item else { break };
+            let (k, _) = item?;
+            let end = k
+                .iter()
+                .position(|&b| b == 0)
+                .ok_or_else(|| CatalogError::Corrupt("ref key".into()))?;
+            out.push(String::from_utf8_lossy(&k[..end]).into_owned());
+            let mut after = k[..end].to_vec();
+            after.push(1);
+            next = Some(after);
+        }
+        Ok(out)
+    }
+
+    /// Forgets that `owner` references these chunks, flushed.
+    pub(crate) fn remove_refs<'a>(
+        &self,
+        owner: &str,
+        ids: impl Iterator<Item = &'a ChunkId>,
+    ) -> Result<(), CatalogError> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for id in ids {
+            batch.remove(ref_key(owner, id));
+            n += 1;
+            if n == REF_BATCH {
+                self.refs.apply_batch(std::mem::take(&mut batch))?;
+                n = 0;
+            }
+        }
+        self.refs.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Snapshot records with an id above `id` (begun after a listing whose newest was `id`).
+    pub(crate) fn snapshots_after(
+        &self,
+        id: SnapshotId,
+    ) -> Result<Vec<SnapshotRecord>, CatalogError> {
+        let mut out = Vec::new();
+        let Some(from) = id.0.checked_add(1) else {
+            return Ok(out);
+        };
+        for item in self.snapshots.range(from.to_be_bytes()..) {
+            let (_, v) = item?;
+            out.push(decode(&v)?);
+        }
+        Ok(out)
+    }
+
     /// Updates what is known of an agent.
     pub(crate) fn touch_agent(
         &self,
@@ -511,6 +572,34 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         drop(Catalog::open(&path, Vec::new).unwrap());
         assert_eq!(mode(&path), 0o700, "an existing open catalog dir");
+    }
+
+    #[test]
+    fn refs_are_listed_per_owner_and_removed() {
+        let refs = |cat: &Catalog, owner: &str| {
+            let mut v = Vec::new();
+            cat.refs_of(owner, |id| v.push(id)).unwrap();
+            v
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(dir.path(), Vec::new).unwrap();
+        let ids: Vec<ChunkId> = (0..5u8).map(|i| ChunkId::of(&[i])).collect();
+        cat.add_refs("a", ids.iter()).unwrap();
+        cat.add_refs("ab", ids[..2].iter()).unwrap();
+        cat.add_refs("peer/x", ids[..1].iter()).unwrap();
+        assert_eq!(cat.ref_owners().unwrap(), ["a", "ab", "peer/x"]);
+        let mut of_a = refs(&cat, "a");
+        of_a.sort_by_key(|c| c.0);
+        let mut all = ids.clone();
+        all.sort_by_key(|c| c.0);
+        assert_eq!(of_a, all);
+        cat.remove_refs("a", ids[1..].iter()).unwrap();
+        assert_eq!(refs(&cat, "a"), vec![ids[0]]);
+        assert_eq!(refs(&cat, "ab").len(), 2);
+        let id = cat.next_id();
+        cat.begin(&record(id, SnapshotStatus::Running)).unwrap();
+        assert_eq!(cat.snapshots_after(SnapshotId(id.0 - 1)).unwrap().len(), 1);
+        assert!(cat.snapshots_after(id).unwrap().is_empty());
     }
 
     #[test]

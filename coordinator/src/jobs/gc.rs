@@ -63,6 +63,7 @@ pub(crate) fn collect(state: &State, min_age: Duration) -> Result<GcReport, Stri
         pins.released.clear();
     }
     let mut report = result?;
+    super::prune::prune_all(state);
     report.duration_ms = started.elapsed().as_millis() as u64;
     info!(
         deleted = report.deleted_chunks,

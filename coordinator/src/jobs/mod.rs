@@ -12,6 +12,7 @@
 //! ```
 
 pub(crate) mod gc;
+pub(crate) mod prune;
 pub(crate) mod retention;
 pub(crate) mod scheduler;
 pub(crate) mod verify;
@@ -204,13 +205,19 @@ pub(crate) mod ops {
             ..SnapshotFilter::default()
         };
         let records = state.catalog.list(&filter).map_err(|e| e.to_string())?;
-        retain(
+        let decisions = retain(
             state,
             &job.retention,
             &records,
             dry_run,
             &format!("job {}", job.name),
-        )
+        )?;
+        if !dry_run {
+            // Failed runs are not snapshots to keep: only the newest few of each agent the
+            // job covers stay, whatever job they name (an agent chooses that name).
+            super::prune::prune_failed(state, |agent| job.matches_agent(agent))?;
+        }
+        Ok(decisions)
     }
 
     /// On a replica: applies `policy` to the snapshots received from peer `peer`.

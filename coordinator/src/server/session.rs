@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleetvault_certs::{Identity, Role};
-use fleetvault_common::protocol::frame::{read_frame, write_frame, FrameError};
+use fleetvault_common::protocol::frame::{
+    read_frame_body, read_frame_max, read_len, write_frame, FrameError, Incoming,
+};
 use fleetvault_common::protocol::{
     close, ErrorCode, Hello, HelloReply, Progress, Push, Request, Response, PROTOCOL_VERSION,
 };
@@ -166,6 +168,13 @@ impl Session {
             })
     }
 
+    /// A request refused because it is over a size limit: logged with the identity, answered
+    /// with the reason.
+    pub(super) fn over_limit(&self, reason: String) -> Failure {
+        warn!(peer = %self.identity, %reason, "request refused: over a limit");
+        Failure::Reply(ErrorCode::BadRequest, reason)
+    }
+
     /// Refuses a request that this role may not make.
     pub(super) fn require(&self, role: Role) -> Result<(), Failure> {
         self.require_any(&[role])
@@ -206,7 +215,28 @@ pub(super) async fn run(incoming: quinn::Incoming, state: Arc<State>, token: Can
         }
     };
     let span = tracing::info_span!("session", peer = %identity, %remote);
+    // Counted for as long as the connection is served.
+    let Some(_slot) = count_connection(&conn, &identity, &state) else {
+        return;
+    };
     serve(conn, identity, state, token).instrument(span).await
+}
+
+/// Counts a connection against its identity's and the global limit; refuses it, with the
+/// reason in the close and a warning naming the identity, when one is reached.
+fn count_connection(
+    conn: &quinn::Connection,
+    identity: &Identity,
+    state: &State,
+) -> Option<crate::limits::ConnectionSlot> {
+    match state.limits.connect(&identity.to_string()) {
+        Ok(slot) => Some(slot),
+        Err(reason) => {
+            warn!(peer = %identity, remote = %conn.remote_address(), %reason, "connection refused");
+            conn.close(close::LIMIT_REACHED.into(), reason.as_bytes());
+            None
+        }
+    }
 }
 
 async fn serve(
@@ -302,22 +332,32 @@ async fn serve(
 }
 
 async fn hello(conn: &quinn::Connection, identity: &Identity) -> Result<String, String> {
-    let accept = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi());
+    // The whole hello, not only its stream, has a deadline: a peer that opens the stream and
+    // never completes the frame is cut off too.
+    let deadline = tokio::time::Instant::now() + crate::limits::HELLO_TIMEOUT;
+    let late = || {
+        let reason = format!(
+            "no hello within {} s",
+            crate::limits::HELLO_TIMEOUT.as_secs()
+        );
+        conn.close(close::LIMIT_REACHED.into(), reason.as_bytes());
+        reason
+    };
+    let accept = tokio::time::timeout_at(deadline, conn.accept_bi());
     let (mut send, mut recv) = match accept.await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(fleetvault_common::describe_connection_error(&e)),
-        Err(_) => {
-            conn.close(close::PROTOCOL_ERROR.into(), b"no hello");
-            return Err("no hello within 10 s".into());
-        }
+        Err(_) => return Err(late()),
     };
-    let hello: Hello = match read_frame(&mut recv).await {
-        Ok(Some(h)) => h,
-        Ok(None) => return Err("stream closed before hello".into()),
-        Err(e) => {
+    let read = read_frame_max(&mut recv, crate::limits::MAX_HELLO_LEN);
+    let hello: Hello = match tokio::time::timeout_at(deadline, read).await {
+        Ok(Ok(Some(h))) => h,
+        Ok(Ok(None)) => return Err("stream closed before hello".into()),
+        Ok(Err(e)) => {
             conn.close(close::PROTOCOL_ERROR.into(), e.to_string().as_bytes());
             return Err(format!("bad hello: {e}"));
         }
+        Err(_) => return Err(late()),
     };
     if hello.protocol != PROTOCOL_VERSION {
         let reason = format!(
@@ -345,15 +385,24 @@ async fn hello(conn: &quinn::Connection, identity: &Identity) -> Result<String, 
         .await
         .map_err(|e| e.to_string())?;
     let _ = send.finish();
-    Ok(hello.software)
+    Ok(crate::limits::clip(
+        &hello.software,
+        crate::limits::MAX_SOFTWARE_CHARS,
+    ))
 }
 
 impl Session {
     async fn stream(self: Arc<Self>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-        let req: Request = match read_frame(&mut recv).await {
-            Ok(Some(r)) => r,
-            Ok(None) => return,
-            Err(e) => return self.protocol_error(&e.to_string()),
+        let first = tokio::time::timeout(
+            crate::limits::FIRST_FRAME_TIMEOUT,
+            self.first_frame(&mut recv),
+        )
+        .await;
+        let req: Request = match first {
+            Ok(Ok(Some(r))) => r,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => return self.protocol_error(&e.to_string()),
+            Err(_) => return self.too_slow(send, recv).await,
         };
         let result = self.dispatch(req, &mut send, &mut recv).await;
         match result {
@@ -365,6 +414,45 @@ impl Session {
             Err(Failure::Protocol(reason)) => return self.protocol_error(&reason),
             Err(Failure::Gone) => return,
         }
+        let _ = send.finish();
+    }
+
+    /// A stream's first frame (the request): at most [`crate::limits::MAX_REQUEST_LEN`]
+    /// bytes, read within this identity's buffer budget.
+    async fn first_frame(
+        &self,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<Option<Request>, FrameError> {
+        let Some(len) = read_len(recv, crate::limits::MAX_REQUEST_LEN).await? else {
+            return Ok(None);
+        };
+        let _held = self
+            .state
+            .limits
+            .buffer(&self.identity.to_string(), len)
+            .await;
+        match read_frame_body::<Request, _>(recv, len).await? {
+            Incoming::Message(req) => Ok(Some(req)),
+            Incoming::Chunk { id, envelope } => Ok(Some(Request::Chunk {
+                id,
+                envelope: envelope.to_vec(),
+            })),
+        }
+    }
+
+    /// Cuts off a stream whose request did not arrive in time, telling the peer why.
+    async fn too_slow(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let message = format!(
+            "no complete request within {} s of opening the stream; stream closed",
+            crate::limits::FIRST_FRAME_TIMEOUT.as_secs()
+        );
+        warn!(peer = %self.identity, reason = %message, "request stream cut off");
+        let _ = recv.stop(close::LIMIT_REACHED.into());
+        let reply = Response::Error {
+            code: ErrorCode::BadRequest,
+            message,
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), write_frame(&mut send, &reply)).await;
         let _ = send.finish();
     }
 
@@ -404,6 +492,7 @@ impl Session {
             }
             Request::Register { sources } => {
                 self.require(Role::Agent)?;
+                crate::limits::check_sources(&sources).map_err(|e| self.over_limit(e))?;
                 let s = sources.clone();
                 self.state
                     .catalog

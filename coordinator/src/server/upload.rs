@@ -12,9 +12,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use fleetvault_certs::Role;
 use fleetvault_common::chunk;
-use fleetvault_common::protocol::frame::{read_frame_or_chunk, write_frame, Incoming};
+use fleetvault_common::protocol::frame::{read_frame_body, read_len, write_frame, Incoming};
 use fleetvault_common::protocol::{
-    Begin, Commit, ErrorCode, Request, Response, MAX_MISSING_BATCH, MAX_PUT_BATCH,
+    Begin, Commit, ErrorCode, Request, Response, MAX_FRAME_LEN, MAX_MISSING_BATCH, MAX_PUT_BATCH,
 };
 use fleetvault_common::{
     ChunkId, ChunkRef, Manifest, SnapshotId, SnapshotRecord, SnapshotStatus, StreamManifest,
@@ -41,10 +41,11 @@ pub(crate) fn read_stream(
     stream: &StreamManifest,
     what: &str,
 ) -> Result<(Vec<u8>, Vec<Vec<u8>>), String> {
-    if stream.len > fleetvault_common::protocol::MAX_FRAME_LEN as u64 * 128 {
+    if stream.len > crate::limits::MAX_MANIFEST_LEN {
         return Err(format!(
-            "snapshot {snapshot}: {what} of {} bytes is too large",
-            stream.len
+            "snapshot {snapshot}: {what} of {} bytes is too large (limit {} MiB)",
+            stream.len,
+            crate::limits::MAX_MANIFEST_LEN >> 20
         ));
     }
     let mut bytes = Vec::with_capacity(stream.len as usize);
@@ -190,17 +191,38 @@ impl Session {
         let mut batch = Vec::new();
         let mut batch_bytes = 0;
         let mut new = 0;
+        // This identity's buffer budget for the frames in `batch` (see `crate::limits`).
+        let mut held = Vec::new();
         for i in 0..count {
-            match read_frame_or_chunk::<Request, _>(recv).await? {
-                Some(Incoming::Chunk { id, envelope }) => {
+            let Some(len) = read_len(recv, MAX_FRAME_LEN).await? else {
+                return Err(Failure::Protocol(format!(
+                    "stream ended after {i} of {count} chunks"
+                )));
+            };
+            let who = self.identity.to_string();
+            let budget = match self.state.limits.try_buffer(&who, len) {
+                Some(b) => b,
+                None => {
+                    // Over budget: write what this stream holds before waiting, so a stream
+                    // never waits while it holds bytes others wait for.
+                    if !batch.is_empty() {
+                        new += self
+                            .write_batch(snapshot, std::mem::take(&mut batch))
+                            .await?;
+                        batch_bytes = 0;
+                        held.clear();
+                    }
+                    self.state.limits.buffer(&who, len).await
+                }
+            };
+            held.push(budget);
+            match read_frame_body::<Request, _>(recv, len).await? {
+                Incoming::Chunk { id, envelope } => {
                     batch_bytes += envelope.len();
                     batch.push((id, envelope));
                 }
-                Some(_) => return Err(Failure::Protocol("expected a chunk frame".into())),
-                None => {
-                    return Err(Failure::Protocol(format!(
-                        "stream ended after {i} of {count} chunks"
-                    )))
+                Incoming::Message(_) => {
+                    return Err(Failure::Protocol("expected a chunk frame".into()))
                 }
             }
             if batch_bytes >= WRITE_BATCH_BYTES || i + 1 == count {
@@ -208,6 +230,7 @@ impl Session {
                     .write_batch(snapshot, std::mem::take(&mut batch))
                     .await?;
                 batch_bytes = 0;
+                held.clear();
             }
         }
         Ok(write_frame(send, &Response::Stored { new }).await?)
@@ -311,6 +334,7 @@ impl Session {
         b.chunker
             .validate()
             .map_err(|e| Failure::Reply(ErrorCode::BadRequest, e))?;
+        self.check_begin(&b).map_err(|e| self.over_limit(e))?;
         let catalog = &self.state.catalog;
         let parent = self.parent_for(&b.source)?;
         let id = catalog.next_id();
@@ -342,12 +366,30 @@ impl Session {
         .await?)
     }
 
+    /// The limits a `Begin` must respect: kind, job and tags bounded, and a bounded number
+    /// of backups in progress on this connection.
+    fn check_begin(&self, b: &Begin) -> Result<(), String> {
+        use crate::limits;
+        limits::check_name("snapshot kind", &b.kind, true)?;
+        limits::check_name("job name", b.job.as_deref().unwrap_or_default(), false)?;
+        limits::check_tags(&b.tags)?;
+        let running = self.running.lock().expect("running lock").len();
+        if running >= limits::MAX_RUNNING_PER_CONNECTION {
+            return Err(format!(
+                "{running} backups in progress on this connection, the limit is {}",
+                limits::MAX_RUNNING_PER_CONNECTION
+            ));
+        }
+        Ok(())
+    }
+
     pub(super) async fn commit(
         self: &Arc<Self>,
-        c: Commit,
+        mut c: Commit,
         send: &mut quinn::SendStream,
     ) -> Result<(), Failure> {
         self.require(Role::Agent)?;
+        c.warnings = crate::limits::clip_warnings(std::mem::take(&mut c.warnings));
         let snapshot = c.snapshot;
         self.require_running(snapshot)?;
         let this = self.clone();
