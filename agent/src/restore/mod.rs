@@ -151,7 +151,11 @@ pub(crate) async fn run(
     let result = tokio::task::spawn_blocking(move || {
         let mut reasm = Reassembler::new(snapshot, rx);
         let r = write_sink(&mut reasm, &manifest, &target, &sink_written);
-        r.and_then(|()| reasm.finish())
+        // A new file gets its name only after the coordinator has ended the stream cleanly.
+        r.and_then(|pending| {
+            reasm.finish()?;
+            pending.map_or(Ok(()), NewFile::finish)
+        })
     })
     .await
     .context("restore task panicked");
@@ -212,19 +216,20 @@ fn relocate(
     Ok(out)
 }
 
-/// Feeds the sink from the reassembler (blocking).
+/// Feeds the sink from the reassembler (blocking); a stream restored to a file is returned
+/// whole and synced but not yet under its name, for the caller to finish.
 fn write_sink(
     reasm: &mut Reassembler,
     manifest: &Manifest,
     target: &Target,
     written: &AtomicU64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<NewFile>> {
     match (manifest, target) {
         (Manifest::Tree(tree), Target::Path(dir)) => {
             files_sink::restore_tree(dir, tree, &mut |r| reasm.next(r), &mut |n| {
                 written.fetch_add(n, Ordering::Relaxed);
             })?;
-            Ok(())
+            Ok(None)
         }
         (Manifest::Tree(tree), Target::InPlace { paths }) => {
             files_sink::check_within(tree, paths)?;
@@ -232,18 +237,18 @@ fn write_sink(
             files_sink::restore_tree(root, tree, &mut |r| reasm.next(r), &mut |n| {
                 written.fetch_add(n, Ordering::Relaxed);
             })?;
-            Ok(())
+            Ok(None)
         }
         (Manifest::Tree(tree), Target::Relocated { dir, from }) => {
             let tree = relocate(tree, from)?;
             files_sink::restore_tree(dir, &tree, &mut |r| reasm.next(r), &mut |n| {
                 written.fetch_add(n, Ordering::Relaxed);
             })?;
-            Ok(())
+            Ok(None)
         }
         (_, Target::Database(r)) => {
             let rt = tokio::runtime::Handle::current();
-            db_sink::restore(r, manifest, reasm, written, &rt)
+            db_sink::restore(r, manifest, reasm, written, &rt).map(|()| None)
         }
         (Manifest::Tree(_), _) => bail!("a files snapshot needs a target directory (--target DIR)"),
         (Manifest::Stream(_), Target::Relocated { .. }) => {
@@ -256,13 +261,14 @@ fn write_sink(
             let out = std::io::stdout();
             let mut out = out.lock();
             reasm.stream(stream, &mut out, written)?;
-            out.flush().context("writing to stdout")
+            out.flush().context("writing to stdout")?;
+            Ok(None)
         }
         (Manifest::Stream(stream), Target::Path(path)) => {
             // Under a temporary name until whole and synced; removed if the restore fails.
             let mut f = NewFile::create(path)?;
             reasm.stream(stream, &mut f, written)?;
-            f.finish()
+            Ok(Some(f))
         }
         (Manifest::Stream(stream), Target::Command(cmd)) => {
             let mut child = ShellCommand::spawn(
@@ -276,7 +282,8 @@ fn write_sink(
             match reasm.stream(stream, &mut stdin, written) {
                 Ok(()) => {
                     drop(stdin);
-                    child.finish().map_err(|e| anyhow!(e))
+                    child.finish().map_err(|e| anyhow!(e))?;
+                    Ok(None)
                 }
                 Err(e) => {
                     // Kill before closing stdin: the command must not see a clean end of a
