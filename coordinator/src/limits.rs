@@ -145,10 +145,7 @@ pub(crate) struct Buffered {
 
 impl Limits {
     /// Counts a new connection of `identity`, or says which limit refuses it.
-    pub(crate) fn connect(
-        self: &Arc<Self>,
-        identity: &str,
-    ) -> Result<ConnectionSlot, String> {
+    pub(crate) fn connect(self: &Arc<Self>, identity: &str) -> Result<ConnectionSlot, String> {
         let mut total = self.total.lock().expect("total lock");
         if *total >= MAX_CONNECTIONS {
             return Err(format!(
@@ -264,7 +261,9 @@ pub(crate) fn check_tags(tags: &[String]) -> Result<(), String> {
 
 /// Refuses more than [`MAX_SOURCES`] sources, or a source whose name or kind is empty, too
 /// long or holds a control character.
-pub(crate) fn check_sources(sources: &[fleetvault_common::protocol::SourceInfo]) -> Result<(), String> {
+pub(crate) fn check_sources(
+    sources: &[fleetvault_common::protocol::SourceInfo],
+) -> Result<(), String> {
     if sources.len() > MAX_SOURCES {
         return Err(format!(
             "{} sources registered, the limit is {MAX_SOURCES}",
@@ -322,7 +321,9 @@ mod tests {
     #[test]
     fn an_identity_at_its_budget_waits_and_others_do_not() {
         let limits = Limits::default();
-        let full = limits.try_buffer("agent/a", MAX_BUFFERED_PER_IDENTITY).unwrap();
+        let full = limits
+            .try_buffer("agent/a", MAX_BUFFERED_PER_IDENTITY)
+            .unwrap();
         assert!(limits.try_buffer("agent/a", 1).is_none());
         assert!(limits.try_buffer("agent/b", 16 << 20).is_some());
         drop(full);
@@ -342,7 +343,11 @@ mod tests {
         let w = clip_warnings(vec!["w".repeat(5000); MAX_WARNINGS + 7]);
         assert_eq!(w.len(), MAX_WARNINGS + 1);
         assert!(w[0].chars().count() <= MAX_WARNING_CHARS + 1);
-        assert!(w[MAX_WARNINGS].contains("7 more warnings"), "{:?}", w.last());
+        assert!(
+            w[MAX_WARNINGS].contains("7 more warnings"),
+            "{:?}",
+            w.last()
+        );
         assert!(validate_job_timeout(0).is_err());
         assert!(validate_job_timeout(60).is_ok());
         assert!(validate_job_timeout(MAX_JOB_TIMEOUT_SECS + 1).is_err());

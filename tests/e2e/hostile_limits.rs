@@ -11,7 +11,7 @@ use fleetvault_common::protocol::{
 };
 use fleetvault_common::{ChunkId, ChunkerParams, Client, ClientError, Credentials, SnapshotId};
 use fleetvault_tests::report::snapshot_id;
-use fleetvault_tests::{Agent, CommandSource, Coordinator};
+use fleetvault_tests::{bin, run, Agent, CommandSource, Coordinator, COMMAND_TIMEOUT};
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
@@ -99,6 +99,24 @@ fn one_certificate_cannot_exhaust_connections_streams_or_hellos() -> anyhow::Res
             "{refusal}"
         );
 
+        // A hello that never completes: the connection is closed within the hello deadline.
+        // (One held connection makes room for it first.)
+        held.pop().expect("connections held").close().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let endpoint = fleetvault_common::client_endpoint(&creds(&evil)?)?;
+        let raw = fleetvault_common::connect(&endpoint, addr(&coordinator)?, "localhost").await?;
+        let (mut send, _recv) = raw.open_bi().await?;
+        send.write_all(&[3, 0]).await?;
+        let closed = tokio::time::timeout(Duration::from_secs(30), raw.closed()).await?;
+        match &closed {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                assert_eq!(c.error_code, quinn::VarInt::from_u32(close::LIMIT_REACHED));
+                let reason = String::from_utf8_lossy(&c.reason);
+                assert!(reason.contains("no hello within"), "{reason}");
+            }
+            other => anyhow::bail!("stalled hello not closed with the reason: {other}"),
+        }
+
         // Request streams: at most 64 at once per connection. Each stream here sends one byte
         // of a length prefix and stalls; the client cannot open more than the limit.
         let client = &held[0];
@@ -119,30 +137,17 @@ fn one_certificate_cannot_exhaust_connections_streams_or_hellos() -> anyhow::Res
             stalled.len()
         );
 
-        // A hello that never completes: the connection is closed within the hello deadline.
-        let endpoint = fleetvault_common::client_endpoint(&creds(&evil)?)?;
-        let raw = fleetvault_common::connect(&endpoint, addr(&coordinator)?, "localhost").await?;
-        let (mut send, _recv) = raw.open_bi().await?;
-        send.write_all(&[3, 0]).await?;
-        let closed = tokio::time::timeout(Duration::from_secs(30), raw.closed()).await?;
-        match &closed {
-            quinn::ConnectionError::ApplicationClosed(c) => {
-                assert_eq!(c.error_code, quinn::VarInt::from_u32(close::LIMIT_REACHED));
-                let reason = String::from_utf8_lossy(&c.reason);
-                assert!(reason.contains("no hello within"), "{reason}");
-            }
-            other => anyhow::bail!("stalled hello not closed with the reason: {other}"),
-        }
-
         // The stalled requests are cut off after the first-frame deadline, each told why.
-        let (_send, recv) = &mut stalled[0];
-        let reply = tokio::time::timeout(Duration::from_secs(40), read_frame::<Response, _>(recv))
-            .await??;
-        match reply {
-            Some(Response::Error { message, .. }) => {
-                assert!(message.contains("no complete request within"), "{message}")
+        for (_send, recv) in &mut stalled {
+            let reply =
+                tokio::time::timeout(Duration::from_secs(40), read_frame::<Response, _>(recv))
+                    .await??;
+            match reply {
+                Some(Response::Error { message, .. }) => {
+                    assert!(message.contains("no complete request within"), "{message}")
+                }
+                other => anyhow::bail!("stalled stream not cut off with a reason: {other:?}"),
             }
-            other => anyhow::bail!("stalled stream not cut off with a reason: {other:?}"),
         }
         drop(stalled);
         // The connection itself still serves requests.
@@ -156,7 +161,10 @@ fn one_certificate_cannot_exhaust_connections_streams_or_hellos() -> anyhow::Res
         // Oversized strings are refused with the reason.
         let long = "k".repeat(10_000);
         let message = refused(client, &begin("s", &long, None, Vec::new())).await?;
-        assert!(message.contains("snapshot kind of 10000 bytes is too long"), "{message}");
+        assert!(
+            message.contains("snapshot kind of 10000 bytes is too long"),
+            "{message}"
+        );
         let message = refused(client, &begin("s", "command", Some(&long), Vec::new())).await?;
         assert!(message.contains("job name of 10000 bytes"), "{message}");
         let tags = vec!["t".to_owned(); 1000];
@@ -180,8 +188,8 @@ fn one_certificate_cannot_exhaust_connections_streams_or_hellos() -> anyhow::Res
         let victim = held.pop().expect("connections held");
         let (mut send, _recv) = victim.connection().open_bi().await?;
         let _ = write_frame(&mut send, &Request::Register { sources }).await;
-        let closed = tokio::time::timeout(Duration::from_secs(20), victim.connection().closed())
-            .await?;
+        let closed =
+            tokio::time::timeout(Duration::from_secs(20), victim.connection().closed()).await?;
         assert!(
             matches!(&closed, quinn::ConnectionError::ApplicationClosed(c)
                 if c.error_code == quinn::VarInt::from_u32(close::PROTOCOL_ERROR)
@@ -196,7 +204,9 @@ fn one_certificate_cannot_exhaust_connections_streams_or_hellos() -> anyhow::Res
     assert_eq!(report["status"], "completed", "{report}");
     let id = snapshot_id(&report)?;
     let out = tempfile::NamedTempFile::new()?;
-    honest.restore_to_stdout(&id, out.path())?.ensure_success()?;
+    honest
+        .restore_to_stdout(&id, out.path())?
+        .ensure_success()?;
     assert_eq!(std::fs::metadata(out.path())?.len(), 3_000_000);
     rt.block_on(async {
         for c in held {
@@ -211,7 +221,10 @@ fn one_certificate_cannot_exhaust_connections_streams_or_hellos() -> anyhow::Res
         "request refused: over a limit",
         "no hello within",
     ] {
-        assert!(log.contains(line), "no {line:?} in the coordinator's log:\n{log}");
+        assert!(
+            log.contains(line),
+            "no {line:?} in the coordinator's log:\n{log}"
+        );
     }
     assert!(
         log.lines()
@@ -251,9 +264,11 @@ fn a_pushed_job_past_its_deadline_frees_its_backup_slot() -> anyhow::Result<()> 
     coordinator.wait_agent_connected("honest-02", Duration::from_secs(60))?;
 
     std::thread::scope(|scope| -> anyhow::Result<()> {
-        let stuck = scope.spawn(|| {
-            coordinator.cli(&["backup", "--agent", "evil-02", "--source", "db", "--json"])
-        });
+        let mut cmd = std::process::Command::new(bin("fleetvault-coordinator")?);
+        cmd.args(["backup", "--agent", "evil-02", "--source", "db", "--json"])
+            .arg("--data-dir")
+            .arg(coordinator.data_dir());
+        let stuck = scope.spawn(move || run(&mut cmd, COMMAND_TIMEOUT));
         // Let the stuck job take the only slot, then ask for an honest backup.
         std::thread::sleep(Duration::from_secs(1));
         let started = Instant::now();
@@ -325,9 +340,14 @@ fn retention_prunes_failed_runs_and_gc_prunes_chunk_refs() -> anyhow::Result<()>
         }
         // 25 failed runs of one source under the job's name, 4 of another under no job.
         for i in 0..29 {
-            let (source, job) = if i < 25 { ("s", Some("nightly")) } else { ("t", None) };
-            let Response::Begun { snapshot, .. } =
-                client.call(&begin(source, "command", job, Vec::new())).await?
+            let (source, job) = if i < 25 {
+                ("s", Some("nightly"))
+            } else {
+                ("t", None)
+            };
+            let Response::Begun { snapshot, .. } = client
+                .call(&begin(source, "command", job, Vec::new()))
+                .await?
             else {
                 anyhow::bail!("no Begun");
             };
@@ -378,7 +398,11 @@ fn retention_prunes_failed_runs_and_gc_prunes_chunk_refs() -> anyhow::Result<()>
         else {
             anyhow::bail!("no Missing");
         };
-        assert_eq!(missing.len(), ids.len(), "refs of a deleted snapshot survived GC");
+        assert_eq!(
+            missing.len(),
+            ids.len(),
+            "refs of a deleted snapshot survived GC"
+        );
         client.close().await;
         anyhow::Ok(())
     })?;
