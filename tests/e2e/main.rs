@@ -17,6 +17,7 @@ mod mongodb;
 mod postgres;
 mod push;
 mod replication;
+mod revocation;
 mod schedule;
 mod security;
 mod shutdown;
