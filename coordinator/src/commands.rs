@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -39,26 +39,61 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// Writes `bytes` to a new file with `mode`, replacing nothing unless `overwrite`.
+/// Writes `bytes` to `path` with exactly `mode` (whatever the umask), replacing nothing
+/// unless `overwrite`.
+///
+/// The bytes go to a new temp file beside `path` (created with `O_EXCL | O_NOFOLLOW`), which
+/// is fsynced and then renamed over `path` (or hard-linked to it when nothing may be
+/// replaced), and the directory is fsynced. So an existing file's mode is never kept, a
+/// symlink at `path` is replaced and never followed, and a crash leaves either the old file or
+/// the new one under `path`, never a partial one.
 pub(crate) fn write_file(
     path: &Path,
     bytes: &[u8],
     mode: u32,
     overwrite: bool,
 ) -> anyhow::Result<()> {
-    let mut opts = fs::OpenOptions::new();
-    opts.write(true).mode(mode);
-    if overwrite {
-        opts.create(true).truncate(true);
-    } else {
-        opts.create_new(true);
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("generating a temp name: {e}"))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        hex::encode(nonce)
+    ));
+    let written = (|| -> anyhow::Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        // The umask may have taken bits away: the mode is exactly the one asked.
+        f.set_permissions(fs::Permissions::from_mode(mode))
+            .and_then(|_| f.write_all(bytes))
+            .and_then(|_| f.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        if overwrite {
+            #[allow(clippy::disallowed_methods)] // a credential or config file, not a chunk
+            fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+        } else {
+            // link(2) never replaces: an existing file (or symlink) at `path` is an error.
+            fs::hard_link(&tmp, path).with_context(|| format!("creating {}", path.display()))?;
+            fs::remove_file(&tmp).with_context(|| format!("removing {}", tmp.display()))
+        }
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
     }
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", path.display()))
+    written?;
+    crate::store::sync_dir(dir).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Creates `dir` (and its parents) private to this user.
@@ -175,10 +210,31 @@ pub(crate) fn issue_agent(
             toml_path.display()
         );
     }
+    // Issuing a name again revokes its earlier certificates: only on purpose.
+    // An unreadable record is replaced too (with --force): that is how it is repaired.
+    let previous = match crate::issued::AgentRecord::read(root, name) {
+        Ok(rec) => rec.map(|r| {
+            format!(
+                "certificate serial {}, issued {} UTC",
+                r.serial,
+                report::format_time(r.issued_ms)
+            )
+        }),
+        Err(e) => Some(e.to_string()),
+    };
+    if let (Some(prev), false) = (&previous, force) {
+        bail!("agent {name} was already issued ({prev}); issuing it again revokes that certificate: use --force");
+    }
     create_private_dir(out)?;
+    create_private_dir(&crate::issued::records_dir(root))?;
     let cert = ca
         .issue(Role::Agent, name, &[])
         .with_context(|| format!("issuing a certificate for agent {name}"))?;
+    let der = fleetvault_common::pem_certificates_der(cert.cert_pem.as_bytes(), "the new certificate")?
+        .into_iter()
+        .next()
+        .context("the new certificate has no PEM block")?;
+    let record = crate::issued::AgentRecord::new(name, &der, &cert.serial_hex, crate::clock::now_ms());
     write_file(&out.join("ca.pem"), ca.cert_pem().as_bytes(), 0o644, true)?;
     write_file(
         &out.join("agent.pem"),
@@ -217,7 +273,26 @@ key = "agent.key"
         server_name = cfg.server_name,
     );
     write_file(&toml_path, text.as_bytes(), 0o600, true)?;
-    println!("issued agent {name}: {}", toml_path.display());
+    // Last: the new certificate is accepted (and the earlier ones refused, by a running
+    // coordinator within seconds) only once everything for it is written.
+    write_file(
+        &crate::issued::record_path(root, name),
+        record.to_toml().context("encoding the certificate record")?.as_bytes(),
+        0o600,
+        true,
+    )?;
+    match previous {
+        Some(prev) => println!(
+            "issued agent {name}: {} (certificate serial {}); every earlier certificate of {name} is now refused (replaced: {prev})",
+            toml_path.display(),
+            cert.serial_hex,
+        ),
+        None => println!(
+            "issued agent {name}: {} (certificate serial {})",
+            toml_path.display(),
+            cert.serial_hex
+        ),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -4,6 +4,7 @@
 //! DIR/coordinator.toml   listen address, server name, jobs, replicas, peers
 //! DIR/tls/               fleet CA (ca.pem, ca.key), coordinator and operator certificates
 //! DIR/tls/peers/         the peer certificates `issue-peer` issued (retired/ after promote)
+//! DIR/tls/agents/        NAME.toml: the certificate `issue-agent` issued last per agent
 //! DIR/replicas/NAME/     a replica's CA and our peer credentials for it (as the README says)
 //! DIR/store/             chunks and immutable snapshot records (see store/)
 //! DIR/catalog/           sled catalog (see catalog/)

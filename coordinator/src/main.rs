@@ -7,6 +7,7 @@ mod commands;
 mod config;
 mod download;
 mod fault;
+mod issued;
 mod jobs;
 mod limits;
 mod push;
@@ -65,7 +66,9 @@ enum Command {
         #[command(flatten)]
         dir: DataDirArg,
     },
-    /// Issue an agent certificate and write a ready-to-use agent.toml into OUTDIR.
+    /// Issue an agent certificate and write a ready-to-use agent.toml into OUTDIR. The
+    /// coordinator accepts only the certificate issued last for a name: issuing it again
+    /// revokes the earlier ones (a running coordinator closes their connections within seconds).
     IssueAgent {
         /// Agent (host) name, e.g. db-01.
         name: String,
@@ -74,7 +77,8 @@ enum Command {
         /// Where to write agent.toml, ca.pem, agent.pem and agent.key.
         #[arg(long)]
         out: PathBuf,
-        /// Overwrite an existing agent.toml in OUTDIR.
+        /// Overwrite an existing agent.toml in OUTDIR, and replace (revoke) the certificate
+        /// issued earlier for NAME.
         #[arg(long)]
         force: bool,
     },

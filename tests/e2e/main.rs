@@ -22,6 +22,7 @@ mod mongodb;
 mod postgres;
 mod push;
 mod replication;
+mod revocation;
 mod schedule;
 mod security;
 mod shutdown;

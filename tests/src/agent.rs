@@ -88,6 +88,19 @@ impl Agent {
         Ok(agent)
     }
 
+    /// `issue-agent NAME --out DIR --force` into this agent's own config dir: a new
+    /// certificate and key replace the old ones (and the coordinator stops accepting those).
+    /// The sources appended to agent.toml are lost with it.
+    pub fn reissue(&self, coordinator: &Coordinator) -> anyhow::Result<Output> {
+        coordinator.cli(&[
+            "issue-agent",
+            &self.name,
+            "--out",
+            self.conf_dir.to_str().context("temp path is not UTF-8")?,
+            "--force",
+        ])
+    }
+
     /// The agent's name.
     pub fn name(&self) -> &str {
         &self.name

@@ -245,12 +245,17 @@ async fn serve(
     state: Arc<State>,
     token: CancellationToken,
 ) {
+    // An agent certificate counts only while it is the one `issue-agent` issued last for
+    // that name (crate::issued): re-issuing revokes the earlier ones.
+    let der = fleetvault_common::peer_certificate_der(&conn).unwrap_or_default();
+    if identity.role == Role::Agent && !agent_certificate_current(&conn, &identity, &der, &state) {
+        return;
+    }
     let allowed = match identity.role {
         Role::Agent | Role::Operator => true,
         // A peer certificate counts only while it is the one `issue-peer` recorded for that
         // name: `promote` retires them.
-        Role::Peer => fleetvault_common::peer_certificate_der(&conn)
-            .is_some_and(|der| state.peer_allowed(&identity.name, &der)),
+        Role::Peer => state.peer_allowed(&identity.name, &der),
         Role::Coordinator => false,
     };
     if !allowed {
@@ -287,6 +292,11 @@ async fn serve(
         uploaded: Mutex::default(),
     });
     let streams = TaskTracker::new();
+    if session.identity.role == Role::Agent {
+        streams.spawn(
+            watch_agent_certificate(session.clone(), der, token.clone()).in_current_span(),
+        );
+    }
     loop {
         tokio::select! {
             _ = token.cancelled() => break,
@@ -329,6 +339,53 @@ async fn serve(
         .lock()
         .expect("pins lock")
         .release(conn.stable_id());
+}
+
+/// How often a connected agent's certificate is checked against its name's record again.
+const AGENT_RECHECK: Duration = Duration::from_secs(2);
+
+/// Whether `der` is the certificate issued last for agent `identity` (or its name predates
+/// the records); if not, closes the connection with the reason, before the hello.
+fn agent_certificate_current(
+    conn: &quinn::Connection,
+    identity: &Identity,
+    der: &[u8],
+    state: &State,
+) -> bool {
+    match crate::issued::check(&state.root, &identity.name, der) {
+        Ok(crate::issued::Admission::Current) => true,
+        Ok(crate::issued::Admission::Unrecorded) => {
+            debug!("agent certificate issued before certificate records; accepted until re-issued");
+            true
+        }
+        Err(refusal) => {
+            warn!(agent = %identity.name, reason = %refusal, "refusing a replaced agent certificate");
+            conn.close(close::NOT_AUTHORIZED.into(), refusal.to_string().as_bytes());
+            false
+        }
+    }
+}
+
+/// Closes an agent's connection within [`AGENT_RECHECK`] of its certificate being replaced
+/// (`issue-agent --force`, run by another process while this connection is up).
+async fn watch_agent_certificate(session: Arc<Session>, der: Vec<u8>, token: CancellationToken) {
+    let conn = &session.conn;
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = conn.closed() => return,
+            _ = tokio::time::sleep(AGENT_RECHECK) => {}
+        }
+        let (root, name) = (session.state.root.clone(), session.name().to_owned());
+        let der = der.clone();
+        let checked =
+            tokio::task::spawn_blocking(move || crate::issued::check(&root, &name, &der)).await;
+        if let Ok(Err(refusal)) = checked {
+            warn!(agent = session.name(), reason = %refusal, "closing the connection of a replaced agent certificate");
+            conn.close(close::NOT_AUTHORIZED.into(), refusal.to_string().as_bytes());
+            return;
+        }
+    }
 }
 
 async fn hello(conn: &quinn::Connection, identity: &Identity) -> Result<String, String> {
