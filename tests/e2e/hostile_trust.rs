@@ -170,7 +170,7 @@ fn a_bundle_naming_another_hosts_snapshot_is_refused_at_commit() -> anyhow::Resu
         let client = connect(&coordinator, &evil).await?;
         let own = own_stream(&client, "own", "command", b"evil's own part").await?;
         let own_id = own.id.to_string();
-        let ghost = SnapshotId(victim_id.parse::<u64>()? + 1_000_000).to_string();
+        let ghost = SnapshotId(victim_id.parse::<SnapshotId>()?.0 + 1_000_000).to_string();
         let mut refusals = Vec::new();
         for listed in [&victim_id, &ghost] {
             let index = bundle_index(&[own_id.clone(), listed.clone()]);
@@ -273,14 +273,14 @@ fn replies_are_the_same_whether_or_not_another_host_stored_a_chunk() -> anyhow::
         assert_eq!(put(&client, s, &[secret.as_bytes()]).await?, 1);
         assert_eq!(put(&client, s, &[b"content nobody stored"]).await?, 1);
         assert_eq!(put(&client, s, &[secret.as_bytes()]).await?, 0);
+        // (Its manifest is the one the probes above uploaded already on this connection.)
         let m = Manifest::Stream(stream(secret.as_bytes()));
-        let encoded = m.encode();
         let sum = stream(secret.as_bytes()).checksum;
         let rec = committed(commit_manifest(&client, s, &m, Some(sum)).await?)?;
-        assert_eq!(rec.new_chunks, 3, "{rec:?}");
+        assert_eq!(rec.new_chunks, 2, "{rec:?}");
         assert_eq!(
             rec.new_bytes,
-            (secret.len() + b"content nobody stored".len() + encoded.len()) as u64,
+            (secret.len() + b"content nobody stored".len()) as u64,
             "{rec:?}"
         );
         client.close().await;
@@ -356,7 +356,7 @@ fn gc_collects_for_everyone_else_when_one_snapshots_manifest_is_unreadable() -> 
     coordinator.append_config("gc_min_age_secs = 0\n")?;
     coordinator.serve()?;
     let broken = coordinator.agent("broken-01")?;
-    let data = "the broken host's data";
+    let data = "the broken host data";
     let before = coordinator.chunk_files()?;
     let broken_id = honest_backup(&broken, "db", data)?;
     let data_hex = ChunkId::of(data.as_bytes()).to_hex();
