@@ -11,9 +11,9 @@
 //!   resume.
 //!
 //! A ref is deleted only when it cannot be in use: its owner had no backup in progress when
-//!   the snapshots were listed and has begun none since, and the chunk is not pinned by a
-//!   running backup; both are checked under the pins lock, which a "which are missing?" answer
-//!   and an upload also take.
+//! the snapshots were listed and has begun none since, and the chunk is not pinned by a
+//! running backup; both are checked under the pins lock, which a "which are missing?" answer
+//! and an upload also take.
 
 use std::collections::{BTreeMap, HashSet};
 
