@@ -230,11 +230,13 @@ pub(crate) fn issue_agent(
     let cert = ca
         .issue(Role::Agent, name, &[])
         .with_context(|| format!("issuing a certificate for agent {name}"))?;
-    let der = fleetvault_common::pem_certificates_der(cert.cert_pem.as_bytes(), "the new certificate")?
-        .into_iter()
-        .next()
-        .context("the new certificate has no PEM block")?;
-    let record = crate::issued::AgentRecord::new(name, &der, &cert.serial_hex, crate::clock::now_ms());
+    let der =
+        fleetvault_common::pem_certificates_der(cert.cert_pem.as_bytes(), "the new certificate")?
+            .into_iter()
+            .next()
+            .context("the new certificate has no PEM block")?;
+    let record =
+        crate::issued::AgentRecord::new(name, &der, &cert.serial_hex, crate::clock::now_ms());
     write_file(&out.join("ca.pem"), ca.cert_pem().as_bytes(), 0o644, true)?;
     write_file(
         &out.join("agent.pem"),
@@ -277,7 +279,10 @@ key = "agent.key"
     // coordinator within seconds) only once everything for it is written.
     write_file(
         &crate::issued::record_path(root, name),
-        record.to_toml().context("encoding the certificate record")?.as_bytes(),
+        record
+            .to_toml()
+            .context("encoding the certificate record")?
+            .as_bytes(),
         0o600,
         true,
     )?;

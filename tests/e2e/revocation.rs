@@ -87,17 +87,15 @@ fn reissuing_an_agent_revokes_its_old_certificate_at_once_and_after_a_restart() 
     let elsewhere = scratch("elsewhere")?;
     let out = elsewhere.path().join("conf");
     let err = coordinator
-        .cli(&[
-            "issue-agent",
-            "host-a",
-            "--out",
-            out.to_str().unwrap(),
-        ])?
+        .cli(&["issue-agent", "host-a", "--out", out.to_str().unwrap()])?
         .ensure_failure()?;
     assert!(err.contains("--force"), "{err}");
     assert!(!out.join("agent.key").exists());
     let rt = runtime()?;
-    rt.block_on(async { hello(&coordinator, &stale).await?.close().await; anyhow::Ok(()) })?;
+    rt.block_on(async {
+        hello(&coordinator, &stale).await?.close().await;
+        anyhow::Ok(())
+    })?;
 
     // The operator re-issues host-a while serve runs: the old link is closed within seconds.
     agent.reissue(&coordinator)?.ensure_success()?;
@@ -111,12 +109,16 @@ fn reissuing_an_agent_revokes_its_old_certificate_at_once_and_after_a_restart() 
         "the old certificate's connection lived {:?} after the re-issue",
         reissued.elapsed()
     );
-    assert!(line.contains("host-a") && line.contains("replaced"), "{line}");
+    assert!(
+        line.contains("host-a") && line.contains("replaced"),
+        "{line}"
+    );
     let log = serve_log(&coordinator);
     assert!(
-        log.lines()
-            .any(|l| l.contains("closing the connection of a replaced agent certificate")
-                && l.contains("host-a")),
+        log.lines().any(
+            |l| l.contains("closing the connection of a replaced agent certificate")
+                && l.contains("host-a")
+        ),
         "no logged reason naming the agent in the coordinator's log:\n{log}"
     );
 
@@ -124,15 +126,19 @@ fn reissuing_an_agent_revokes_its_old_certificate_at_once_and_after_a_restart() 
     // reason, and logged; the full client gets nowhere either.
     rt.block_on(async {
         let reason = refused_after_handshake(&coordinator, &stale, Duration::from_secs(5)).await?;
-        assert!(reason.contains("host-a") && reason.contains("replaced"), "{reason}");
+        assert!(
+            reason.contains("host-a") && reason.contains("replaced"),
+            "{reason}"
+        );
         let refused = hello(&coordinator, &stale).await;
         assert!(refused.is_err(), "the old certificate said hello");
         anyhow::Ok(())
     })?;
     let log = serve_log(&coordinator);
     assert!(
-        log.lines().any(|l| l.contains("refusing a replaced agent certificate")
-            && l.contains("agent host-a")),
+        log.lines()
+            .any(|l| l.contains("refusing a replaced agent certificate")
+                && l.contains("agent host-a")),
         "no logged refusal naming the agent:\n{log}"
     );
 
@@ -197,13 +203,15 @@ fn an_agent_issued_before_certificate_records_works_until_it_is_reissued() -> an
         &old.path().join("new").join("agent.pem"),
         &old.path().join("new").join("agent.key"),
     )?;
-    rt.block_on(async { hello(&coordinator, &fresh).await?.close().await; anyhow::Ok(()) })?;
+    rt.block_on(async {
+        hello(&coordinator, &fresh).await?.close().await;
+        anyhow::Ok(())
+    })?;
     Ok(())
 }
 
 #[test]
-fn reissue_writes_exact_modes_and_replaces_symlinks_without_following_them() -> anyhow::Result<()>
-{
+fn reissue_writes_exact_modes_and_replaces_symlinks_without_following_them() -> anyhow::Result<()> {
     let coordinator = Coordinator::init()?;
     let agent = coordinator.agent("host-m")?;
     let conf = agent.conf_dir();
@@ -213,7 +221,10 @@ fn reissue_writes_exact_modes_and_replaces_symlinks_without_following_them() -> 
     std::fs::write(&decoy_pem, "not a certificate\n")?;
     std::fs::write(&decoy_toml, "not a config\n")?;
     // A key left readable by everyone, and two files that point elsewhere.
-    std::fs::set_permissions(conf.join("agent.key"), std::fs::Permissions::from_mode(0o644))?;
+    std::fs::set_permissions(
+        conf.join("agent.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )?;
     for (file, target) in [("agent.pem", &decoy_pem), ("agent.toml", &decoy_toml)] {
         std::fs::remove_file(conf.join(file))?;
         std::os::unix::fs::symlink(target, conf.join(file))?;

@@ -293,9 +293,8 @@ async fn serve(
     });
     let streams = TaskTracker::new();
     if session.identity.role == Role::Agent {
-        streams.spawn(
-            watch_agent_certificate(session.clone(), der, token.clone()).in_current_span(),
-        );
+        streams
+            .spawn(watch_agent_certificate(session.clone(), der, token.clone()).in_current_span());
     }
     loop {
         tokio::select! {
@@ -381,7 +380,7 @@ async fn watch_agent_certificate(session: Arc<Session>, der: Vec<u8>, token: Can
         let checked =
             tokio::task::spawn_blocking(move || crate::issued::check(&root, &name, &der)).await;
         if let Ok(Err(refusal)) = checked {
-            warn!(agent = session.name(), reason = %refusal, "closing the connection of a replaced agent certificate");
+            warn!(agent = %session.name(), reason = %refusal, "closing the connection of a replaced agent certificate");
             conn.close(close::NOT_AUTHORIZED.into(), refusal.to_string().as_bytes());
             return;
         }
