@@ -779,6 +779,7 @@ mod tests {
                         }
                         std::thread::sleep(std::time::Duration::from_millis(10));
                     }
+                    #[allow(clippy::disallowed_methods)] // the local user's move, not a restore's
                     fs::rename(t.join("d"), t.join("d.moved")).unwrap();
                     std::os::unix::fs::symlink(&o, t.join("d")).unwrap();
                 }
