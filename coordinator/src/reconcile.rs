@@ -1,5 +1,5 @@
 //! Start-up reconciliation: makes the catalog agree with the store's immutable snapshot records
-//! (DESIGN.md rule 10) after a crash at any point.
+//! (docs/architecture.md rule 10) after a crash at any point.
 //!
 //! Every writer of a completed snapshot writes its store record first and the catalog second
 //! (a commit: `write_record`, then `finish`; a replicated commit: `write_record`, then `adopt`;

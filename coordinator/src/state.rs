@@ -21,7 +21,7 @@ pub(crate) struct State {
     /// The `[[jobs]]` of `coordinator.toml`, replaced on SIGHUP.
     pub(crate) jobs: std::sync::RwLock<Vec<crate::jobs::JobConfig>>,
     /// Chunks that running backups were told are present or have uploaded, per connection:
-    /// garbage collection never deletes them (DESIGN.md rule 9). The lock also serializes a
+    /// garbage collection never deletes them (docs/architecture.md rule 9). The lock also serializes a
     /// "which are missing?" answer with a deletion of the same chunk.
     pub(crate) pins: Mutex<Pins>,
     /// Held by the garbage collection that runs: one at a time, operator's or scheduled

@@ -1,4 +1,4 @@
-//! Garbage collection is safe while backups run (DESIGN.md rule 9): collections run in a loop
+//! Garbage collection is safe while backups run (docs/architecture.md rule 9): collections run in a loop
 //! while the same data is deleted and backed up again (every chunk a dedup hit of a snapshot
 //! that was just deleted) and fresh data arrives; afterwards every completed snapshot restores
 //! to its checksum. A coordinator killed in the middle of a collection loses nothing either.

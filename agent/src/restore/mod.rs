@@ -1,6 +1,6 @@
 //! One restore: the coordinator streams the snapshot's chunks (manifest first, then data in
 //! manifest order); the [`Reassembler`] verifies every chunk against the manifest and the
-//! whole stream against its checksum before a restore is reported successful (DESIGN.md
+//! whole stream against its checksum before a restore is reported successful (docs/architecture.md
 //! rule 4). Damage is reported with the snapshot and the chunk named.
 //!
 //! ```text

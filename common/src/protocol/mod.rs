@@ -14,7 +14,7 @@
 //! - **Requests.** Every later exchange is one bidirectional stream opened by the client, whose
 //!   first frame is a [`Request`] and whose replies are [`Response`] frames:
 //!   - `Missing { ids }` → `Missing { ids }`: which of these chunks must be uploaded. The answer
-//!     is scoped to what this agent already references (see `DESIGN.md`, Trust), so it is not
+//!     is scoped to what this agent already references (see `docs/architecture.md`, Trust), so it is not
 //!     an oracle for other hosts' data.
 //!   - `PutChunks { snapshot, count }` followed by `count` `Chunk` frames → `Stored` once every
 //!     chunk has been verified (hash recomputed) and is durable on disk. Several such streams
@@ -292,7 +292,7 @@ pub enum Request {
         /// The primary's snapshot id, kept on the replica.
         snapshot: SnapshotId,
     },
-    /// Peers: the immutable record of a snapshot whose chunks are all sent, last (DESIGN.md
+    /// Peers: the immutable record of a snapshot whose chunks are all sent, last (docs/architecture.md
     /// rule 8). Answered with `Committed`.
     ReplicaCommit {
         /// The record as the primary holds it.
@@ -677,7 +677,7 @@ impl SnapshotStatus {
     }
 }
 
-/// The catalog's record of one snapshot (see `DESIGN.md`, Formats). Times are stamped by the
+/// The catalog's record of one snapshot (see `docs/architecture.md`, Formats). Times are stamped by the
 /// coordinator.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotRecord {

@@ -1,4 +1,4 @@
-//! Garbage collection: deletes chunks that no completed snapshot references (DESIGN.md rules 3
+//! Garbage collection: deletes chunks that no completed snapshot references (docs/architecture.md rules 3
 //! and 9), safe while backups run.
 //!
 //! 1. The reference time is taken first and never moves; from then on, every backup that

@@ -5,7 +5,7 @@
 //! 2. Per lacking snapshot, oldest first: `ReplicaBegin`; `Missing` in batches for the
 //!    manifest's and the data's distinct chunks; the missing ones in `PutChunks` groups over
 //!    several streams at once; then `ReplicaCommit` with the immutable record, last
-//!    (DESIGN.md rule 8).
+//!    (docs/architecture.md rule 8).
 //!
 //! The replica verifies and stores each group before acknowledging it and remembers what this
 //! peer uploaded, so a sync cut off anywhere resumes without resending acknowledged chunks,

@@ -5,7 +5,7 @@
 //!
 //! A received snapshot keeps the primary's id and record. It is listed only once its commit
 //! has checked that the manifest and every chunk it references are here and were uploaded by
-//! this peer, and written the record to the store (DESIGN.md rule 8). The snapshot's agent
+//! this peer, and written the record to the store (docs/architecture.md rule 8). The snapshot's agent
 //! gets the chunk references too, so after a disaster it can back up here incrementally and
 //! restore its own snapshots.
 

@@ -3,7 +3,7 @@
 //! An agent may read its own snapshots, and another agent's only while an operator's pushed
 //! restore grants it. The coordinator verifies the manifest (it must decode it to know the
 //! order) but sends data chunks as stored: the reader verifies every chunk and the whole
-//! stream (DESIGN.md rule 4), so damage is reported where it is used, with the chunk named.
+//! stream (docs/architecture.md rule 4), so damage is reported where it is used, with the chunk named.
 
 use std::sync::Arc;
 

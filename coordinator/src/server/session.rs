@@ -1,6 +1,6 @@
 //! One peer's connection: identity from its certificate, the hello, then one task per
 //! request stream. When the connection ends, every backup it had started and not committed
-//! ends `failed` (DESIGN.md rule 2), after its stream tasks have finished.
+//! ends `failed` (docs/architecture.md rule 2), after its stream tasks have finished.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

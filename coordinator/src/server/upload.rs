@@ -1,7 +1,7 @@
 //! The backup side of a session: which chunks are missing, chunk uploads, begin, commit,
 //! abort.
 //!
-//! Ordering (DESIGN.md rule 8): chunks are durable before `Stored` is sent; a commit checks
+//! Ordering (docs/architecture.md rule 8): chunks are durable before `Stored` is sent; a commit checks
 //! that every chunk the manifest references is in the store and was proven by this agent
 //! (uploaded now, or referenced by one of its earlier snapshots), writes the immutable record
 //! to the store, and only then flips the catalog record to `completed`.

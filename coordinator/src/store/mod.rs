@@ -1,5 +1,5 @@
 //! The chunk store: content-addressed sealed chunks on local disk, and the immutable snapshot
-//! records that make the catalog rebuildable (DESIGN.md rule 10).
+//! records that make the catalog rebuildable (docs/architecture.md rule 10).
 //!
 //! Layout under the store root:
 //!
@@ -407,7 +407,7 @@ fn read_record_file(path: &Path) -> Result<SnapshotRecord, StoreError> {
         .map_err(|_| StoreError::BadRecord(path.to_owned()))
 }
 
-/// temp file, write, fsync: the first half of DESIGN.md rule 7 (the caller renames and syncs
+/// temp file, write, fsync: the first half of docs/architecture.md rule 7 (the caller renames and syncs
 /// the directory).
 ///
 /// On failure (a full disk) the partial file is removed, so a refused write leaves nothing.
