@@ -163,7 +163,11 @@ async fn serve_push(
                     Push::Restore { snapshot, .. } | Push::RestoreInto { snapshot, .. } => {
                         snapshot.to_string()
                     }
-                    Push::Backup { .. } => String::new(),
+                    Push::Backup { .. } => {
+                        fleetvault_common::exit::find::<fleetvault_common::exit::FailedRecord>(&e)
+                            .map(|f| f.snapshot_id.clone())
+                            .unwrap_or_default()
+                    }
                 },
                 source: match &push {
                     Push::Backup { source, .. } => source.clone(),

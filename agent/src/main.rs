@@ -14,8 +14,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use fleetvault_common::exit::{self, FailedRecord, UsageError};
 use fleetvault_common::protocol::{Request, Response, RestoreOptions};
-use fleetvault_common::{report, Client, Credentials, SnapshotId};
+use fleetvault_common::{report, Client, Credentials};
 
 use config::AgentConfig;
 
@@ -26,40 +27,52 @@ const SOFTWARE: &str = concat!("fleetvault-agent/", env!("CARGO_PKG_VERSION"));
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Print one JSON document on stdout (also on failure: `status`, `error`).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// Agent config file.
+    #[arg(
+        long,
+        env = "FLEETVAULT_CONFIG",
+        default_value = "/etc/fleetvault/agent.toml"
+    )]
+    config: PathBuf,
+}
+
+impl ConfigArg {
+    /// The config, or a usage error (exit code 2) naming the file, line and key.
+    fn load(&self) -> anyhow::Result<AgentConfig> {
+        AgentConfig::load(&self.config).map_err(|e| UsageError(format!("{e:#}")).into())
+    }
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Back up one source (or bundle) now.
     Backup {
-        /// Agent config file.
-        #[arg(long)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// Source or bundle name.
         #[arg(long)]
         source: String,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// List this agent's snapshots.
     Snapshots {
-        /// Agent config file.
-        #[arg(long)]
-        config: PathBuf,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Restore a snapshot: a files snapshot under --target DIR; a stream into the source's
     /// restore_command, or to stdout with --target -.
     Restore {
-        /// Agent config file.
-        #[arg(long)]
-        config: PathBuf,
-        /// Snapshot id (16 hex digits).
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Snapshot id, a unique prefix (4+ hex digits), or `latest` (of --source).
         snapshot_id: String,
         /// Target directory (files), file or `-` for stdout (streams); for a bundle, the new
         /// root of the application's files (as --root).
@@ -81,24 +94,46 @@ enum Command {
         /// With --replace: do not take the safety snapshot.
         #[arg(long, requires = "replace")]
         no_safety_snapshot: bool,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Show what each bundle is (parts, paths, database, hooks) without running anything.
     Bundles {
-        /// Agent config file.
-        #[arg(long)]
-        config: PathBuf,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Stay connected to the coordinator and run the backups and restores it pushes.
     Run {
-        /// Agent config file.
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// One snapshot in detail.
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
+    /// Print a shell completion script (e.g. `... completions bash > /etc/bash_completion.d/fleetvault-agent`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (one per subcommand) into DIR.
+    Man {
+        /// Directory to write `fleetvault-agent*.1` into.
         #[arg(long)]
-        config: PathBuf,
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Everything recorded about one of this agent's snapshots (a bundle: its parts and hooks).
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Snapshot id, unique prefix (4+ hex digits), or `latest` (needs --source).
+        snapshot_id: String,
+        /// Narrow the search to this source's snapshots.
+        #[arg(long)]
+        source: Option<String>,
     },
 }
 
@@ -141,27 +176,54 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(dispatch(cli.command)) {
+    let json = cli.json;
+    match rt.block_on(dispatch(cli.command, json)) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => exit::report_error(&e, json),
     }
 }
 
-async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Ends a command whose result is already printed but that did not fully succeed.
+fn ended_with(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    let word = if code == exit::WARNINGS {
+        "warning"
+    } else {
+        "error"
+    };
+    eprintln!("{word}: {message}");
+    ExitCode::from(code)
+}
+
+/// Exit code 3 and a warning line when a completed job has warnings.
+fn warnings_code(report: &fleetvault_common::JobReport) -> ExitCode {
+    if report.warnings.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    ended_with(
+        exit::WARNINGS,
+        format!(
+            "completed with {}",
+            report::plural(report.warnings.len() as u64, "warning", "warnings")
+        ),
+    )
+}
+
+async fn dispatch(command: Command, json: bool) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Backup {
-            config,
-            source,
-            json,
-        } => {
-            let config = AgentConfig::load(&config)?;
+        Command::Backup { config, source } => {
+            let config = config.load()?;
             if let Some(bundle) = config.bundle(&source).cloned() {
                 return backup_bundle(&config, &bundle, json).await;
             }
-            let source = config.source(&source)?.clone();
+            let source = config
+                .source(&source)
+                .map_err(|e| UsageError(format!("{e:#}")))?
+                .clone();
             let client = Arc::new(connect(&config, &config.credentials()?).await?);
             let bar = report::progress_bar(None);
             let b = bar.clone();
@@ -170,20 +232,17 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             })
             .await;
             bar.finish_and_clear();
+            close(client).await;
             let report = result?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report::job_json(&report))?
-                );
+                print_json(&report::job_json(&report))?;
             } else {
                 println!("{}", report::job_summary(&report, false));
             }
-            close(client).await;
-            Ok(ExitCode::SUCCESS)
+            Ok(warnings_code(&report))
         }
-        Command::Bundles { config, json } => {
-            let config = AgentConfig::load(&config)?;
+        Command::Bundles { config } => {
+            let config = config.load()?;
             let list: Vec<_> = config
                 .bundles
                 .iter()
@@ -198,8 +257,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Snapshots { config, json } => {
-            let config = AgentConfig::load(&config)?;
+        Command::Snapshots { config } => {
+            let config = config.load()?;
             let client = connect(&config, &config.credentials()?).await?;
             let list = match client
                 .call(&Request::ListSnapshots(Default::default()))
@@ -226,11 +285,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             database,
             replace,
             no_safety_snapshot,
-            json,
         } => {
-            let snapshot: SnapshotId = snapshot_id.parse()?;
-            let config = AgentConfig::load(&config)?;
+            let config = config.load()?;
             let client = Arc::new(connect(&config, &config.credentials()?).await?);
+            let snapshot =
+                fleetvault_common::select::resolve(&client, &snapshot_id, None, source.as_deref())
+                    .await?;
             let options = RestoreOptions {
                 source,
                 database,
@@ -248,20 +308,79 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             })
             .await;
             bar.finish_and_clear();
-            let report = result?;
+            close(client).await;
+            let report = result.map_err(|e| {
+                let message = format!("{e:#}");
+                e.context(FailedRecord {
+                    snapshot_id: snapshot.to_string(),
+                    message: format!("restore of snapshot {snapshot} failed: {message}"),
+                })
+            })?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report::job_json(&report))?
-                );
+                print_json(&report::job_json(&report))?;
             } else {
                 eprintln!("{}", report::job_summary(&report, true));
             }
+            Ok(warnings_code(&report))
+        }
+        Command::Snapshot {
+            command:
+                SnapshotCommand::Show {
+                    config,
+                    snapshot_id,
+                    source,
+                },
+        } => {
+            let config = config.load()?;
+            let client = Arc::new(connect(&config, &config.credentials()?).await?);
+            let id =
+                fleetvault_common::select::resolve(&client, &snapshot_id, None, source.as_deref())
+                    .await?;
+            let list = match client
+                .call(&Request::ListSnapshots(Default::default()))
+                .await?
+            {
+                Response::Snapshots(l) => l,
+                other => bail!("unexpected reply {other:?}"),
+            };
+            let rec = list
+                .into_iter()
+                .find(|r| r.id == id)
+                .with_context(|| format!("no snapshot {id} of this agent"))?;
+            let bundle = if rec.kind == bundle::KIND
+                && rec.status == fleetvault_common::SnapshotStatus::Completed
+            {
+                let index = bundle::read_index(client.clone(), id).await?;
+                Some(serde_json::to_value(&index)?)
+            } else {
+                None
+            };
             close(client).await;
+            if json {
+                let mut v = report::snapshot_json(&rec);
+                v["bundle"] = bundle.clone().unwrap_or(serde_json::Value::Null);
+                print_json(&v)?;
+            } else {
+                print!("{}", report::snapshot_detail(&rec, bundle.as_ref()));
+            }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "fleetvault-agent",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { out } => fleetvault_common::cli::write_man_pages(
+            <Cli as clap::CommandFactory>::command(),
+            &out,
+            json,
+        ),
         Command::Run { config } => {
-            let config = AgentConfig::load(&config)?;
+            let config = config.load()?;
             let token = tokio_util::sync::CancellationToken::new();
             let t = token.clone();
             tokio::spawn(async move {
@@ -302,32 +421,33 @@ async fn backup_bundle(
         (None, _) => "failed",
     };
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&outcome.index.json(
-                id,
-                status,
-                outcome.error.as_deref()
-            ))?
-        );
+        print_json(&outcome.index.json(id, status, outcome.error.as_deref()))?;
     } else {
         for p in &outcome.index.parts {
             println!(
-                "part {}: {} {} ({} read, {} new chunks)",
+                "part {}: {} {} ({} read, {})",
                 p.name,
                 p.status,
                 p.snapshot_id.as_deref().unwrap_or("-"),
                 report::human_bytes(p.bytes_read),
-                p.new_chunks
+                report::plural(p.new_chunks, "new chunk", "new chunks")
             );
         }
         if let Some(id) = id {
             println!("bundle {} completed: snapshot {id}", bundle.name);
         }
     }
-    match outcome.error {
-        None => Ok(ExitCode::SUCCESS),
-        Some(e) => bail!("bundle {}: {e}", bundle.name),
+    match (outcome.error, id) {
+        (None, _) => Ok(ExitCode::SUCCESS),
+        // Committed, but an `after` hook (or a later step) failed: completed with warnings.
+        (Some(e), Some(_)) => Ok(ended_with(
+            exit::WARNINGS,
+            format!("bundle {}: {e}", bundle.name),
+        )),
+        (Some(e), None) => Ok(ended_with(
+            exit::FAILURE,
+            format!("bundle {}: {e}", bundle.name),
+        )),
     }
 }
 

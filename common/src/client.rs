@@ -172,3 +172,16 @@ impl Client {
         self.endpoint.wait_idle().await;
     }
 }
+
+impl ClientError {
+    /// The exit code class ([`crate::exit`]): 10 when the coordinator did not answer, 11 when
+    /// it refused us; `None` for every other failure.
+    pub fn exit_class(&self) -> Option<u8> {
+        match self {
+            ClientError::Connect(_) => Some(crate::exit::UNREACHABLE),
+            ClientError::Refused(_) => Some(crate::exit::REFUSED),
+            ClientError::Lost(m) if m.contains("certificate") => Some(crate::exit::REFUSED),
+            _ => None,
+        }
+    }
+}

@@ -18,12 +18,15 @@
 pub mod alloc;
 pub mod chunk;
 mod chunker;
+pub mod cli;
 mod client;
 mod config;
+pub mod exit;
 mod id;
 mod manifest;
 pub mod protocol;
 pub mod report;
+pub mod select;
 mod transport;
 
 pub use chunker::{Chunk, Chunker, ChunkerParams};

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use fleetvault_certs::{Ca, Role};
+use fleetvault_common::exit::{self, UsageError};
 use fleetvault_common::protocol::{Request, Response, RestoreOptions, SnapshotFilter};
 use fleetvault_common::report;
 use fleetvault_common::{Client, Credentials, JobReport, SnapshotId};
@@ -30,6 +31,23 @@ pub(crate) fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+}
+
+fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Ends a command whose result is already printed (its JSON document, or its table) but
+/// that did not fully succeed: one line on stderr and `code`.
+fn ended_with(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    let word = if code == exit::WARNINGS {
+        "warning"
+    } else {
+        "error"
+    };
+    eprintln!("{word}: {message}");
+    ExitCode::from(code)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -112,7 +130,13 @@ fn load_ca(dir: &DataDir) -> anyhow::Result<Ca> {
         .context("loading this coordinator's CA")
 }
 
-pub(crate) fn init(root: &Path, listen: &str, server_name: &str) -> anyhow::Result<ExitCode> {
+pub(crate) fn init(
+    root: &Path,
+    listen: &str,
+    server_name: &str,
+    advertise: Option<String>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let dir = DataDir::new(root);
     if dir.tls("ca.key").exists() || dir.config_path().exists() {
         bail!(
@@ -124,7 +148,7 @@ pub(crate) fn init(root: &Path, listen: &str, server_name: &str) -> anyhow::Resu
     let cfg = CoordinatorConfig {
         listen: listen.to_owned(),
         server_name: server_name.to_owned(),
-        advertise: None,
+        advertise,
         gc_schedule: None,
         max_concurrent_backups: None,
         verify_schedule: None,
@@ -134,9 +158,14 @@ pub(crate) fn init(root: &Path, listen: &str, server_name: &str) -> anyhow::Resu
         replicas: Vec::new(),
         peers: Vec::new(),
     };
-    let addr = cfg.listen_addr()?;
+    let addr = cfg
+        .listen_addr()
+        .map_err(|e| UsageError(format!("--listen: {e:#}")))?;
     fleetvault_certs::validate_name(server_name)
-        .with_context(|| format!("server name {server_name:?}"))?;
+        .map_err(|e| UsageError(format!("--server-name {server_name:?}: {e:#}")))?;
+    let dial = cfg
+        .dial_address()
+        .map_err(|e| UsageError(format!("--advertise: {e:#}")))?;
     create_private_dir(&dir.tls(""))?;
     let ca = Ca::create("fleetvault fleet CA").context("creating the fleet CA")?;
     let mut sans = vec![
@@ -186,10 +215,20 @@ pub(crate) fn init(root: &Path, listen: &str, server_name: &str) -> anyhow::Resu
         toml::to_string(&cfg).context("encoding coordinator.toml")?
     );
     write_file(&dir.config_path(), text.as_bytes(), 0o644, false)?;
-    println!(
-        "initialised coordinator data dir {} (listen {listen}, server name {server_name})",
-        root.display()
-    );
+    if json {
+        print_json(&serde_json::json!({
+            "status": "completed",
+            "data_dir": root.display().to_string(),
+            "listen": listen,
+            "server_name": server_name,
+            "advertise": dial,
+        }))?;
+    } else {
+        println!(
+            "initialised coordinator data dir {} (listen {listen}, server name {server_name}); agents will dial {dial}",
+            root.display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -198,10 +237,13 @@ pub(crate) fn issue_agent(
     name: &str,
     out: &Path,
     force: bool,
+    json: bool,
 ) -> anyhow::Result<ExitCode> {
     let dir = DataDir::new(root);
     let cfg = dir.load_config()?;
-    fleetvault_certs::validate_name(name).with_context(|| format!("agent name {name:?}"))?;
+    fleetvault_certs::validate_name(name)
+        .map_err(|e| UsageError(format!("agent name {name:?}: {e:#}")))?;
+    let address = cfg.dial_address()?;
     let ca = load_ca(&dir)?;
     let toml_path = out.join("agent.toml");
     if toml_path.exists() && !force {
@@ -271,7 +313,6 @@ key = "agent.key"
 # restore_command = "pg_restore -d app"
 "#,
         serial = cert.serial_hex,
-        address = cfg.dial_address()?,
         server_name = cfg.server_name,
     );
     write_file(&toml_path, text.as_bytes(), 0o600, true)?;
@@ -286,6 +327,18 @@ key = "agent.key"
         0o600,
         true,
     )?;
+    if json {
+        print_json(&serde_json::json!({
+            "status": "completed",
+            "agent": name,
+            "config": toml_path.display().to_string(),
+            "address": address,
+            "server_name": cfg.server_name,
+            "serial": cert.serial_hex,
+            "replaced": previous,
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     match previous {
         Some(prev) => println!(
             "issued agent {name}: {} (certificate serial {}); every earlier certificate of {name} is now refused (replaced: {prev})",
@@ -293,7 +346,7 @@ key = "agent.key"
             cert.serial_hex,
         ),
         None => println!(
-            "issued agent {name}: {} (certificate serial {})",
+            "issued agent {name}: {} (certificate serial {}); it will dial {address}",
             toml_path.display(),
             cert.serial_hex
         ),
@@ -428,7 +481,7 @@ async fn operator(root: &Path) -> anyhow::Result<Client> {
         &dir.tls("operator.pem"),
         &dir.tls("operator.key"),
     )?;
-    let address = cfg.dial_address()?;
+    let address = cfg.local_address()?;
     let addr = tokio::net::lookup_host(&address)
         .await
         .with_context(|| format!("resolving {address}"))?
@@ -486,7 +539,7 @@ pub(crate) fn agents(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
                         "name": a.name,
                         "connected": a.connected,
                         "last_seen_ms": a.last_seen_ms,
-                        "last_seen": report::format_time(a.last_seen_ms),
+                        "last_seen": report::rfc3339(a.last_seen_ms),
                         "version": a.version,
                         "sources": a.sources.iter().map(|s| serde_json::json!({"name": s.name, "kind": s.kind})).collect::<Vec<_>>(),
                         "last_backup": a.last_backup.as_ref().map(|l| serde_json::json!({
@@ -497,35 +550,47 @@ pub(crate) fn agents(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
                                 fleetvault_common::SnapshotStatus::Failed { reason } => Some(reason.clone()),
                                 _ => None,
                             },
-                            "started": report::format_time(l.started_ms),
+                            "started": report::rfc3339(l.started_ms),
                         })),
                     })
                 })
                 .collect();
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
-            println!(
-                "{:<24} {:<10} {:<20} {:<32} {:<36} SOURCES",
-                "NAME", "STATE", "LAST SEEN (UTC)", "VERSION", "LAST BACKUP"
+            print!(
+                "{}",
+                report::table(
+                    ["NAME", "STATE", "LAST SEEN (UTC)", "VERSION", "LAST BACKUP", "SOURCES"],
+                    list.iter().map(|a| {
+                        let sources: Vec<String> = a
+                            .sources
+                            .iter()
+                            .map(|s| format!("{} ({})", s.name, s.kind))
+                            .collect();
+                        let last = a
+                            .last_backup
+                            .as_ref()
+                            .map(|l| {
+                                format!(
+                                    "{} {} {} {}",
+                                    l.snapshot,
+                                    l.source,
+                                    l.status.name(),
+                                    report::format_time(l.started_ms)
+                                )
+                            })
+                            .unwrap_or_else(|| "-".into());
+                        [
+                            a.name.clone(),
+                            if a.connected { "connected" } else { "offline" }.to_owned(),
+                            report::format_time(a.last_seen_ms),
+                            a.version.clone(),
+                            last,
+                            sources.join(", "),
+                        ]
+                    }),
+                )
             );
-            for a in &list {
-                let sources: Vec<String> =
-                    a.sources.iter().map(|s| format!("{} ({})", s.name, s.kind)).collect();
-                let last = a
-                    .last_backup
-                    .as_ref()
-                    .map(|l| format!("{} {} {}", l.source, l.status.name(), report::format_time(l.started_ms)))
-                    .unwrap_or_else(|| "-".into());
-                println!(
-                    "{:<24} {:<10} {:<20} {:<32} {:<36} {}",
-                    a.name,
-                    if a.connected { "connected" } else { "offline" },
-                    report::format_time(a.last_seen_ms),
-                    a.version,
-                    last,
-                    sources.join(", ")
-                );
-            }
         }
         Ok(ExitCode::SUCCESS)
     })
@@ -553,23 +618,35 @@ async fn follow(client: &Client, req: Request) -> anyhow::Result<JobReport> {
     }
 }
 
+/// Prints a pushed job's result (its JSON object, or its summary) and picks the exit code:
+/// 1 when it failed, 3 when it completed with warnings.
 fn finish_job(report: JobReport, json: bool, restore: bool) -> anyhow::Result<ExitCode> {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report::job_json(&report))?
-        );
+        print_json(&report::job_json(&report))?;
     }
     if report.status != "completed" {
-        bail!(
-            "{} failed on agent {}: {}",
-            if restore { "restore" } else { "backup" },
-            report.agent,
-            report.error.as_deref().unwrap_or("unknown error")
-        );
+        return Ok(ended_with(
+            exit::FAILURE,
+            format!(
+                "{} failed on agent {}: {}",
+                if restore { "restore" } else { "backup" },
+                report.agent,
+                report.error.as_deref().unwrap_or("unknown error")
+            ),
+        ));
     }
     if !json {
         println!("{}", report::job_summary(&report, restore));
+    }
+    if !report.warnings.is_empty() {
+        return Ok(ended_with(
+            exit::WARNINGS,
+            format!(
+                "{} completed with {}",
+                if restore { "restore" } else { "backup" },
+                report::plural(report.warnings.len() as u64, "warning", "warnings")
+            ),
+        ));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -602,7 +679,7 @@ pub(crate) fn push_restore(
     options: RestoreOptions,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let snapshot: SnapshotId = snapshot.parse()?;
+    let snapshot = resolve(root, snapshot, Some(agent), options.source.as_deref())?;
     // The plain form stays the original request, so older agents keep working with it.
     let plain = options.source.is_none()
         && options.database.is_none()
@@ -639,6 +716,69 @@ fn call(root: &Path, req: Request) -> anyhow::Result<Response> {
     })
 }
 
+/// A snapshot named on the command line: full id, unique prefix or `latest` (see
+/// [`fleetvault_common::select`]).
+fn resolve(
+    root: &Path,
+    spec: &str,
+    agent: Option<&str>,
+    source: Option<&str>,
+) -> anyhow::Result<SnapshotId> {
+    if let Ok(id) = spec.parse() {
+        return Ok(id);
+    }
+    runtime()?.block_on(async {
+        let client = operator(root).await?;
+        let id = fleetvault_common::select::resolve(&client, spec, agent, source).await;
+        client.close().await;
+        id
+    })
+}
+
+pub(crate) fn show(
+    root: &Path,
+    spec: &str,
+    agent: Option<String>,
+    source: Option<String>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let client = operator(root).await?;
+        let id =
+            fleetvault_common::select::resolve(&client, spec, agent.as_deref(), source.as_deref())
+                .await?;
+        let filter = SnapshotFilter {
+            agent: agent.clone(),
+            source: source.clone(),
+            ..SnapshotFilter::default()
+        };
+        let list = match client.call(&Request::ListSnapshots(filter)).await? {
+            Response::Snapshots(l) => l,
+            other => bail!("unexpected reply {other:?}"),
+        };
+        let rec = list
+            .into_iter()
+            .find(|r| r.id == id)
+            .with_context(|| format!("no snapshot {id}"))?;
+        let bundle = if rec.kind == crate::bundle::KIND
+            && rec.status == fleetvault_common::SnapshotStatus::Completed
+        {
+            Some(crate::download::bundle_index(&client, id).await?)
+        } else {
+            None
+        };
+        client.close().await;
+        if json {
+            let mut v = report::snapshot_json(&rec);
+            v["bundle"] = bundle.clone().unwrap_or(serde_json::Value::Null);
+            print_json(&v)?;
+        } else {
+            print!("{}", report::snapshot_detail(&rec, bundle.as_ref()));
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
 pub(crate) fn run_job(root: &Path, job: &str, json: bool) -> anyhow::Result<ExitCode> {
     let reports = match call(
         root,
@@ -651,7 +791,7 @@ pub(crate) fn run_job(root: &Path, job: &str, json: bool) -> anyhow::Result<Exit
     };
     if json {
         let v: Vec<_> = reports.iter().map(report::job_json).collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        print_json(&serde_json::json!(v))?;
     } else {
         for r in &reports {
             match &r.error {
@@ -662,13 +802,31 @@ pub(crate) fn run_job(root: &Path, job: &str, json: bool) -> anyhow::Result<Exit
     }
     let failed = reports.iter().filter(|r| r.status != "completed").count();
     if failed > 0 {
-        bail!("{failed} of {} backups of job {job} failed", reports.len());
+        return Ok(ended_with(
+            exit::FAILURE,
+            format!("{failed} of {} backups of job {job} failed", reports.len()),
+        ));
+    }
+    let warned = reports.iter().filter(|r| !r.warnings.is_empty()).count();
+    if warned > 0 {
+        return Ok(ended_with(
+            exit::WARNINGS,
+            format!(
+                "{warned} of {} backups of job {job} completed with warnings",
+                reports.len()
+            ),
+        ));
     }
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) fn protect(root: &Path, snapshot: &str, on: bool) -> anyhow::Result<ExitCode> {
-    let snapshot: SnapshotId = snapshot.parse()?;
+pub(crate) fn protect(
+    root: &Path,
+    snapshot: &str,
+    on: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let snapshot = resolve(root, snapshot, None, None)?;
     call(
         root,
         Request::Protect {
@@ -676,17 +834,29 @@ pub(crate) fn protect(root: &Path, snapshot: &str, on: bool) -> anyhow::Result<E
             protected: on,
         },
     )?;
-    println!(
-        "snapshot {snapshot} {}",
-        if on { "protected" } else { "unprotected" }
-    );
+    if json {
+        print_json(
+            &serde_json::json!({"status": "completed", "snapshot_id": snapshot.to_string(), "protected": on}),
+        )?;
+    } else {
+        println!(
+            "snapshot {snapshot} {}",
+            if on { "protected" } else { "unprotected" }
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) fn delete(root: &Path, snapshot: &str) -> anyhow::Result<ExitCode> {
-    let snapshot: SnapshotId = snapshot.parse()?;
+pub(crate) fn delete(root: &Path, snapshot: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let snapshot = resolve(root, snapshot, None, None)?;
     call(root, Request::Delete { snapshot })?;
-    println!("snapshot {snapshot} deleted; run `fleetvault-coordinator gc` to free its chunks");
+    if json {
+        print_json(
+            &serde_json::json!({"status": "completed", "snapshot_id": snapshot.to_string(), "deleted": true}),
+        )?;
+    } else {
+        println!("snapshot {snapshot} deleted; run `fleetvault-coordinator gc` to free its chunks");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -714,7 +884,7 @@ pub(crate) fn forget(
                     "id": d.snapshot.to_string(),
                     "agent": d.agent,
                     "source": d.source,
-                    "started": report::format_time(d.started_ms),
+                    "started": report::rfc3339(d.started_ms),
                     "keep": d.keep,
                     "reasons": d.reasons,
                 })
@@ -723,20 +893,25 @@ pub(crate) fn forget(
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         let verb = if dry_run { "would forget" } else { "forgotten" };
-        for d in &decisions {
-            let what = if d.keep {
-                format!("keep ({})", d.reasons.join(", "))
-            } else {
-                verb.to_owned()
-            };
-            println!(
-                "{}  {}/{}  {}  {what}",
-                d.snapshot,
-                d.agent,
-                d.source,
-                report::format_time(d.started_ms)
-            );
-        }
+        print!(
+            "{}",
+            report::table(
+                ["ID", "AGENT", "SOURCE", "STARTED (UTC)", "DECISION"],
+                decisions.iter().map(|d| {
+                    [
+                        d.snapshot.to_string(),
+                        d.agent.clone(),
+                        d.source.clone(),
+                        report::format_time(d.started_ms),
+                        if d.keep {
+                            format!("keep ({})", d.reasons.join(", "))
+                        } else {
+                            verb.to_owned()
+                        },
+                    ]
+                }),
+            )
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -775,7 +950,7 @@ pub(crate) fn gc(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
 }
 
 pub(crate) fn verify(root: &Path, snapshot: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
-    let snapshot = snapshot.map(str::parse::<SnapshotId>).transpose()?;
+    let snapshot = snapshot.map(|s| resolve(root, s, None, None)).transpose()?;
     let results = match call(root, Request::Verify { snapshot })? {
         Response::Verified(r) => r,
         other => bail!("unexpected reply {other:?}"),
@@ -824,11 +999,14 @@ pub(crate) fn verify(root: &Path, snapshot: Option<&str>, json: bool) -> anyhow:
         }
     }
     if !bad.is_empty() {
-        bail!(
-            "{} of {} snapshots are damaged; the next backup of the same data re-uploads the quarantined chunks",
-            bad.len(),
-            results.len()
-        );
+        return Ok(ended_with(
+            exit::WARNINGS,
+            format!(
+                "{} of {} snapshots are damaged; the next backup of the same data re-uploads the quarantined chunks",
+                bad.len(),
+                results.len()
+            ),
+        ));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -855,13 +1033,14 @@ fn records_with_chunks(
         .collect())
 }
 
-pub(crate) fn rebuild_catalog(root: &Path) -> anyhow::Result<ExitCode> {
+pub(crate) fn rebuild_catalog(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let dir = DataDir::new(root);
     dir.load_config()?;
     let store = ChunkStore::open(&dir.store())
         .with_context(|| format!("opening the chunk store {}", dir.store().display()))?;
     let records = records_with_chunks(&store).context("reading the store's snapshot records")?;
     let catalog_path = dir.catalog();
+    let mut kept = None;
     if catalog_path.exists() {
         // sled locks its files: opening it here fails while a coordinator serves this dir.
         drop(Catalog::open(&catalog_path, Vec::new).with_context(|| {
@@ -874,30 +1053,77 @@ pub(crate) fn rebuild_catalog(root: &Path) -> anyhow::Result<ExitCode> {
         #[allow(clippy::disallowed_methods)] // moving a whole directory aside, not a chunk
         fs::rename(&catalog_path, &aside)
             .with_context(|| format!("moving {} aside", catalog_path.display()))?;
-        println!("previous catalog kept as {}", aside.display());
+        kept = Some(aside);
     }
     let n = records.len();
     let catalog = Catalog::open(&catalog_path, || records).context("creating the catalog")?;
     catalog.flush()?;
-    println!(
-        "catalog rebuilt from {n} snapshot records in {}",
-        dir.store().display()
-    );
+    if json {
+        print_json(&serde_json::json!({
+            "status": "completed",
+            "records": n,
+            "previous_catalog": kept.map(|k| k.display().to_string()),
+        }))?;
+    } else {
+        if let Some(k) = &kept {
+            println!("previous catalog kept as {}", k.display());
+        }
+        println!(
+            "catalog rebuilt from {} in {}",
+            report::plural(n as u64, "snapshot record", "snapshot records"),
+            dir.store().display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) fn download(root: &Path, snapshot: &str, out: &Path) -> anyhow::Result<ExitCode> {
-    let snapshot: SnapshotId = snapshot.parse()?;
+pub(crate) fn download(
+    root: &Path,
+    snapshot: &str,
+    out: &Path,
+    force: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let to_stdout = out == Path::new("-");
+    if to_stdout && json {
+        return Err(UsageError(
+            "--out - writes the snapshot to stdout: it cannot also carry --json".into(),
+        )
+        .into());
+    }
+    if !to_stdout && !force && fs::symlink_metadata(out).is_ok() {
+        return Err(UsageError(format!(
+            "{} already exists (use --force to replace it)",
+            out.display()
+        ))
+        .into());
+    }
     runtime()?.block_on(async {
         let client = operator(root).await?;
-        let result = crate::download::download(&client, snapshot, out).await;
+        let snapshot = fleetvault_common::select::resolve(&client, snapshot, None, None).await?;
+        let target = if to_stdout { None } else { Some(out) };
+        let result = crate::download::download(&client, snapshot, target, force).await;
         client.close().await;
         let n = result?;
-        println!(
-            "snapshot {snapshot} written to {} ({} of content, verified)",
-            out.display(),
-            report::human_bytes(n)
-        );
+        if json {
+            print_json(&serde_json::json!({
+                "status": "completed",
+                "snapshot_id": snapshot.to_string(),
+                "out": out.display().to_string(),
+                "bytes": n,
+            }))?;
+        } else if to_stdout {
+            eprintln!(
+                "snapshot {snapshot} written to stdout ({} of content, verified)",
+                report::human_bytes(n)
+            );
+        } else {
+            println!(
+                "snapshot {snapshot} written to {} ({} of content, verified)",
+                out.display(),
+                report::human_bytes(n)
+            );
+        }
         Ok(ExitCode::SUCCESS)
     })
 }
@@ -911,6 +1137,7 @@ pub(crate) fn issue_peer(
     out: &Path,
     replica_name: Option<String>,
     force: bool,
+    json: bool,
 ) -> anyhow::Result<ExitCode> {
     let dir = DataDir::new(root);
     let cfg = dir.load_config()?;
@@ -967,10 +1194,20 @@ agents = ["*"]
     write_file(&out.join("replica.toml"), text.as_bytes(), 0o644, true)?;
     // Last: the certificate is accepted only once everything for it is written.
     write_file(&allow, cert.cert_pem.as_bytes(), 0o644, true)?;
-    println!(
-        "issued peer {name}: copy {} to the primary (see replica.toml there)",
-        out.display()
-    );
+    if json {
+        print_json(&serde_json::json!({
+            "status": "completed",
+            "peer": name,
+            "replica": replica,
+            "out": out.display().to_string(),
+            "serial": cert.serial_hex,
+        }))?;
+    } else {
+        println!(
+            "issued peer {name}: copy {} to the primary (see replica.toml there)",
+            out.display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -997,7 +1234,7 @@ pub(crate) fn replicate(
     })?;
     if json {
         let v: Vec<_> = reports.iter().map(report::replica_report_json).collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        print_json(&serde_json::json!(v))?;
     } else {
         for r in &reports {
             println!("{}", report::replica_summary(r));
@@ -1005,13 +1242,16 @@ pub(crate) fn replicate(
     }
     let failed: Vec<_> = reports.iter().filter(|r| r.error.is_some()).collect();
     if let Some(first) = failed.first() {
-        bail!(
-            "{} of {} replica syncs failed; {}: {}",
-            failed.len(),
-            reports.len(),
-            first.replica,
-            first.error.as_deref().unwrap_or_default()
-        );
+        return Ok(ended_with(
+            exit::FAILURE,
+            format!(
+                "{} of {} replica syncs failed; {}: {}",
+                failed.len(),
+                reports.len(),
+                first.replica,
+                first.error.as_deref().unwrap_or_default()
+            ),
+        ));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1022,6 +1262,7 @@ pub(crate) fn replicas(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
         other => bail!("unexpected reply {other:?}"),
     };
     let when = |t: Option<u64>| t.map(report::format_time);
+    let when_json = |t: Option<u64>| t.map(report::rfc3339);
     if json {
         let v: Vec<_> = list
             .iter()
@@ -1030,11 +1271,11 @@ pub(crate) fn replicas(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
                     "name": s.name,
                     "address": s.address,
                     "schedule": s.schedule,
-                    "last_attempt": when(s.last_attempt_ms),
-                    "last_success": when(s.last_success_ms),
+                    "last_attempt": when_json(s.last_attempt_ms),
+                    "last_success": when_json(s.last_success_ms),
                     "last_error": s.last_error,
                     "failures": s.failures,
-                    "next_retry": when(s.next_retry_ms),
+                    "next_retry": when_json(s.next_retry_ms),
                     "lag_snapshots": s.lag_snapshots,
                     "lag_bytes": s.lag_bytes,
                     "last_report": s.last_report.as_ref().map(report::replica_report_json),
@@ -1043,34 +1284,43 @@ pub(crate) fn replicas(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!(
-            "{:<16} {:<24} {:<20} {:<20} {:>12} LAST ERROR",
-            "NAME", "ADDRESS", "LAST SUCCESS (UTC)", "LAST ATTEMPT (UTC)", "LAG"
+        print!(
+            "{}",
+            report::table(
+                [
+                    "NAME",
+                    "ADDRESS",
+                    "LAST SUCCESS (UTC)",
+                    "LAST ATTEMPT (UTC)",
+                    "LAG",
+                    "LAST ERROR"
+                ],
+                list.iter().map(|s| {
+                    let error = match (&s.last_error, s.next_retry_ms) {
+                        (Some(e), Some(t)) => format!(
+                            "{e} ({} failures; retry at {})",
+                            s.failures,
+                            report::format_time(t)
+                        ),
+                        (Some(e), None) => e.clone(),
+                        (None, _) => "-".into(),
+                    };
+                    [
+                        s.name.clone(),
+                        s.address.clone(),
+                        when(s.last_success_ms).unwrap_or_else(|| "never".into()),
+                        when(s.last_attempt_ms).unwrap_or_else(|| "never".into()),
+                        format!("{} / {}", s.lag_snapshots, report::human_bytes(s.lag_bytes)),
+                        error,
+                    ]
+                }),
+            )
         );
-        for s in &list {
-            let error = match (&s.last_error, s.next_retry_ms) {
-                (Some(e), Some(t)) => format!(
-                    "{e} ({} failures; retry at {})",
-                    s.failures,
-                    report::format_time(t)
-                ),
-                (Some(e), None) => e.clone(),
-                (None, _) => "-".into(),
-            };
-            println!(
-                "{:<16} {:<24} {:<20} {:<20} {:>12} {error}",
-                s.name,
-                s.address,
-                when(s.last_success_ms).unwrap_or_else(|| "never".into()),
-                when(s.last_attempt_ms).unwrap_or_else(|| "never".into()),
-                format!("{} / {}", s.lag_snapshots, report::human_bytes(s.lag_bytes)),
-            );
-        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) fn promote(root: &Path) -> anyhow::Result<ExitCode> {
+pub(crate) fn promote(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let (retired, agents) = match call(root, Request::Promote)? {
         Response::Promoted {
             retired_peers,
@@ -1079,6 +1329,14 @@ pub(crate) fn promote(root: &Path) -> anyhow::Result<ExitCode> {
         other => bail!("unexpected reply {other:?}"),
     };
     let data_dir = root.display();
+    if json {
+        print_json(&serde_json::json!({
+            "status": "completed",
+            "retired_peers": retired,
+            "agents_to_reissue": agents,
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if retired.is_empty() {
         println!("promoted: no peer certificates to retire");
     } else {

@@ -63,17 +63,43 @@ impl CoordinatorConfig {
             .with_context(|| format!("listen address {:?} is not HOST:PORT", self.listen))
     }
 
-    /// The address agents and operator commands dial.
+    /// The address other hosts dial (written into agent configs and replica tables):
+    /// `advertise`, else, when `listen` is a wildcard, the server name and the listen port,
+    /// else `listen` itself.
     pub(crate) fn dial_address(&self) -> anyhow::Result<String> {
         if let Some(a) = &self.advertise {
+            check_host_port(a).with_context(|| format!("advertise {a:?}"))?;
             return Ok(a.clone());
         }
-        let mut addr = self.listen_addr()?;
+        let addr = self.listen_addr()?;
         if addr.ip().is_unspecified() {
-            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            return Ok(format!("{}:{}", self.server_name, addr.port()));
         }
         Ok(addr.to_string())
     }
+
+    /// The address operator commands on this host dial: `listen`, a wildcard as loopback.
+    pub(crate) fn local_address(&self) -> anyhow::Result<String> {
+        let mut addr = self.listen_addr()?;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        Ok(addr.to_string())
+    }
+}
+
+/// `HOST:PORT` with a port number (HOST a name or an address; IPv6 in brackets).
+pub(crate) fn check_host_port(text: &str) -> anyhow::Result<()> {
+    let (host, port) = text
+        .rsplit_once(':')
+        .with_context(|| "is not HOST:PORT".to_owned())?;
+    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+        bail!("is not HOST:PORT (a host and a port number)");
+    }
+    Ok(())
 }
 
 /// Paths inside a coordinator data directory.

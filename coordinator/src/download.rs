@@ -1,8 +1,10 @@
-//! `download ID --out FILE`: a snapshot straight from the coordinator, without an agent. A
+//! `download ID --out FILE|-`: a snapshot straight from the coordinator, without an agent. A
 //! stream snapshot comes out as its original bytes (the dump), a tree (files, PostgreSQL's
 //! `tables` format) as a tar archive, a bundle as one tar holding its index and every part.
 //! Every chunk is verified against its id and a stream
-//! against its checksum; the file appears under its name only when it is complete.
+//! against its checksum; the file (mode 0600) appears under its name only when it is
+//! complete. To stdout, bytes flow as they are verified chunk by chunk: a stream whose
+//! checksum fails at its end has been written already, and the command exits non-zero.
 //!
 //! ```text
 //! coordinator ══Read══▶ frames (async) ══bounded channel══▶ writer (blocking) ──▶ FILE
@@ -10,6 +12,7 @@
 
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context};
@@ -24,6 +27,7 @@ const QUEUE: usize = 16;
 struct Chunks {
     snapshot: SnapshotId,
     rx: mpsc::Receiver<Result<Response, String>>,
+    bar: indicatif::ProgressBar,
 }
 
 impl Chunks {
@@ -36,6 +40,7 @@ impl Chunks {
                 if plain.len() != expected.len as usize {
                     bail!("snapshot {snapshot}: chunk {id} has the wrong length");
                 }
+                self.bar.inc(plain.len() as u64);
                 Ok(plain)
             }
             Some(Ok(Response::ChunkMissing { id })) => {
@@ -115,7 +120,43 @@ impl Read for Checked<'_> {
 }
 
 /// The tar archive a tree (or a bundle) is written into.
-type Tar = tar::Builder<io::BufWriter<std::fs::File>>;
+type Tar = tar::Builder<Out>;
+
+/// Where the bytes go: a new file (fsynced at the end) or stdout.
+pub(crate) enum Out {
+    File(io::BufWriter<std::fs::File>),
+    Stdout(io::BufWriter<io::Stdout>),
+}
+
+impl Out {
+    /// Everything written and durable (a file) or handed on (stdout).
+    fn finish(self) -> anyhow::Result<()> {
+        match self {
+            Out::File(w) => {
+                let file = w.into_inner().map_err(|e| e.into_error())?;
+                file.sync_all()?;
+            }
+            Out::Stdout(mut w) => w.flush()?,
+        }
+        Ok(())
+    }
+}
+
+impl Write for Out {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Out::File(w) => w.write(buf),
+            Out::Stdout(w) => w.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Out::File(w) => w.flush(),
+            Out::Stdout(w) => w.flush(),
+        }
+    }
+}
 
 /// Opens a `Read` of `snapshot` and returns its record, its verified manifest and the stream
 /// on which its data chunks follow.
@@ -164,6 +205,7 @@ async fn with_chunks<T: Send + 'static>(
     client: &Client,
     snapshot: SnapshotId,
     mut recv: quinn::RecvStream,
+    bar: &indicatif::ProgressBar,
     sink: impl FnOnce(&mut Chunks) -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
     let (tx, rx) = mpsc::channel(QUEUE);
@@ -177,7 +219,8 @@ async fn with_chunks<T: Send + 'static>(
         }
         drop(tx);
     };
-    let write = tokio::task::spawn_blocking(move || sink(&mut Chunks { snapshot, rx }));
+    let bar = bar.clone();
+    let write = tokio::task::spawn_blocking(move || sink(&mut Chunks { snapshot, rx, bar }));
     let (_, written) = tokio::join!(fetch, write);
     written.context("download task panicked")?
 }
@@ -252,16 +295,33 @@ fn append(
     Ok(n)
 }
 
-/// Downloads `snapshot` into the new file `out`; returns the bytes of content written. A
-/// bundle becomes one tar: `bundle.json` (its index), then each part under its name (a tree
-/// as a directory, a stream as one file).
+/// Downloads `snapshot` into the new file `out` (created 0600; an existing one is replaced
+/// only with `force`), or to stdout when `out` is `None`; returns the bytes of content
+/// written. A bundle becomes one tar: `bundle.json` (its index), then each part under its
+/// name (a tree as a directory, a stream as one file).
 pub(crate) async fn download(
     client: &Client,
     snapshot: SnapshotId,
-    out: &Path,
+    out: Option<&Path>,
+    force: bool,
 ) -> anyhow::Result<u64> {
-    if out.exists() {
-        bail!("{} already exists", out.display());
+    let bar = fleetvault_common::report::progress_bar(None);
+    let Some(out) = out else {
+        let n = write_all(
+            client,
+            snapshot,
+            Out::Stdout(io::BufWriter::new(io::stdout())),
+            &bar,
+        )
+        .await;
+        bar.finish_and_clear();
+        return n;
+    };
+    if !force && std::fs::symlink_metadata(out).is_ok() {
+        bail!(
+            "{} already exists (use --force to replace it)",
+            out.display()
+        );
     }
     let tmp = out.with_file_name(format!(
         ".{}.fleetvault-download",
@@ -269,9 +329,15 @@ pub(crate) async fn download(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
     ));
-    let file =
-        std::fs::File::create_new(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let result = write_all(client, snapshot, io::BufWriter::new(file)).await;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    let result = write_all(client, snapshot, Out::File(io::BufWriter::new(file)), &bar).await;
+    bar.finish_and_clear();
     let written = match result {
         Ok(n) => n,
         Err(e) => {
@@ -279,28 +345,60 @@ pub(crate) async fn download(
             return Err(e);
         }
     };
-    #[allow(clippy::disallowed_methods)] // temp, fsync, rename: the file appears whole
-    std::fs::rename(&tmp, out).with_context(|| format!("renaming into {}", out.display()))?;
+    if force {
+        #[allow(clippy::disallowed_methods)] // temp, fsync, rename: the file appears whole
+        std::fs::rename(&tmp, out).with_context(|| format!("renaming into {}", out.display()))?;
+    } else {
+        // link(2) never replaces: a file that appeared meanwhile is not overwritten.
+        let linked = std::fs::hard_link(&tmp, out);
+        let _ = std::fs::remove_file(&tmp);
+        linked.with_context(|| format!("creating {}", out.display()))?;
+    }
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::store::sync_dir(dir).with_context(|| format!("syncing {}", dir.display()))?;
+    }
     Ok(written)
+}
+
+/// A bundle snapshot's index (its parts with their own status, its hooks), as its agent
+/// stored it.
+pub(crate) async fn bundle_index(
+    client: &Client,
+    snapshot: SnapshotId,
+) -> anyhow::Result<serde_json::Value> {
+    let (_, manifest, recv) = open(client, snapshot).await?;
+    let Manifest::Stream(s) = manifest else {
+        bail!("bundle {snapshot} is not a stream");
+    };
+    let bar = indicatif::ProgressBar::hidden();
+    let index = with_chunks(client, snapshot, recv, &bar, move |c| {
+        let mut buf = Vec::new();
+        write_stream(&s, c, &mut buf)?;
+        Ok(buf)
+    })
+    .await?;
+    serde_json::from_slice(&index).with_context(|| format!("bundle {snapshot}: bad index"))
 }
 
 async fn write_all(
     client: &Client,
     snapshot: SnapshotId,
-    mut w: io::BufWriter<std::fs::File>,
+    mut w: Out,
+    bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<u64> {
     let (rec, manifest, recv) = open(client, snapshot).await?;
-    let sync = |w: io::BufWriter<std::fs::File>| -> anyhow::Result<()> {
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        Ok(())
-    };
+    match &manifest {
+        Manifest::Stream(s) if rec.kind != crate::bundle::KIND => bar.set_length(s.len),
+        Manifest::Tree(t) => bar.set_length(t.entries.iter().map(|e| e.size).sum()),
+        Manifest::Stream(_) => {}
+    }
+    let sync = |w: Out| w.finish();
     if rec.kind == crate::bundle::KIND {
         let Manifest::Stream(s) = &manifest else {
             bail!("bundle {snapshot} is not a stream");
         };
         let s = s.clone();
-        let index = with_chunks(client, snapshot, recv, move |c| {
+        let index = with_chunks(client, snapshot, recv, bar, move |c| {
             let mut buf = Vec::new();
             write_stream(&s, c, &mut buf)?;
             Ok(buf)
@@ -334,7 +432,7 @@ async fn write_all(
                 Manifest::Stream(_) => std::path::PathBuf::from(format!("{name}.dump")),
                 Manifest::Tree(_) => std::path::PathBuf::from(name),
             };
-            let (t, n) = with_chunks(client, id, recv, move |c| {
+            let (t, n) = with_chunks(client, id, recv, bar, move |c| {
                 let n = append(&mut tar, &m, &prefix, c)?;
                 Ok((tar, n))
             })
@@ -347,7 +445,7 @@ async fn write_all(
     }
     match manifest {
         Manifest::Stream(s) => {
-            let (w, n) = with_chunks(client, snapshot, recv, move |c| {
+            let (w, n) = with_chunks(client, snapshot, recv, bar, move |c| {
                 let n = write_stream(&s, c, &mut w)?;
                 Ok((w, n))
             })
@@ -356,7 +454,7 @@ async fn write_all(
             Ok(n)
         }
         tree @ Manifest::Tree(_) => {
-            let (tar, n) = with_chunks(client, snapshot, recv, move |c| {
+            let (tar, n) = with_chunks(client, snapshot, recv, bar, move |c| {
                 let mut tar = tar::Builder::new(w);
                 let n = append(&mut tar, &tree, Path::new(""), c)?;
                 Ok((tar, n))

@@ -33,6 +33,9 @@ pub(crate) const SOFTWARE: &str = concat!("fleetvault-coordinator/", env!("CARGO
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Print one JSON document on stdout (also on failure: `status`, `error`).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -60,6 +63,10 @@ enum Command {
         /// DNS name agents use to reach the coordinator (goes into its certificate).
         #[arg(long, default_value = "localhost")]
         server_name: String,
+        /// Address agents and operator commands dial, HOST:PORT (stored as `advertise`;
+        /// default: SERVER_NAME and the listen port when --listen is a wildcard address).
+        #[arg(long)]
+        advertise: Option<String>,
     },
     /// Run the coordinator in the foreground until SIGINT or SIGTERM.
     Serve {
@@ -107,17 +114,11 @@ enum Command {
         /// Only this replica of coordinator.toml.
         #[arg(long)]
         replica: Option<String>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Show each replica: last sync, lag (snapshots and bytes not yet sent), last error.
     Replicas {
         #[command(flatten)]
         dir: DataDirArg,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Make this replica the primary: retire the peer certificates issued here, and list
     /// the agents whose configs to re-issue.
@@ -135,23 +136,22 @@ enum Command {
         /// Only this source's.
         #[arg(long)]
         source: Option<String>,
-        /// Only with this status (pending, running, completed, failed).
-        #[arg(long)]
+        /// Only with this status.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(fleetvault_common::SnapshotStatus::NAMES))]
         status: Option<String>,
         /// Only made by this job.
         #[arg(long)]
         job: Option<String>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
+    },
+    /// One snapshot in detail.
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCommand,
     },
     /// List agents: connected or last seen, version, sources.
     Agents {
         #[command(flatten)]
         dir: DataDirArg,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Run a job of coordinator.toml now on its agents, and wait for every backup.
     Run {
@@ -159,27 +159,24 @@ enum Command {
         job: String,
         #[command(flatten)]
         dir: DataDirArg,
-        /// Print the reports as JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Protect a snapshot: retention never removes it.
     Protect {
-        /// Snapshot id.
+        /// Snapshot id or unique prefix (4+ hex digits).
         snapshot_id: String,
         #[command(flatten)]
         dir: DataDirArg,
     },
     /// Lift a snapshot's protection.
     Unprotect {
-        /// Snapshot id.
+        /// Snapshot id or unique prefix (4+ hex digits).
         snapshot_id: String,
         #[command(flatten)]
         dir: DataDirArg,
     },
     /// Delete a snapshot record (its chunks are freed by the next gc).
     Delete {
-        /// Snapshot id.
+        /// Snapshot id or unique prefix (4+ hex digits).
         snapshot_id: String,
         #[command(flatten)]
         dir: DataDirArg,
@@ -194,40 +191,34 @@ enum Command {
         dry_run: bool,
         #[command(flatten)]
         dir: DataDirArg,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Delete chunks that no completed snapshot references (safe while backups run).
     Gc {
         #[command(flatten)]
         dir: DataDirArg,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Re-read and re-hash every chunk of every completed snapshot (or one); damaged chunks are
     /// quarantined and their snapshots tagged `damaged`. Exits non-zero when any is damaged.
     Verify {
         #[command(flatten)]
         dir: DataDirArg,
-        /// Only this snapshot.
+        /// Only this snapshot (id or unique prefix).
         #[arg(long)]
         snapshot: Option<String>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Write a snapshot to a file without an agent: a stream as its original bytes, a files
     /// snapshot as a tar archive.
     Download {
-        /// Snapshot id.
+        /// Snapshot id or unique prefix (4+ hex digits).
         snapshot_id: String,
         #[command(flatten)]
         dir: DataDirArg,
-        /// The new file to write.
+        /// The new file to write (created 0600), or `-` for stdout.
         #[arg(long)]
         out: PathBuf,
+        /// Replace OUT when it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Recreate the catalog from the immutable snapshot records in the store (with the
     /// coordinator stopped). The old catalog is kept beside it as `catalog.old-<time>`.
@@ -245,15 +236,13 @@ enum Command {
         /// Source name.
         #[arg(long)]
         source: String,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Have a running agent restore a snapshot (its own or another agent's), and wait.
     Restore {
         #[command(flatten)]
         dir: DataDirArg,
-        /// Snapshot id (16 hex digits).
+        /// Snapshot: its id, a unique prefix (4+ hex digits), or `latest` (of --agent's
+        /// --source).
         snapshot_id: String,
         /// Agent that restores.
         #[arg(long)]
@@ -273,9 +262,34 @@ enum Command {
         /// With --replace: do not take the safety snapshot.
         #[arg(long, requires = "replace")]
         no_safety_snapshot: bool,
-        /// Print the result as JSON.
+    },
+    /// Print a shell completion script (e.g. `... completions bash > /etc/bash_completion.d/fleetvault-coordinator`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (one per subcommand) into DIR.
+    Man {
+        /// Directory to write `fleetvault-coordinator*.1` into.
         #[arg(long)]
-        json: bool,
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Everything recorded about one snapshot (a bundle: its parts and hooks too).
+    Show {
+        /// Snapshot id, unique prefix (4+ hex digits), or `latest` (needs --source).
+        snapshot_id: String,
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Narrow the search to this agent's snapshots.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Narrow the search to this source's snapshots.
+        #[arg(long)]
+        source: Option<String>,
     },
 }
 
@@ -283,72 +297,80 @@ fn main() -> ExitCode {
     fleetvault_common::alloc::keep_freed_buffers();
     let cli = Cli::parse();
     commands::init_logging();
-    let result = match cli.command {
+    let json = cli.json;
+    match dispatch(cli.command, json) {
+        Ok(code) => code,
+        Err(e) => fleetvault_common::exit::report_error(&e, json),
+    }
+}
+
+fn dispatch(command: Command, json: bool) -> anyhow::Result<ExitCode> {
+    match command {
         Command::Init {
             dir,
             listen,
             server_name,
-        } => commands::init(&dir.data_dir, &listen, &server_name),
+            advertise,
+        } => commands::init(&dir.data_dir, &listen, &server_name, advertise, json),
         Command::Serve { dir } => commands::serve(&dir.data_dir),
         Command::IssueAgent {
             name,
             dir,
             out,
             force,
-        } => commands::issue_agent(&dir.data_dir, &name, &out, force),
+        } => commands::issue_agent(&dir.data_dir, &name, &out, force, json),
         Command::IssuePeer {
             name,
             dir,
             out,
             replica_name,
             force,
-        } => commands::issue_peer(&dir.data_dir, &name, &out, replica_name, force),
-        Command::Replicate { dir, replica, json } => {
-            commands::replicate(&dir.data_dir, replica, json)
-        }
-        Command::Replicas { dir, json } => commands::replicas(&dir.data_dir, json),
-        Command::Promote { dir } => commands::promote(&dir.data_dir),
+        } => commands::issue_peer(&dir.data_dir, &name, &out, replica_name, force, json),
+        Command::Replicate { dir, replica } => commands::replicate(&dir.data_dir, replica, json),
+        Command::Replicas { dir } => commands::replicas(&dir.data_dir, json),
+        Command::Promote { dir } => commands::promote(&dir.data_dir, json),
         Command::Snapshots {
             dir,
             agent,
             source,
             status,
             job,
-            json,
         } => commands::snapshots(&dir.data_dir, agent, source, status, job, json),
-        Command::Run { job, dir, json } => commands::run_job(&dir.data_dir, &job, json),
+        Command::Snapshot {
+            command:
+                SnapshotCommand::Show {
+                    snapshot_id,
+                    dir,
+                    agent,
+                    source,
+                },
+        } => commands::show(&dir.data_dir, &snapshot_id, agent, source, json),
+        Command::Run { job, dir } => commands::run_job(&dir.data_dir, &job, json),
         Command::Protect { snapshot_id, dir } => {
-            commands::protect(&dir.data_dir, &snapshot_id, true)
+            commands::protect(&dir.data_dir, &snapshot_id, true, json)
         }
         Command::Unprotect { snapshot_id, dir } => {
-            commands::protect(&dir.data_dir, &snapshot_id, false)
+            commands::protect(&dir.data_dir, &snapshot_id, false, json)
         }
-        Command::Delete { snapshot_id, dir } => commands::delete(&dir.data_dir, &snapshot_id),
-        Command::Forget {
-            job,
-            dry_run,
-            dir,
-            json,
-        } => commands::forget(&dir.data_dir, &job, dry_run, json),
-        Command::Gc { dir, json } => commands::gc(&dir.data_dir, json),
-        Command::RebuildCatalog { dir } => commands::rebuild_catalog(&dir.data_dir),
+        Command::Delete { snapshot_id, dir } => commands::delete(&dir.data_dir, &snapshot_id, json),
+        Command::Forget { job, dry_run, dir } => {
+            commands::forget(&dir.data_dir, &job, dry_run, json)
+        }
+        Command::Gc { dir } => commands::gc(&dir.data_dir, json),
+        Command::RebuildCatalog { dir } => commands::rebuild_catalog(&dir.data_dir, json),
         Command::Download {
             snapshot_id,
             dir,
             out,
-        } => commands::download(&dir.data_dir, &snapshot_id, &out),
-        Command::Verify {
-            dir,
-            snapshot,
-            json,
-        } => commands::verify(&dir.data_dir, snapshot.as_deref(), json),
-        Command::Agents { dir, json } => commands::agents(&dir.data_dir, json),
-        Command::Backup {
-            dir,
-            agent,
-            source,
-            json,
-        } => commands::push_backup(&dir.data_dir, &agent, &source, json),
+            force,
+        } => commands::download(&dir.data_dir, &snapshot_id, &out, force, json),
+        Command::Verify { dir, snapshot } => {
+            commands::verify(&dir.data_dir, snapshot.as_deref(), json)
+        }
+        Command::Agents { dir } => commands::agents(&dir.data_dir, json),
+        Command::Backup { dir, agent, source } => {
+            commands::push_backup(&dir.data_dir, &agent, &source, json)
+        }
         Command::Restore {
             dir,
             snapshot_id,
@@ -358,7 +380,6 @@ fn main() -> ExitCode {
             database,
             replace,
             no_safety_snapshot,
-            json,
         } => commands::push_restore(
             &dir.data_dir,
             &snapshot_id,
@@ -372,12 +393,19 @@ fn main() -> ExitCode {
             },
             json,
         ),
-    };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "fleetvault-coordinator",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
         }
+        Command::Man { out } => fleetvault_common::cli::write_man_pages(
+            <Cli as clap::CommandFactory>::command(),
+            &out,
+            json,
+        ),
     }
 }

@@ -19,6 +19,7 @@ mod hostile_trust;
 mod mariadb;
 mod memory;
 mod mongodb;
+mod operator_cli;
 mod postgres;
 mod push;
 mod replication;

@@ -117,10 +117,11 @@ pub(crate) async fn run_tagged(
             if let Err(abort_err) = client.call(&abort).await {
                 warn!(error = %abort_err, "cannot report the failure to the coordinator");
             }
-            Err(e.context(format!(
-                "backup of {} (snapshot {snapshot}) failed",
-                source.name
-            )))
+            // The failed record's id travels with the error (`--json`, pushed reports).
+            Err(e.context(fleetvault_common::exit::FailedRecord {
+                snapshot_id: snapshot.to_string(),
+                message: format!("backup of {} (snapshot {snapshot}) failed", source.name),
+            }))
         }
     }
 }

@@ -666,6 +666,9 @@ pub enum SnapshotStatus {
 }
 
 impl SnapshotStatus {
+    /// Every status's name, for checking a `--status` filter.
+    pub const NAMES: [&'static str; 4] = ["pending", "running", "completed", "failed"];
+
     /// `pending`, `running`, `completed` or `failed`.
     pub fn name(&self) -> &'static str {
         match self {
