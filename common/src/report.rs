@@ -80,11 +80,11 @@ pub fn replica_report_json(r: &ReplicaReport) -> Value {
 pub fn replica_summary(r: &ReplicaReport) -> String {
     let secs = r.duration_ms as f64 / 1000.0;
     let mut line = format!(
-        "{}: {} snapshots sent ({} already there), {} chunks, {} in {secs:.1}s ({}/s)",
+        "{}: {} sent ({} already there), {}, {} in {secs:.1}s ({}/s)",
         r.replica,
-        r.snapshots,
+        plural(r.snapshots, "snapshot", "snapshots"),
         r.already_present,
-        r.chunks,
+        plural(r.chunks, "chunk", "chunks"),
         human_bytes(r.bytes),
         human_bytes((r.bytes as f64 / secs.max(0.001)) as u64)
     );
@@ -119,13 +119,13 @@ pub fn job_summary(r: &JobReport, restore: bool) -> String {
         line
     } else {
         format!(
-            "snapshot {} of {}/{} {}: {} read, {} chunks, {} new, {} uploaded, in {:.1}s ({}/s)",
+            "snapshot {} of {}/{} {}: {} read, {}, {} new, {} uploaded, in {:.1}s ({}/s)",
             r.snapshot_id,
             r.agent,
             r.source,
             r.status,
             human_bytes(r.bytes_read),
-            r.chunks,
+            plural(r.chunks, "chunk", "chunks"),
             r.new_chunks,
             human_bytes(r.bytes_uploaded),
             secs,
@@ -134,8 +134,8 @@ pub fn job_summary(r: &JobReport, restore: bool) -> String {
     };
     if r.files_unchanged > 0 {
         s.push_str(&format!(
-            ", {} unchanged files not re-read",
-            r.files_unchanged
+            ", {} not re-read",
+            plural(r.files_unchanged, "unchanged file", "unchanged files")
         ));
     }
     for w in &r.warnings {
@@ -385,6 +385,22 @@ pub fn progress_bar(total: Option<u64>) -> indicatif::ProgressBar {
     if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
         bar.set_style(style);
     }
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar
+}
+
+/// A spinner with the elapsed time and `message` on stderr when it is a terminal (hidden
+/// otherwise), for work whose size the command does not know.
+pub fn spinner(message: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}") {
+        bar.set_style(style);
+    }
+    bar.set_message(message.to_owned());
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
     bar
 }

@@ -716,6 +716,14 @@ fn call(root: &Path, req: Request) -> anyhow::Result<Response> {
     })
 }
 
+/// [`call`] for long work (verify, gc, a job run): a spinner with the elapsed time meanwhile.
+fn call_long(root: &Path, req: Request, what: &str) -> anyhow::Result<Response> {
+    let bar = report::spinner(what);
+    let reply = call(root, req);
+    bar.finish_and_clear();
+    reply
+}
+
 /// A snapshot named on the command line: full id, unique prefix or `latest` (see
 /// [`fleetvault_common::select`]).
 fn resolve(
@@ -780,11 +788,12 @@ pub(crate) fn show(
 }
 
 pub(crate) fn run_job(root: &Path, job: &str, json: bool) -> anyhow::Result<ExitCode> {
-    let reports = match call(
+    let reports = match call_long(
         root,
         Request::RunJob {
             job: job.to_owned(),
         },
+        &format!("running job {job} on its agents"),
     )? {
         Response::Reports(r) => r,
         other => bail!("unexpected reply {other:?}"),
@@ -917,7 +926,7 @@ pub(crate) fn forget(
 }
 
 pub(crate) fn gc(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let r = match call(root, Request::Gc)? {
+    let r = match call_long(root, Request::Gc, "collecting garbage")? {
         Response::GcDone(r) => r,
         other => bail!("unexpected reply {other:?}"),
     };
@@ -935,8 +944,8 @@ pub(crate) fn gc(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
         );
     } else {
         println!(
-            "gc: {} chunks deleted, {} freed; {} live, {} unreferenced but younger than the minimum age; {:.1}s",
-            r.deleted_chunks,
+            "gc: {} deleted, {} freed; {} live, {} unreferenced but younger than the minimum age; {:.1}s",
+            report::plural(r.deleted_chunks, "chunk", "chunks"),
             report::human_bytes(r.freed_bytes),
             r.live_chunks,
             r.young_chunks,
@@ -951,7 +960,11 @@ pub(crate) fn gc(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
 
 pub(crate) fn verify(root: &Path, snapshot: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
     let snapshot = snapshot.map(|s| resolve(root, s, None, None)).transpose()?;
-    let results = match call(root, Request::Verify { snapshot })? {
+    let results = match call_long(
+        root,
+        Request::Verify { snapshot },
+        "re-reading and re-hashing every chunk",
+    )? {
         Response::Verified(r) => r,
         other => bail!("unexpected reply {other:?}"),
     };
@@ -984,8 +997,11 @@ pub(crate) fn verify(root: &Path, snapshot: Option<&str>, json: bool) -> anyhow:
                 "DAMAGED"
             };
             println!(
-                "{}  {}/{}  {} chunks  {state}",
-                r.snapshot, r.agent, r.source, r.chunks
+                "{}  {}/{}  {}  {state}",
+                r.snapshot,
+                r.agent,
+                r.source,
+                report::plural(r.chunks, "chunk", "chunks")
             );
             for c in &r.damaged {
                 println!("    damaged chunk {c} (quarantined)");

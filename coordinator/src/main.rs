@@ -40,15 +40,30 @@ struct Cli {
     command: Command,
 }
 
+/// The data dir every command and the systemd unit use unless told otherwise.
+const DEFAULT_DATA_DIR: &str = "/var/lib/fleetvault/coordinator";
+/// The default before 2026-12, still found when it holds a coordinator and the new one does not.
+const OLD_DEFAULT_DATA_DIR: &str = "/var/lib/fleetvault";
+
 #[derive(clap::Args, Clone)]
 struct DataDirArg {
-    /// Coordinator data directory.
-    #[arg(
-        long,
-        env = "FLEETVAULT_DATA_DIR",
-        default_value = "/var/lib/fleetvault"
-    )]
-    data_dir: PathBuf,
+    /// Coordinator data directory [default: /var/lib/fleetvault/coordinator].
+    #[arg(long = "data-dir", env = "FLEETVAULT_DATA_DIR")]
+    given: Option<PathBuf>,
+}
+
+impl DataDirArg {
+    fn path(&self) -> PathBuf {
+        if let Some(p) = &self.given {
+            return p.clone();
+        }
+        let new = PathBuf::from(DEFAULT_DATA_DIR);
+        let old = PathBuf::from(OLD_DEFAULT_DATA_DIR);
+        if !new.join("coordinator.toml").exists() && old.join("coordinator.toml").exists() {
+            return old;
+        }
+        new
+    }
 }
 
 #[derive(Subcommand)]
@@ -311,31 +326,31 @@ fn dispatch(command: Command, json: bool) -> anyhow::Result<ExitCode> {
             listen,
             server_name,
             advertise,
-        } => commands::init(&dir.data_dir, &listen, &server_name, advertise, json),
-        Command::Serve { dir } => commands::serve(&dir.data_dir),
+        } => commands::init(&dir.path(), &listen, &server_name, advertise, json),
+        Command::Serve { dir } => commands::serve(&dir.path()),
         Command::IssueAgent {
             name,
             dir,
             out,
             force,
-        } => commands::issue_agent(&dir.data_dir, &name, &out, force, json),
+        } => commands::issue_agent(&dir.path(), &name, &out, force, json),
         Command::IssuePeer {
             name,
             dir,
             out,
             replica_name,
             force,
-        } => commands::issue_peer(&dir.data_dir, &name, &out, replica_name, force, json),
-        Command::Replicate { dir, replica } => commands::replicate(&dir.data_dir, replica, json),
-        Command::Replicas { dir } => commands::replicas(&dir.data_dir, json),
-        Command::Promote { dir } => commands::promote(&dir.data_dir, json),
+        } => commands::issue_peer(&dir.path(), &name, &out, replica_name, force, json),
+        Command::Replicate { dir, replica } => commands::replicate(&dir.path(), replica, json),
+        Command::Replicas { dir } => commands::replicas(&dir.path(), json),
+        Command::Promote { dir } => commands::promote(&dir.path(), json),
         Command::Snapshots {
             dir,
             agent,
             source,
             status,
             job,
-        } => commands::snapshots(&dir.data_dir, agent, source, status, job, json),
+        } => commands::snapshots(&dir.path(), agent, source, status, job, json),
         Command::Snapshot {
             command:
                 SnapshotCommand::Show {
@@ -344,32 +359,32 @@ fn dispatch(command: Command, json: bool) -> anyhow::Result<ExitCode> {
                     agent,
                     source,
                 },
-        } => commands::show(&dir.data_dir, &snapshot_id, agent, source, json),
-        Command::Run { job, dir } => commands::run_job(&dir.data_dir, &job, json),
+        } => commands::show(&dir.path(), &snapshot_id, agent, source, json),
+        Command::Run { job, dir } => commands::run_job(&dir.path(), &job, json),
         Command::Protect { snapshot_id, dir } => {
-            commands::protect(&dir.data_dir, &snapshot_id, true, json)
+            commands::protect(&dir.path(), &snapshot_id, true, json)
         }
         Command::Unprotect { snapshot_id, dir } => {
-            commands::protect(&dir.data_dir, &snapshot_id, false, json)
+            commands::protect(&dir.path(), &snapshot_id, false, json)
         }
-        Command::Delete { snapshot_id, dir } => commands::delete(&dir.data_dir, &snapshot_id, json),
+        Command::Delete { snapshot_id, dir } => commands::delete(&dir.path(), &snapshot_id, json),
         Command::Forget { job, dry_run, dir } => {
-            commands::forget(&dir.data_dir, &job, dry_run, json)
+            commands::forget(&dir.path(), &job, dry_run, json)
         }
-        Command::Gc { dir } => commands::gc(&dir.data_dir, json),
-        Command::RebuildCatalog { dir } => commands::rebuild_catalog(&dir.data_dir, json),
+        Command::Gc { dir } => commands::gc(&dir.path(), json),
+        Command::RebuildCatalog { dir } => commands::rebuild_catalog(&dir.path(), json),
         Command::Download {
             snapshot_id,
             dir,
             out,
             force,
-        } => commands::download(&dir.data_dir, &snapshot_id, &out, force, json),
+        } => commands::download(&dir.path(), &snapshot_id, &out, force, json),
         Command::Verify { dir, snapshot } => {
-            commands::verify(&dir.data_dir, snapshot.as_deref(), json)
+            commands::verify(&dir.path(), snapshot.as_deref(), json)
         }
-        Command::Agents { dir } => commands::agents(&dir.data_dir, json),
+        Command::Agents { dir } => commands::agents(&dir.path(), json),
         Command::Backup { dir, agent, source } => {
-            commands::push_backup(&dir.data_dir, &agent, &source, json)
+            commands::push_backup(&dir.path(), &agent, &source, json)
         }
         Command::Restore {
             dir,
@@ -381,7 +396,7 @@ fn dispatch(command: Command, json: bool) -> anyhow::Result<ExitCode> {
             replace,
             no_safety_snapshot,
         } => commands::push_restore(
-            &dir.data_dir,
+            &dir.path(),
             &snapshot_id,
             &agent,
             fleetvault_common::protocol::RestoreOptions {

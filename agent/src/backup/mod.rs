@@ -99,7 +99,8 @@ pub(crate) async fn run_tagged(
             source: rec.source,
             bytes_read: chunked.bytes_read,
             bytes_uploaded: stats.bytes_uploaded.load(Ordering::Relaxed),
-            chunks: chunked.chunks,
+            // Counted like `new_chunks`: the manifest's chunks too.
+            chunks: chunked.chunks + chunked.root.chunks.len() as u64,
             new_chunks: stats.new_chunks.load(Ordering::Relaxed),
             bytes_written: 0,
             duration_ms: started.elapsed().as_millis() as u64,

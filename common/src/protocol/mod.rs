@@ -462,7 +462,7 @@ pub struct JobReport {
     pub bytes_read: u64,
     /// Bytes sent to the coordinator (sealed chunks).
     pub bytes_uploaded: u64,
-    /// Chunks referenced.
+    /// Chunks referenced, the manifest's included (as in `new_chunks`).
     pub chunks: u64,
     /// Chunks uploaded because the coordinator lacked them.
     pub new_chunks: u64,
