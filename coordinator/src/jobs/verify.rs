@@ -236,6 +236,41 @@ mod tests {
     use fleetvault_common::{Manifest, StreamManifest};
 
     #[test]
+    fn a_scheduled_verification_skips_while_one_runs_and_tags_like_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::testing::state(dir.path());
+        let good = stream_snapshot(&state, "a", b"whole");
+        let honest = crate::testing::stream(&state, b"checksum lies");
+        let bad = snapshot(
+            &state,
+            "b",
+            "command",
+            &Manifest::Stream(honest),
+            Some([7; 32]),
+        );
+        {
+            let _operator = state.verify_lock.lock().unwrap();
+            assert!(verify_scheduled(&state).is_none());
+        }
+        assert!(!state
+            .catalog
+            .get(bad.id)
+            .unwrap()
+            .tags
+            .contains(&DAMAGED.into()));
+        assert_eq!(verify_scheduled(&state), Some(Ok((2, 1))));
+        let tagged = state.catalog.get(bad.id).unwrap();
+        assert!(tagged.tags.contains(&DAMAGED.into()), "{tagged:?}");
+        assert!(tagged.warnings.iter().any(|w| w.starts_with("verify: ")));
+        assert!(!state
+            .catalog
+            .get(good.id)
+            .unwrap()
+            .tags
+            .contains(&DAMAGED.into()));
+    }
+
+    #[test]
     fn a_lying_record_is_its_own_problem_and_stops_no_one() {
         let dir = tempfile::tempdir().unwrap();
         let state = crate::testing::state(dir.path());
