@@ -6,7 +6,6 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use fleetvault_certs::{Ca, Role};
@@ -14,12 +13,12 @@ use fleetvault_common::exit::{self, UsageError};
 use fleetvault_common::protocol::{Request, Response, RestoreOptions, SnapshotFilter};
 use fleetvault_common::report;
 use fleetvault_common::{Client, Credentials, JobReport, SnapshotId};
-use tracing::info;
 
 use crate::catalog::Catalog;
 use crate::config::{CoordinatorConfig, DataDir};
 use crate::store::ChunkStore;
-use crate::State;
+
+pub(crate) use crate::serve::serve;
 
 /// Logs to stderr; `FLEETVAULT_LOG` (or `RUST_LOG`) overrides the level.
 pub(crate) fn init_logging() {
@@ -352,124 +351,6 @@ key = "agent.key"
         ),
     }
     Ok(ExitCode::SUCCESS)
-}
-
-pub(crate) fn serve(root: &Path) -> anyhow::Result<ExitCode> {
-    let dir = DataDir::new(root);
-    let cfg = dir.load_config()?;
-    let creds = Credentials::load(
-        &dir.tls("ca.pem"),
-        &dir.tls("coordinator.pem"),
-        &dir.tls("coordinator.key"),
-    )?;
-    let store = ChunkStore::open(&dir.store())
-        .with_context(|| format!("opening the chunk store {}", dir.store().display()))?;
-    let mut rebuild_error = None;
-    let catalog = Catalog::open(&dir.catalog(), || match records_with_chunks(&store) {
-        Ok(r) => r,
-        Err(e) => {
-            rebuild_error = Some(e);
-            Vec::new()
-        }
-    })
-    .with_context(|| {
-        format!(
-            "opening the catalog {} (is another coordinator running on this data dir?)",
-            dir.catalog().display()
-        )
-    })?;
-    if let Some(e) = rebuild_error {
-        bail!("rebuilding the catalog from the store: {e}");
-    }
-    // Before anything is served or collected: a crash between a store record and its catalog
-    // entry must not leave the two disagreeing.
-    crate::reconcile::reconcile(&store, &catalog)
-        .map_err(|e| anyhow::anyhow!("reconciling the catalog with the store: {e}"))?;
-    let state = Arc::new(State::new(root, store, catalog, &cfg));
-    runtime()?.block_on(async move {
-        let endpoint = fleetvault_common::server_endpoint(cfg.listen_addr()?, &creds)?;
-        let local = endpoint.local_addr().context("reading the bound address")?;
-        info!(%local, data_dir = %dir.root().display(), jobs = cfg.jobs.len(), "coordinator listening");
-        eprintln!("fleetvault-coordinator listening on {local}");
-        let token = tokio_util::sync::CancellationToken::new();
-        let tracker = tokio_util::task::TaskTracker::new();
-        let reload = Arc::new(tokio::sync::Notify::new());
-        let gc = cfg.gc_schedule.clone().map(|s| {
-            (s, std::time::Duration::from_secs(cfg.gc_min_age_secs.unwrap_or(3600)))
-        });
-        tracker.spawn(crate::jobs::scheduler::run(
-            state.clone(),
-            gc,
-            cfg.verify_schedule.clone(),
-            token.clone(),
-            reload.clone(),
-            tracker.clone(),
-        ));
-        tracker.spawn(crate::replicate::scheduler(
-            state.clone(),
-            token.clone(),
-            tracker.clone(),
-        ));
-        tracker.spawn(reload_on_sighup(dir.clone(), state.clone(), reload, token.clone()));
-        let result = crate::server::run(endpoint, state, shutdown_signal()).await;
-        token.cancel();
-        tracker.close();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), tracker.wait()).await;
-        result
-    })?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Re-reads `coordinator.toml` on SIGHUP: new jobs take effect at once; a broken file is
-/// reported (file, line, key) and the previous jobs stay.
-async fn reload_on_sighup(
-    dir: DataDir,
-    state: Arc<State>,
-    reload: Arc<tokio::sync::Notify>,
-    token: tokio_util::sync::CancellationToken,
-) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; config reload disabled");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = token.cancelled() => return,
-            got = hup.recv() => if got.is_none() { return },
-        }
-        match dir.load_config() {
-            Ok(cfg) => {
-                state.configure(&cfg);
-                reload.notify_one();
-                info!(
-                    jobs = cfg.jobs.len(),
-                    replicas = cfg.replicas.len(),
-                    peers = cfg.peers.len(),
-                    "configuration reloaded"
-                );
-            }
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "configuration not reloaded; keeping the previous one")
-            }
-        }
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 /// Connects to the running coordinator with the operator certificate.
@@ -1030,7 +911,7 @@ pub(crate) fn verify(root: &Path, snapshot: Option<&str>, json: bool) -> anyhow:
 /// The store's snapshot records, each with the chunks it references (manifest and data), for
 /// rebuilding a catalog: an agent's references are what lets it back up incrementally. A
 /// record whose manifest cannot be read keeps its manifest chunks only (verify reports it).
-fn records_with_chunks(
+pub(crate) fn records_with_chunks(
     store: &ChunkStore,
 ) -> Result<
     Vec<(

@@ -13,7 +13,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 /// Raw `coordinator.toml`.
@@ -68,7 +68,7 @@ impl CoordinatorConfig {
     /// else `listen` itself.
     pub(crate) fn dial_address(&self) -> anyhow::Result<String> {
         if let Some(a) = &self.advertise {
-            check_host_port(a).with_context(|| format!("advertise {a:?}"))?;
+            check_host_port("advertise", a).map_err(anyhow::Error::msg)?;
             return Ok(a.clone());
         }
         let addr = self.listen_addr()?;
@@ -89,17 +89,6 @@ impl CoordinatorConfig {
         }
         Ok(addr.to_string())
     }
-}
-
-/// `HOST:PORT` with a port number (HOST a name or an address; IPv6 in brackets).
-pub(crate) fn check_host_port(text: &str) -> anyhow::Result<()> {
-    let (host, port) = text
-        .rsplit_once(':')
-        .with_context(|| "is not HOST:PORT".to_owned())?;
-    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
-        bail!("is not HOST:PORT (a host and a port number)");
-    }
-    Ok(())
 }
 
 /// Paths inside a coordinator data directory.
@@ -171,7 +160,8 @@ impl DataDir {
         }
     }
 
-    /// Reads and checks `coordinator.toml`; errors name the file and the key.
+    /// Reads and checks `coordinator.toml`, every key of it; an error is one line naming the
+    /// file, the line and the key (`invalid config PATH: line N: key `K`: problem`).
     pub(crate) fn load_config(&self) -> anyhow::Result<CoordinatorConfig> {
         let path = self.config_path();
         let text = std::fs::read_to_string(&path).with_context(|| {
@@ -181,68 +171,322 @@ impl DataDir {
                 self.root.display()
             )
         })?;
-        let cfg: CoordinatorConfig =
-            fleetvault_common::parse_toml(&path, &text).map_err(anyhow::Error::msg)?;
-        cfg.listen_addr()
-            .with_context(|| format!("invalid {}: key `listen`", path.display()))?;
-        if cfg.server_name.is_empty() {
-            bail!("invalid {}: key `server_name` is empty", path.display());
+        // A broken file is a configuration error: exit code 2.
+        let cfg: CoordinatorConfig = fleetvault_common::parse_toml(&path, &text)
+            .map_err(|e| fleetvault_common::exit::UsageError(e.to_string()))?;
+        if let Err(p) = cfg.check() {
+            return Err(fleetvault_common::exit::UsageError(format!(
+                "invalid config {}: {}",
+                path.display(),
+                p.render(&text)
+            ))
+            .into());
         }
-        if let Some(g) = &cfg.gc_schedule {
-            crate::jobs::parse_schedule(g).map_err(|e| {
-                anyhow::anyhow!("invalid config {}: key `gc_schedule`: {e}", path.display())
-            })?;
-        }
-        if let Some(secs) = cfg.job_timeout_secs {
-            crate::limits::validate_job_timeout(secs)
-                .map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))?;
-        }
-        check_tables(
-            &path,
-            "jobs",
-            "job",
-            &cfg.jobs,
-            |j| &j.name,
-            |j| j.validate(),
-        )?;
-        check_tables(
-            &path,
-            "replicas",
-            "replica",
-            &cfg.replicas,
-            |r| &r.name,
-            |r| r.validate(),
-        )?;
-        check_tables(
-            &path,
-            "peers",
-            "peer",
-            &cfg.peers,
-            |p| &p.name,
-            |p| fleetvault_certs::validate_name(&p.name).map_err(|e| format!("key `name`: {e}")),
-        )?;
         Ok(cfg)
     }
 }
 
-/// Checks `[[KEY]]` tables: each name present and unique, each table valid; errors name the
-/// file, the table's index and name, and the key.
+/// Largest `max_concurrent_backups`.
+pub(crate) const MAX_CONCURRENT_BACKUPS: u32 = 1024;
+/// Largest `gc_min_age_secs` (a year).
+pub(crate) const MAX_GC_MIN_AGE_SECS: u64 = 365 * 24 * 3600;
+/// Largest `retry_base_secs` of a replica: its backoff never waits longer anyway.
+pub(crate) const MAX_RETRY_BASE_SECS: u64 = 3600;
+
+/// What is wrong with one key of `coordinator.toml`.
+#[derive(Debug)]
+struct Problem {
+    /// The `[[TABLE]]` entry it is in (`jobs`, index, name), if not the top level.
+    table: Option<(&'static str, usize, String)>,
+    /// What is wrong, starting with "key `K`" when one key is to blame.
+    message: String,
+}
+
+impl Problem {
+    fn top(message: String) -> Self {
+        Self {
+            table: None,
+            message,
+        }
+    }
+
+    /// `line N: [TABLE[i] ("name"): ]message`; the line of the key when the message names
+    /// one, else of the table.
+    fn render(&self, text: &str) -> String {
+        let key = self
+            .message
+            .strip_prefix("key `")
+            .and_then(|rest| rest.split_once('`'))
+            .map(|(k, _)| k);
+        let line = locate(text, self.table.as_ref().map(|(t, i, _)| (*t, *i)), key)
+            .map(|l| format!("line {l}: "))
+            .unwrap_or_default();
+        let message = self
+            .message
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        match &self.table {
+            Some((t, i, name)) => format!("{line}{t}[{i}] ({name:?}): {message}"),
+            None => format!("{line}{message}"),
+        }
+    }
+}
+
+/// The 1-based line of `key` (in the `index`th entry of `[[TABLE]]` when `table` is given),
+/// or of that entry when the key is not written there (a default).
+fn locate(text: &str, table: Option<(&str, usize)>, key: Option<&str>) -> Option<usize> {
+    let doc = toml_edit::ImDocument::parse(text).ok()?;
+    let root = doc.as_table();
+    let span = match table {
+        None => root.key(key?)?.span()?,
+        Some((name, index)) => {
+            let entry: (&dyn toml_edit::TableLike, Option<std::ops::Range<usize>>) =
+                match root.get(name)? {
+                    toml_edit::Item::ArrayOfTables(a) => {
+                        let t = a.get(index)?;
+                        (t, t.span())
+                    }
+                    toml_edit::Item::Value(toml_edit::Value::Array(a)) => {
+                        let v = a.get(index)?;
+                        (v.as_inline_table()?, v.span())
+                    }
+                    _ => return None,
+                };
+            match key.and_then(|k| entry.0.key(k)).and_then(|k| k.span()) {
+                Some(s) => s,
+                None => entry.1?,
+            }
+        }
+    };
+    Some(text.get(..span.start)?.matches('\n').count() + 1)
+}
+
+/// `HOST:PORT` with a host and a port that is not 0.
+fn check_host_port(key: &str, value: &str) -> Result<(), String> {
+    let bad = || format!("key `{key}`: {value:?} is not HOST:PORT (e.g. backup.example.com:7443)");
+    let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(bad());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(bad()),
+    }
+}
+
+impl CoordinatorConfig {
+    /// Checks every key; the first problem found.
+    fn check(&self) -> Result<(), Problem> {
+        let top = |r: Result<(), String>| r.map_err(Problem::top);
+        top(self.listen_addr().map(drop).map_err(|_| {
+            format!(
+                "key `listen`: {:?} is not IP:PORT (e.g. 0.0.0.0:7443)",
+                self.listen
+            )
+        }))?;
+        if self.server_name.trim().is_empty() {
+            return Err(Problem::top("key `server_name` is empty".into()));
+        }
+        if let Some(a) = &self.advertise {
+            top(check_host_port("advertise", a))?;
+        }
+        for (key, value) in [
+            ("gc_schedule", &self.gc_schedule),
+            ("verify_schedule", &self.verify_schedule),
+        ] {
+            if let Some(s) = value {
+                top(crate::jobs::parse_schedule(s)
+                    .map(drop)
+                    .map_err(|e| format!("key `{key}`: {e}")))?;
+            }
+        }
+        if let Some(n) = self.max_concurrent_backups {
+            if n == 0 || n > MAX_CONCURRENT_BACKUPS {
+                return Err(Problem::top(format!(
+                    "key `max_concurrent_backups`: {n} is not between 1 and {MAX_CONCURRENT_BACKUPS}"
+                )));
+            }
+        }
+        if let Some(secs) = self.gc_min_age_secs {
+            if secs > MAX_GC_MIN_AGE_SECS {
+                return Err(Problem::top(format!(
+                    "key `gc_min_age_secs`: {secs} is more than {MAX_GC_MIN_AGE_SECS} seconds (a year)"
+                )));
+            }
+        }
+        if let Some(secs) = self.job_timeout_secs {
+            top(crate::limits::validate_job_timeout(secs))?;
+        }
+        check_tables("jobs", "job", &self.jobs, |j| &j.name, |j| j.validate())?;
+        check_tables(
+            "replicas",
+            "replica",
+            &self.replicas,
+            |r| &r.name,
+            |r| {
+                r.validate()?;
+                match r.retry_base_secs {
+                    Some(s) if s == 0 || s > MAX_RETRY_BASE_SECS => Err(format!(
+                        "key `retry_base_secs`: {s} is not between 1 and {MAX_RETRY_BASE_SECS}"
+                    )),
+                    _ => Ok(()),
+                }
+            },
+        )?;
+        check_tables(
+            "peers",
+            "peer",
+            &self.peers,
+            |p| &p.name,
+            |p| fleetvault_certs::validate_name(&p.name).map_err(|e| format!("key `name`: {e}")),
+        )
+    }
+}
+
+/// Checks `[[KEY]]` tables: each name present and unique, each table valid; a problem names
+/// the table's index and name, and the key.
 fn check_tables<T>(
-    path: &Path,
-    key: &str,
+    key: &'static str,
     what: &str,
     tables: &[T],
     name: impl Fn(&T) -> &String,
     validate: impl Fn(&T) -> Result<(), String>,
-) -> anyhow::Result<()> {
+) -> Result<(), Problem> {
     let mut names = std::collections::HashSet::new();
     for (i, t) in tables.iter().enumerate() {
         let n = name(t);
-        let at = format!("invalid config {}: {key}[{i}] ({n:?})", path.display());
+        let at = |message: String| Problem {
+            table: Some((key, i, n.clone())),
+            message,
+        };
         if n.is_empty() || !names.insert(n.clone()) {
-            bail!("{at}: key `name` is empty or used by another {what}");
+            return Err(at(format!("key `name` is empty or used by another {what}")));
         }
-        validate(t).map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+        validate(t).map_err(at)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "listen = \"127.0.0.1:7443\"\nserver_name = \"backup.example.com\"\n";
+
+    fn load(text: &str) -> anyhow::Result<CoordinatorConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("coordinator.toml"), text).unwrap();
+        DataDir::new(dir.path()).load_config()
+    }
+
+    #[test]
+    fn every_bad_key_is_refused_with_file_line_and_key() {
+        let job = "[[jobs]]\nname = \"nightly\"\nagents = [\"*\"]\n";
+        let replica = "[[replicas]]\nname = \"offsite\"\naddress = \"r.example.com:7443\"\n\
+                       server_name = \"r\"\nca = \"ca.pem\"\ncert = \"p.pem\"\nkey = \"p.key\"\n";
+        let cases: Vec<(String, usize, &str)> = vec![
+            (
+                format!("{BASE}verify_schedule = \"every sunday\"\n"),
+                3,
+                "verify_schedule",
+            ),
+            (
+                format!("{BASE}gc_schedule = \"0 99 * * *\"\n"),
+                3,
+                "gc_schedule",
+            ),
+            (
+                format!("{BASE}max_concurrent_backups = 0\n"),
+                3,
+                "max_concurrent_backups",
+            ),
+            (
+                format!("{BASE}gc_min_age_secs = 99999999999\n"),
+                3,
+                "gc_min_age_secs",
+            ),
+            (
+                format!("{BASE}job_timeout_secs = 0\n"),
+                3,
+                "job_timeout_secs",
+            ),
+            (
+                format!("{BASE}advertise = \"backup.example.com\"\n"),
+                3,
+                "advertise",
+            ),
+            (
+                format!("{BASE}advertise = \"backup.example.com:0\"\n"),
+                3,
+                "advertise",
+            ),
+            (
+                "server_name = \"s\"\nlisten = \"0.0.0.0\"\n".to_owned(),
+                2,
+                "listen",
+            ),
+            (
+                "listen = \"127.0.0.1:1\"\nserver_name = \" \"\n".to_owned(),
+                2,
+                "server_name",
+            ),
+            (
+                format!("{BASE}\n{job}schedule = \"every day\"\n"),
+                7,
+                "schedule",
+            ),
+            (
+                format!("{BASE}\n{job}schedule = \"0 2 * * *\"\n{job}schedule = \"0 2 * * *\"\n"),
+                9,
+                "name",
+            ),
+            (
+                format!("{BASE}\n{replica}schedule = \"hourly\"\n"),
+                11,
+                "schedule",
+            ),
+            (
+                format!("{BASE}\n{replica}retry_base_secs = 0\n"),
+                11,
+                "retry_base_secs",
+            ),
+            (
+                format!("{BASE}\n[[peers]]\nname = \"bad name\"\n"),
+                5,
+                "name",
+            ),
+        ];
+        for (text, line, key) in cases {
+            let err = format!("{:#}", load(&text).unwrap_err());
+            assert!(!err.contains('\n'), "{err}");
+            assert!(err.contains("coordinator.toml: "), "{err}");
+            assert!(
+                err.contains(&format!("line {line}: ")),
+                "want line {line}: {err}"
+            );
+            assert!(
+                err.contains(&format!("key `{key}`")),
+                "want key {key}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_good_config_loads_and_a_table_problem_without_a_key_names_the_table() {
+        let cfg = load(&format!(
+            "{BASE}advertise = \"[::1]:7443\"\nverify_schedule = \"*/2 * * * * *\"\n\
+             max_concurrent_backups = 2\ngc_min_age_secs = 0\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.max_concurrent_backups, Some(2));
+        let text =
+            format!("{BASE}\n[[jobs]]\nname = \"n\"\nagents = []\nschedule = \"0 2 * * *\"\n");
+        let err = format!("{:#}", load(&text).unwrap_err());
+        assert!(
+            err.contains("line 6: jobs[0] (\"n\"): key `agents` is empty"),
+            "{err}"
+        );
+    }
 }

@@ -214,6 +214,85 @@ impl Limits {
     }
 }
 
+/// The `max_concurrent_backups` slots: one semaphore, resized on reload without touching the
+/// permits running backups hold. Raising adds permits at once; lowering forgets the free ones
+/// and takes the rest as running backups give theirs back, queued ahead of any backup that asks
+/// after the reload (the semaphore is fair).
+pub(crate) struct BackupSlots {
+    sem: Arc<Semaphore>,
+    sizing: Arc<Mutex<Sizing>>,
+}
+
+struct Sizing {
+    /// Permits in existence: free, held by backups, or being taken back.
+    size: usize,
+    /// Bumped by every resize; a shrink task of an older one gives back what it took.
+    generation: u64,
+    shrinking: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl BackupSlots {
+    pub(crate) fn new(size: usize) -> Self {
+        Self {
+            sem: Arc::new(Semaphore::new(size)),
+            sizing: Arc::new(Mutex::new(Sizing {
+                size,
+                generation: 0,
+                shrinking: None,
+            })),
+        }
+    }
+
+    /// The semaphore backups take a slot of.
+    pub(crate) fn semaphore(&self) -> &Arc<Semaphore> {
+        &self.sem
+    }
+
+    /// Makes the limit `limit`. Lowering it needs a tokio runtime to take back the permits
+    /// still held; without one only the free permits are taken back.
+    pub(crate) fn resize(&self, limit: usize) {
+        let mut s = self.sizing.lock().expect("slot sizing lock");
+        s.generation += 1;
+        if let Some(task) = s.shrinking.take() {
+            // Permits it acquired part of go back to the semaphore when it is dropped.
+            task.abort();
+        }
+        if limit >= s.size {
+            self.sem.add_permits(limit - s.size);
+            s.size = limit;
+            return;
+        }
+        let forgotten = self.sem.forget_permits(s.size - limit);
+        s.size -= forgotten;
+        let owed = s.size - limit;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if owed == 0 {
+            return;
+        }
+        let (sem, sizing, generation) = (self.sem.clone(), self.sizing.clone(), s.generation);
+        let owed32 = u32::try_from(owed).unwrap_or(u32::MAX);
+        s.shrinking = Some(runtime.spawn(async move {
+            let Ok(permits) = sem.acquire_many_owned(owed32).await else {
+                return;
+            };
+            let mut s = sizing.lock().expect("slot sizing lock");
+            if s.generation == generation {
+                permits.forget();
+                s.size -= owed32 as usize;
+                s.shrinking = None;
+            }
+        }));
+    }
+
+    /// The limit in force once running backups above it have ended.
+    #[cfg(test)]
+    fn size(&self) -> usize {
+        self.sizing.lock().expect("slot sizing lock").size
+    }
+}
+
 /// Checks `job_timeout_secs` from `coordinator.toml`.
 pub(crate) fn validate_job_timeout(secs: u64) -> Result<(), String> {
     if secs == 0 || secs > MAX_JOB_TIMEOUT_SECS {
@@ -301,6 +380,62 @@ pub(crate) fn clip(s: &str, n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backup_slots_resize_without_losing_held_permits() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let slots = BackupSlots::new(4);
+            let sem = slots.semaphore().clone();
+            let a = sem.clone().acquire_owned().await.unwrap();
+            let b = sem.clone().acquire_owned().await.unwrap();
+            let c = sem.clone().acquire_owned().await.unwrap();
+            // Down to 1 while 3 run: the free one goes at once, two more as backups end.
+            slots.resize(1);
+            assert_eq!(sem.available_permits(), 0);
+            tokio::task::yield_now().await;
+            // A backup asking after the reload waits behind what is owed.
+            let mut late = Box::pin(sem.clone().acquire_owned());
+            assert!(poll_once(&mut late).is_none());
+            drop(a);
+            drop(b);
+            tokio::task::yield_now().await;
+            assert!(poll_once(&mut late).is_none(), "over the new limit");
+            assert_eq!(slots.size(), 1);
+            drop(c);
+            let d = late.await.unwrap();
+            assert_eq!(sem.available_permits(), 0);
+
+            // Raised again while a shrink has taken part of what it is owed: that part
+            // comes back.
+            slots.resize(4);
+            let e = sem.clone().acquire_owned().await.unwrap();
+            let f = sem.clone().acquire_owned().await.unwrap();
+            slots.resize(1);
+            tokio::task::yield_now().await;
+            drop(d);
+            tokio::task::yield_now().await;
+            slots.resize(3);
+            tokio::task::yield_now().await;
+            drop((e, f));
+            tokio::task::yield_now().await;
+            assert_eq!(slots.size(), 3);
+            assert_eq!(sem.available_permits(), 3);
+        });
+    }
+
+    /// Polls `f` once.
+    fn poll_once<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        match std::pin::Pin::new(f).poll(&mut cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
+    }
 
     #[test]
     fn connections_are_limited_per_identity_and_freed_on_drop() {

@@ -13,6 +13,7 @@ mod limits;
 mod push;
 mod reconcile;
 mod replicate;
+mod serve;
 mod server;
 mod state;
 mod store;

@@ -29,6 +29,12 @@ pub(crate) struct State {
     pub(crate) gc_lock: Mutex<()>,
     /// Backups the coordinator starts (jobs) take a slot; the rest wait, listed `pending`.
     pub(crate) slots: Arc<tokio::sync::Semaphore>,
+    /// Resizes `slots` to `max_concurrent_backups` on reload.
+    slot_limit: crate::limits::BackupSlots,
+    /// `gc_schedule` and `verify_schedule`, replaced on SIGHUP.
+    schedules: std::sync::RwLock<Schedules>,
+    /// Held by the verification that runs: one at a time, operator's or scheduled.
+    pub(crate) verify_lock: Mutex<()>,
     /// Unreferenced chunks younger than this are kept by garbage collection.
     pub(crate) gc_min_age: std::sync::atomic::AtomicU64,
     /// The data dir (peer allow-list, replica credentials).
@@ -43,6 +49,16 @@ pub(crate) struct State {
     /// What one certificate may take: connections, buffered bytes, a pushed job's time.
     pub(crate) limits: Arc<crate::limits::Limits>,
 }
+
+/// When garbage collection and verification run by themselves (cron), if at all.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Schedules {
+    pub(crate) gc: Option<String>,
+    pub(crate) verify: Option<String>,
+}
+
+/// `max_concurrent_backups` when not set.
+pub(crate) const DEFAULT_MAX_CONCURRENT_BACKUPS: u32 = 4;
 
 /// Chunks garbage collection must not delete besides those of completed snapshots.
 #[derive(Default)]
@@ -88,7 +104,7 @@ impl State {
         catalog: Catalog,
         cfg: &CoordinatorConfig,
     ) -> Self {
-        let slots = cfg.max_concurrent_backups.unwrap_or(4).max(1) as usize;
+        let slot_limit = crate::limits::BackupSlots::new(max_backups(cfg));
         let state = Self {
             store,
             catalog,
@@ -96,7 +112,10 @@ impl State {
             jobs: Default::default(),
             pins: Mutex::default(),
             gc_lock: Mutex::default(),
-            slots: Arc::new(tokio::sync::Semaphore::new(slots)),
+            slots: slot_limit.semaphore().clone(),
+            slot_limit,
+            schedules: Default::default(),
+            verify_lock: Mutex::default(),
             gc_min_age: std::sync::atomic::AtomicU64::new(3600),
             root: root.to_owned(),
             replicas: Default::default(),
@@ -109,9 +128,15 @@ impl State {
         state
     }
 
-    /// Takes the reloadable parts of `coordinator.toml` (jobs, replicas, peers, gc age).
+    /// Takes the reloadable parts of `coordinator.toml`: everything but `listen` and
+    /// `server_name`.
     pub(crate) fn configure(&self, cfg: &CoordinatorConfig) {
         *self.jobs.write().expect("jobs lock") = cfg.jobs.clone();
+        *self.schedules.write().expect("schedules lock") = Schedules {
+            gc: cfg.gc_schedule.clone(),
+            verify: cfg.verify_schedule.clone(),
+        };
+        self.slot_limit.resize(max_backups(cfg));
         *self.replicas.write().expect("replicas lock") = cfg.replicas.clone();
         *self.peers.write().expect("peers lock") = cfg.peers.clone();
         self.gc_min_age.store(
@@ -169,10 +194,22 @@ impl State {
         self.gc_min_age.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// `gc_schedule` and `verify_schedule` now configured.
+    pub(crate) fn schedules(&self) -> Schedules {
+        self.schedules.read().expect("schedules lock").clone()
+    }
+
     /// The jobs now configured.
     pub(crate) fn jobs(&self) -> Vec<crate::jobs::JobConfig> {
         self.jobs.read().expect("jobs lock").clone()
     }
+}
+
+/// `max_concurrent_backups`, or its default.
+fn max_backups(cfg: &CoordinatorConfig) -> usize {
+    cfg.max_concurrent_backups
+        .unwrap_or(DEFAULT_MAX_CONCURRENT_BACKUPS)
+        .max(1) as usize
 }
 
 impl State {

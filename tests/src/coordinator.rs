@@ -201,6 +201,39 @@ impl Coordinator {
         Ok(files)
     }
 
+    /// Damages the largest chunk file (stream data, not a small manifest): inverts 16 bytes in
+    /// the middle of its payload, as a failing disk would. Returns its path.
+    pub fn damage_largest_chunk(&self) -> anyhow::Result<PathBuf> {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        /// A chunk file's envelope header; the payload follows it.
+        const HEADER: u64 = 8;
+        let mut largest: Option<(u64, PathBuf)> = None;
+        for c in self.chunk_files()? {
+            let len = std::fs::metadata(&c)?.len();
+            if largest.as_ref().is_none_or(|(l, _)| len > *l) {
+                largest = Some((len, c));
+            }
+        }
+        let (len, path) = largest
+            .with_context(|| format!("no chunk files under {}", self.chunks_dir().display()))?;
+        anyhow::ensure!(len > HEADER + 16, "chunk file {} too small", path.display());
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        let at = HEADER + (len - HEADER - 16) / 2;
+        let mut buf = [0u8; 16];
+        f.seek(SeekFrom::Start(at))?;
+        f.read_exact(&mut buf)?;
+        for b in &mut buf {
+            *b = !*b;
+        }
+        f.seek(SeekFrom::Start(at))?;
+        f.write_all(&buf)?;
+        f.sync_all()?;
+        Ok(path)
+    }
+
     /// Runs `fleetvault-coordinator ARGS --data-dir DIR`.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
         run(

@@ -95,7 +95,13 @@ pub(crate) fn parse_schedule(expr: &str) -> Result<cron::Schedule, String> {
         }
     };
     fields[5] = crontab_weekdays(&fields[5])?;
-    cron::Schedule::from_str(&fields.join(" ")).map_err(|e| format!("{expr:?}: {e}"))
+    cron::Schedule::from_str(&fields.join(" ")).map_err(|e| {
+        // The cron crate's message repeats the expression with a caret line; its last line
+        // says what is wrong.
+        let e = e.to_string();
+        let why = e.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+        format!("{expr:?}: {}", why.trim())
+    })
 }
 
 /// The next run of `schedule` after `from` (the last run, or the scheduler's start); an
@@ -161,6 +167,8 @@ mod tests {
         assert_eq!((next.day(), next.weekday()), (7, chrono::Weekday::Mon));
         assert!(parse_schedule("0 2 * *").is_err());
         assert!(parse_schedule("0 2 * * 9").is_err());
+        let e = parse_schedule("0 99 * * *").unwrap_err();
+        assert!(!e.contains('\n') && e.contains("99"), "{e}");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The scheduler: starts each job at its cron times (UTC), garbage collection at
-//! `gc_schedule` and verification at `verify_schedule`. One run of a job at a time: an occurrence that finds the previous run still
-//! going is skipped with a log line, as is one missed while the coordinator was down, and a
-//! garbage collection that finds another one running (an operator's `gc`). The job
-//! list is re-read when `reload` is notified (SIGHUP).
+//! `gc_schedule` and verification of every completed snapshot at `verify_schedule`. One run of
+//! each at a time: an occurrence that finds the previous run still going is skipped with a log
+//! line, as is one missed while the coordinator was down, and a garbage collection or
+//! verification that finds another one running (an operator's `gc` or `verify`). The jobs and
+//! both schedules are re-read from the state when `reload` is notified (SIGHUP).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -17,50 +18,57 @@ use tracing::{info, warn};
 use super::{ops, parse_schedule};
 use crate::State;
 
-/// The GC's pseudo job name in the schedule.
-const GC: &str = "\0gc";
-/// Scheduled verification's pseudo job name.
-const VERIFY: &str = "\0verify";
+/// What a schedule starts.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Entry {
+    /// The `[[jobs]]` entry of that name.
+    Job(String),
+    /// Garbage collection (`gc_schedule`).
+    Gc,
+    /// Verification of every completed snapshot (`verify_schedule`).
+    Verify,
+}
+
+/// Every scheduled entry now configured, with its cron expression.
+fn entries(state: &State) -> Vec<(Entry, String)> {
+    let mut out: Vec<(Entry, String)> = state
+        .jobs()
+        .into_iter()
+        .map(|j| (Entry::Job(j.name), j.schedule))
+        .collect();
+    let schedules = state.schedules();
+    out.extend(schedules.gc.map(|s| (Entry::Gc, s)));
+    out.extend(schedules.verify.map(|s| (Entry::Verify, s)));
+    out
+}
 
 /// Runs until `token` is cancelled; spawned runs are tracked by `tracker`.
 pub(crate) async fn run(
     state: Arc<State>,
-    gc: Option<(String, Duration)>,
-    verify: Option<String>,
     token: CancellationToken,
     reload: Arc<Notify>,
     tracker: TaskTracker,
 ) {
     let start = crate::clock::now_utc();
-    let mut last: HashMap<String, DateTime<Utc>> = HashMap::new();
+    let mut last: HashMap<Entry, DateTime<Utc>> = HashMap::new();
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
     loop {
         let now = crate::clock::now_utc();
-        let mut entries: Vec<(String, String)> = state
-            .jobs()
-            .into_iter()
-            .map(|j| (j.name, j.schedule))
-            .collect();
-        if let Some((schedule, _)) = &gc {
-            entries.push((GC.to_owned(), schedule.clone()));
-        }
-        if let Some(schedule) = &verify {
-            entries.push((VERIFY.to_owned(), schedule.clone()));
-        }
-        let mut next: Option<(DateTime<Utc>, String)> = None;
-        for (name, schedule) in entries {
+        let mut next: Option<(DateTime<Utc>, Entry)> = None;
+        for (entry, schedule) in entries(&state) {
+            // Checked when the config was loaded; an entry that still fails never runs.
             let Ok(s) = parse_schedule(&schedule) else {
                 continue;
             };
-            let from = last.get(&name).copied().unwrap_or(start);
+            let from = last.get(&entry).copied().unwrap_or(start);
             let Some(t) = super::next_due(&s, from, now) else {
                 continue;
             };
             if next.as_ref().is_none_or(|(best, _)| t < *best) {
-                next = Some((t, name));
+                next = Some((t, entry));
             }
         }
-        let Some((due, name)) = next else {
+        let Some((due, entry)) = next else {
             tokio::select! {
                 _ = token.cancelled() => return,
                 _ = reload.notified() => continue,
@@ -72,34 +80,63 @@ pub(crate) async fn run(
             _ = reload.notified() => continue,
             _ = tokio::time::sleep(wait) => {}
         }
-        last.insert(name.clone(), due);
-        if name == GC {
-            let min_age = gc.as_ref().map_or(Duration::from_secs(3600), |g| g.1);
-            let st = state.clone();
-            tracker.spawn(async move {
-                match tokio::task::spawn_blocking(move || super::gc::collect(&st, min_age)).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) if e == super::gc::ALREADY_RUNNING => {
-                        info!("garbage collection already running (started by an operator); skipping this occurrence")
-                    }
-                    Ok(Err(e)) => warn!(error = %e, "scheduled garbage collection failed"),
-                    Err(e) => warn!(error = %e, "garbage collection panicked"),
+        last.insert(entry.clone(), due);
+        match entry {
+            Entry::Gc => start_gc(&state, &tracker),
+            Entry::Verify => start_verify(&state, &tracker),
+            Entry::Job(name) => {
+                let Some(job) = state.jobs().into_iter().find(|j| j.name == name) else {
+                    continue;
+                };
+                if !running.lock().expect("running lock").insert(name.clone()) {
+                    warn!(job = %name, "previous run still going; skipping this occurrence");
+                    continue;
                 }
-            });
-            continue;
+                info!(job = %name, due = %due, "starting scheduled job");
+                let (st, running) = (state.clone(), running.clone());
+                tracker.spawn(async move {
+                    ops::run_job(st, job).await;
+                    running.lock().expect("running lock").remove(&name);
+                });
+            }
         }
-        let Some(job) = state.jobs().into_iter().find(|j| j.name == name) else {
-            continue;
-        };
-        if !running.lock().expect("running lock").insert(name.clone()) {
-            warn!(job = %name, "previous run still going; skipping this occurrence");
-            continue;
-        }
-        info!(job = %name, due = %due, "starting scheduled job");
-        let (st, running) = (state.clone(), running.clone());
-        tracker.spawn(async move {
-            ops::run_job(st, job).await;
-            running.lock().expect("running lock").remove(&name);
-        });
     }
+}
+
+/// A scheduled garbage collection, off the reactor, with the `gc_min_age_secs` now in force.
+fn start_gc(state: &Arc<State>, tracker: &TaskTracker) {
+    let min_age = Duration::from_secs(state.gc_min_age_secs());
+    let st = state.clone();
+    tracker.spawn(async move {
+        match tokio::task::spawn_blocking(move || super::gc::collect(&st, min_age)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if e == super::gc::ALREADY_RUNNING => {
+                info!("garbage collection already running (started by an operator); skipping this occurrence")
+            }
+            Ok(Err(e)) => warn!(error = %e, "scheduled garbage collection failed"),
+            Err(e) => warn!(error = %e, "garbage collection panicked"),
+        }
+    });
+}
+
+/// A scheduled verification of every completed snapshot, off the reactor; damaged snapshots
+/// are tagged as the operator's `verify` tags them.
+fn start_verify(state: &Arc<State>, tracker: &TaskTracker) {
+    let st = state.clone();
+    tracker.spawn(async move {
+        match tokio::task::spawn_blocking(move || super::verify::verify_scheduled(&st)).await {
+            Ok(None) => {
+                info!("a verification is already running (started by an operator); skipping this occurrence")
+            }
+            Ok(Some(Ok((snapshots, damaged)))) if damaged > 0 => warn!(
+                snapshots,
+                damaged, "scheduled verification finished: damaged snapshots tagged `damaged`"
+            ),
+            Ok(Some(Ok((snapshots, damaged)))) => {
+                info!(snapshots, damaged, "scheduled verification finished")
+            }
+            Ok(Some(Err(e))) => warn!(error = %e, "scheduled verification failed"),
+            Err(e) => warn!(error = %e, "scheduled verification panicked"),
+        }
+    });
 }

@@ -8,6 +8,9 @@
 //! stored chunk's, checksums that differ, a manifest that cannot be read) is that snapshot's
 //! problem: it is tagged `damaged` with the reason, and neither the chunks it shares with
 //! other snapshots nor the verification of the others are touched.
+//!
+//! One verification at a time (`State::verify_lock`): an operator's waits for the one
+//! running; a scheduled one (`verify_schedule`) that finds one running is skipped.
 
 use std::collections::HashMap;
 
@@ -28,8 +31,36 @@ enum ChunkState {
     Missing,
 }
 
-/// Verifies one snapshot, or every completed one.
+/// Verifies one snapshot, or every completed one, after any verification running.
 pub(crate) fn verify(state: &State, only: Option<SnapshotId>) -> Result<Vec<VerifyResult>, String> {
+    // A verification that panicked left nothing half-done that the next one relies on.
+    let _one_at_a_time = state
+        .verify_lock
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    verify_locked(state, only)
+}
+
+/// The scheduled verification of every completed snapshot: `None` when another verification
+/// is running (this occurrence is skipped), else how many were checked and how many damaged.
+pub(crate) fn verify_scheduled(state: &State) -> Option<Result<(usize, usize), String>> {
+    let _one_at_a_time = match state.verify_lock.try_lock() {
+        Ok(guard) => guard,
+        Err(std::sync::TryLockError::WouldBlock) => return None,
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+    };
+    info!("scheduled verification starting");
+    Some(verify_locked(state, None).map(|r| (r.len(), damaged_count(&r))))
+}
+
+fn damaged_count(results: &[VerifyResult]) -> usize {
+    results
+        .iter()
+        .filter(|r| !r.damaged.is_empty() || !r.missing.is_empty() || !r.problems.is_empty())
+        .count()
+}
+
+fn verify_locked(state: &State, only: Option<SnapshotId>) -> Result<Vec<VerifyResult>, String> {
     let records: Vec<SnapshotRecord> = match only {
         Some(id) => {
             // A bundle is verified with its parts.
@@ -75,11 +106,11 @@ pub(crate) fn verify(state: &State, only: Option<SnapshotId>) -> Result<Vec<Veri
         mark(state, rec, &r)?;
         out.push(r);
     }
-    let bad = out
-        .iter()
-        .filter(|r| !r.damaged.is_empty() || !r.missing.is_empty() || !r.problems.is_empty())
-        .count();
-    info!(snapshots = out.len(), damaged = bad, "verify finished");
+    info!(
+        snapshots = out.len(),
+        damaged = damaged_count(&out),
+        "verify finished"
+    );
     Ok(out)
 }
 
@@ -203,6 +234,41 @@ mod tests {
     use super::*;
     use crate::testing::{put, snapshot, stream_snapshot};
     use fleetvault_common::{Manifest, StreamManifest};
+
+    #[test]
+    fn a_scheduled_verification_skips_while_one_runs_and_tags_like_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::testing::state(dir.path());
+        let good = stream_snapshot(&state, "a", b"whole");
+        let honest = crate::testing::stream(&state, b"checksum lies");
+        let bad = snapshot(
+            &state,
+            "b",
+            "command",
+            &Manifest::Stream(honest),
+            Some([7; 32]),
+        );
+        {
+            let _operator = state.verify_lock.lock().unwrap();
+            assert!(verify_scheduled(&state).is_none());
+        }
+        assert!(!state
+            .catalog
+            .get(bad.id)
+            .unwrap()
+            .tags
+            .contains(&DAMAGED.into()));
+        assert_eq!(verify_scheduled(&state), Some(Ok((2, 1))));
+        let tagged = state.catalog.get(bad.id).unwrap();
+        assert!(tagged.tags.contains(&DAMAGED.into()), "{tagged:?}");
+        assert!(tagged.warnings.iter().any(|w| w.starts_with("verify: ")));
+        assert!(!state
+            .catalog
+            .get(good.id)
+            .unwrap()
+            .tags
+            .contains(&DAMAGED.into()));
+    }
 
     #[test]
     fn a_lying_record_is_its_own_problem_and_stops_no_one() {
