@@ -20,6 +20,7 @@ mod mariadb;
 mod memory;
 mod mongodb;
 mod postgres;
+mod postgres_tls;
 mod push;
 mod replication;
 mod revocation;
