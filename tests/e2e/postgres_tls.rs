@@ -64,7 +64,7 @@ fn postgres_requiring_tls_round_trips_with_verify_full_and_refuses_the_rest() ->
     let stderr = agent.backup("wrong-ca")?.ensure_failure()?;
     eprintln!("verify-full, wrong CA: {stderr}");
     assert!(
-        stderr.contains("certificate") && stderr.contains("UnknownIssuer"),
+        stderr.contains("UnknownIssuer") && stderr.contains("is not signed by sslrootcert"),
         "{stderr}"
     );
     // The failed restore path too: verify-full with the wrong CA refuses to restore.

@@ -197,6 +197,20 @@ impl PgSettings {
             if self.ssl_mode == SslMode::Disable && msg.contains("no encryption") {
                 msg.push_str(" (the server requires TLS: set sslmode)");
             }
+            if let Some(ca) = &self.root_cert {
+                if msg.contains("UnknownIssuer") {
+                    msg.push_str(&format!(
+                        " (the server's certificate is not signed by sslrootcert {})",
+                        ca.display()
+                    ));
+                }
+            }
+            if msg.contains("NotValidForName") {
+                msg.push_str(&format!(
+                    " (the server's certificate does not name host {})",
+                    self.host
+                ));
+            }
             anyhow!(msg)
         };
         // libpq ignores sslmode over a Unix socket: so does the agent.
