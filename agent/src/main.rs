@@ -7,6 +7,7 @@ mod link;
 mod restore;
 mod sink;
 mod source;
+mod systemd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -100,6 +101,17 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Print the systemd drop-in (ReadWritePaths=) that lets restores write where this host's
+    /// sources live under the shipped unit's read-only sandbox.
+    SystemdDropin {
+        /// Agent config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Write it to this file instead of printing it (no value:
+        /// /etc/systemd/system/fleetvault-agent.service.d/restore-paths.conf).
+        #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = systemd::DROPIN_PATH)]
+        write: Option<PathBuf>,
+    },
 }
 
 fn init_logging(default: &str) {
@@ -181,6 +193,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             close(client).await;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::SystemdDropin { config, write } => {
+            systemd::run(&config, write.as_deref()).map(|()| ExitCode::SUCCESS)
         }
         Command::Bundles { config, json } => {
             let config = AgentConfig::load(&config)?;
