@@ -28,3 +28,4 @@ mod schedule;
 mod security;
 mod shutdown;
 mod sqlite;
+mod systemd_sandbox;
