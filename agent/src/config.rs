@@ -181,18 +181,42 @@ const DATABASE_CHUNKER: ChunkerParams = ChunkerParams {
     max: 256 << 10,
 };
 
-/// Checks a postgres source's `sslmode` and `sslrootcert`.
+/// The 1-based line of `key = …` in the `index`-th `[[sources]]` table of `text`, if it is
+/// written that way (error messages name it).
+fn source_key_line(text: &str, index: usize, key: &str) -> Option<usize> {
+    let (mut seen, mut inside) = (0, false);
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim_start();
+        if line.starts_with('[') {
+            inside = line.starts_with("[[sources]]") && {
+                seen += 1;
+                seen == index + 1
+            };
+            continue;
+        }
+        let is_key = line
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with('='));
+        if inside && is_key {
+            return Some(n + 1);
+        }
+    }
+    None
+}
+
+/// Checks a postgres source's `sslmode` and `sslrootcert`; `at` names the source and the
+/// key's line.
 fn pg_tls(
     mode: Option<String>,
     root_cert: Option<PathBuf>,
-    at: &dyn Fn() -> String,
+    at: &dyn Fn(&str) -> String,
 ) -> anyhow::Result<PgTls> {
     let mode = match mode.as_deref() {
         None => None,
         Some(m) => Some(SslMode::parse(m).ok_or_else(|| {
             anyhow::anyhow!(
                 "{}: key `sslmode`: {m:?} is not one of {}",
-                at(),
+                at("sslmode"),
                 SslMode::NAMES
             )
         })?),
@@ -200,12 +224,16 @@ fn pg_tls(
     if mode == Some(SslMode::VerifyFull) && root_cert.is_none() {
         bail!(
             "{}: key `sslrootcert` is required with sslmode = \"verify-full\" (the CA that signed the server's certificate)",
-            at()
+            at("sslmode")
         );
     }
     if let Some(p) = &root_cert {
         if !p.is_file() {
-            bail!("{}: key `sslrootcert`: {} is not a file", at(), p.display());
+            bail!(
+                "{}: key `sslrootcert`: {} is not a file",
+                at("sslrootcert"),
+                p.display()
+            );
         }
     }
     Ok(PgTls { mode, root_cert })
@@ -552,7 +580,14 @@ impl AgentConfig {
                             at()
                         ),
                     };
-                    let pg_tls = pg_tls(sslmode, sslrootcert.map(abs), &at)?;
+                    let at_key = |key: &str| match source_key_line(&text, i, key) {
+                        Some(n) => format!(
+                            "invalid config {}: line {n}: sources[{i}] ({name:?})",
+                            path.display()
+                        ),
+                        None => at(),
+                    };
+                    let pg_tls = pg_tls(sslmode, sslrootcert.map(abs), &at_key)?;
                     SourceKind::Database(DbSource {
                         engine: Engine::Postgres,
                         database: non_empty(database, "database", &at)?,
@@ -779,28 +814,37 @@ chunk_sizes = [16384, 65536, 262144]
     }
 
     #[test]
+    fn the_line_of_a_source_key() {
+        let text = "[coordinator]\nsslmode = 1\n[[sources]]\nname = \"a\"\n[[sources]]\n  sslmode=\"x\"\n[[bundles]]\nsslmode = 2\n[[sources]]\nsslmode = 3\n";
+        assert_eq!(source_key_line(text, 1, "sslmode"), Some(6));
+        assert_eq!(source_key_line(text, 0, "sslmode"), None);
+        assert_eq!(source_key_line(text, 2, "sslmode"), Some(10));
+        assert_eq!(source_key_line(text, 3, "sslmode"), None);
+    }
+
+    #[test]
     fn postgres_sslmode_and_sslrootcert_are_checked() {
         let pg = |extra: &str| {
             format!("[[sources]]\nname = \"db\"\nkind = \"postgres\"\ndatabase = \"app\"\n{extra}")
         };
+        // HEAD is 7 lines and [[sources]] line 8: the extra keys start on line 12.
         let cases = [
             (
                 pg("sslmode = \"verify-ca\"\n"),
-                "key `sslmode`: \"verify-ca\" is not one of",
+                "line 12: sources[0] (\"db\"): key `sslmode`: \"verify-ca\" is not one of",
             ),
             (
                 pg("sslmode = \"verify-full\"\n"),
-                "key `sslrootcert` is required",
+                "line 12: sources[0] (\"db\"): key `sslrootcert` is required",
             ),
             (
                 pg("sslmode = \"require\"\nsslrootcert = \"/nonexistent/ca.pem\"\n"),
-                "key `sslrootcert`: /nonexistent/ca.pem is not a file",
+                "line 13: sources[0] (\"db\"): key `sslrootcert`: /nonexistent/ca.pem is not a file",
             ),
         ];
         for (text, want) in cases {
             let err = format!("{:#}", load(&text).unwrap_err());
             assert!(err.contains("agent.toml"), "{err}");
-            assert!(err.contains("sources[0] (\"db\")"), "{err}");
             assert!(err.contains(want), "{want:?} not in {err}");
         }
         let c = load(&pg("")).unwrap();
