@@ -12,6 +12,7 @@ use serde::Deserialize;
 use crate::bundle::hooks::Hook;
 pub(crate) use crate::bundle::BundleConfig;
 pub(crate) use crate::source::database::{DbSource, Engine, PgFormat};
+use crate::source::postgres::{PgTls, SslMode};
 
 /// What a profile bundle's table overrides in the database the application's config names.
 #[derive(Debug, Clone, Default)]
@@ -180,6 +181,64 @@ const DATABASE_CHUNKER: ChunkerParams = ChunkerParams {
     max: 256 << 10,
 };
 
+/// The 1-based line of `key = …` in the `index`-th `[[sources]]` table of `text`, if it is
+/// written that way (error messages name it).
+fn source_key_line(text: &str, index: usize, key: &str) -> Option<usize> {
+    let (mut seen, mut inside) = (0, false);
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim_start();
+        if line.starts_with('[') {
+            inside = line.starts_with("[[sources]]") && {
+                seen += 1;
+                seen == index + 1
+            };
+            continue;
+        }
+        let is_key = line
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with('='));
+        if inside && is_key {
+            return Some(n + 1);
+        }
+    }
+    None
+}
+
+/// Checks a postgres source's `sslmode` and `sslrootcert`; `at` names the source and the
+/// key's line.
+fn pg_tls(
+    mode: Option<String>,
+    root_cert: Option<PathBuf>,
+    at: &dyn Fn(&str) -> String,
+) -> anyhow::Result<PgTls> {
+    let mode = match mode.as_deref() {
+        None => None,
+        Some(m) => Some(SslMode::parse(m).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: key `sslmode`: {m:?} is not one of {}",
+                at("sslmode"),
+                SslMode::NAMES
+            )
+        })?),
+    };
+    if mode == Some(SslMode::VerifyFull) && root_cert.is_none() {
+        bail!(
+            "{}: key `sslrootcert` is required with sslmode = \"verify-full\" (the CA that signed the server's certificate)",
+            at("sslmode")
+        );
+    }
+    if let Some(p) = &root_cert {
+        if !p.is_file() {
+            bail!(
+                "{}: key `sslrootcert`: {} is not a file",
+                at("sslrootcert"),
+                p.display()
+            );
+        }
+    }
+    Ok(PgTls { mode, root_cert })
+}
+
 fn non_empty(value: String, key: &str, at: &dyn Fn() -> String) -> anyhow::Result<String> {
     if value.trim().is_empty() {
         bail!("{}: key `{key}` is empty", at());
@@ -297,6 +356,12 @@ enum RawSource {
         format: Option<String>,
         #[serde(default)]
         restore_jobs: Option<u32>,
+        /// `disable`, `prefer`, `require` or `verify-full` (default: `PGSSLMODE`, else `prefer`).
+        #[serde(default)]
+        sslmode: Option<String>,
+        /// The CA that signed the server's certificate (required by `verify-full`).
+        #[serde(default)]
+        sslrootcert: Option<PathBuf>,
         #[serde(default)]
         chunk_sizes: Option<[u32; 3]>,
         #[serde(default)]
@@ -502,6 +567,8 @@ impl AgentConfig {
                     password_file,
                     format,
                     restore_jobs,
+                    sslmode,
+                    sslrootcert,
                     ..
                 } => {
                     let format = match format.as_deref().unwrap_or("tables") {
@@ -513,6 +580,14 @@ impl AgentConfig {
                             at()
                         ),
                     };
+                    let at_key = |key: &str| match source_key_line(&text, i, key) {
+                        Some(n) => format!(
+                            "invalid config {}: line {n}: sources[{i}] ({name:?})",
+                            path.display()
+                        ),
+                        None => at(),
+                    };
+                    let pg_tls = pg_tls(sslmode, sslrootcert.map(abs), &at_key)?;
                     SourceKind::Database(DbSource {
                         engine: Engine::Postgres,
                         database: non_empty(database, "database", &at)?,
@@ -525,6 +600,7 @@ impl AgentConfig {
                         format,
                         restore_jobs: restore_jobs.unwrap_or(2).clamp(1, 64),
                         restrict_key: None,
+                        pg_tls,
                     })
                 }
                 RawSource::Mysql {
@@ -546,6 +622,7 @@ impl AgentConfig {
                     format: PgFormat::Plain,
                     restore_jobs: 1,
                     restrict_key: None,
+                    pg_tls: PgTls::default(),
                 }),
                 RawSource::Sqlite { path: db_path, .. } => SourceKind::Database(DbSource {
                     engine: Engine::Sqlite,
@@ -559,6 +636,7 @@ impl AgentConfig {
                     format: PgFormat::Plain,
                     restore_jobs: 1,
                     restrict_key: None,
+                    pg_tls: PgTls::default(),
                 }),
                 RawSource::Mongodb { uri, database, .. } => SourceKind::Database(DbSource {
                     engine: Engine::Mongodb,
@@ -572,6 +650,7 @@ impl AgentConfig {
                     format: PgFormat::Plain,
                     restore_jobs: 1,
                     restrict_key: None,
+                    pg_tls: PgTls::default(),
                 }),
                 RawSource::Command {
                     backup_command,
@@ -732,5 +811,59 @@ chunk_sizes = [16384, 65536, 262144]
             assert!(err.contains("agent.toml"), "{err}");
             assert!(err.contains(want), "{want:?} not in {err}");
         }
+    }
+
+    #[test]
+    fn the_line_of_a_source_key() {
+        let text = "[coordinator]\nsslmode = 1\n[[sources]]\nname = \"a\"\n[[sources]]\n  sslmode=\"x\"\n[[bundles]]\nsslmode = 2\n[[sources]]\nsslmode = 3\n";
+        assert_eq!(source_key_line(text, 1, "sslmode"), Some(6));
+        assert_eq!(source_key_line(text, 0, "sslmode"), None);
+        assert_eq!(source_key_line(text, 2, "sslmode"), Some(10));
+        assert_eq!(source_key_line(text, 3, "sslmode"), None);
+    }
+
+    #[test]
+    fn postgres_sslmode_and_sslrootcert_are_checked() {
+        let pg = |extra: &str| {
+            format!("[[sources]]\nname = \"db\"\nkind = \"postgres\"\ndatabase = \"app\"\n{extra}")
+        };
+        // HEAD is 7 lines and [[sources]] line 8: the extra keys start on line 12.
+        let cases = [
+            (
+                pg("sslmode = \"verify-ca\"\n"),
+                "line 12: sources[0] (\"db\"): key `sslmode`: \"verify-ca\" is not one of",
+            ),
+            (
+                pg("sslmode = \"verify-full\"\n"),
+                "line 12: sources[0] (\"db\"): key `sslrootcert` is required",
+            ),
+            (
+                pg("sslmode = \"require\"\nsslrootcert = \"/nonexistent/ca.pem\"\n"),
+                "line 13: sources[0] (\"db\"): key `sslrootcert`: /nonexistent/ca.pem is not a file",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = format!("{:#}", load(&text).unwrap_err());
+            assert!(err.contains("agent.toml"), "{err}");
+            assert!(err.contains(want), "{want:?} not in {err}");
+        }
+        let c = load(&pg("")).unwrap();
+        let SourceKind::Database(db) = &c.source("db").unwrap().kind else {
+            panic!("not a database source")
+        };
+        assert_eq!(db.pg_tls.mode, None, "unset means PGSSLMODE, else prefer");
+
+        // A relative sslrootcert is relative to agent.toml's directory.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("db-ca.pem"), "").unwrap();
+        let path = dir.path().join("agent.toml");
+        let text = pg("sslmode = \"verify-full\"\nsslrootcert = \"db-ca.pem\"\n");
+        std::fs::write(&path, format!("{HEAD}{text}")).unwrap();
+        let c = AgentConfig::load(&path).unwrap();
+        let SourceKind::Database(db) = &c.source("db").unwrap().kind else {
+            panic!("not a database source")
+        };
+        assert_eq!(db.pg_tls.mode, Some(SslMode::VerifyFull));
+        assert_eq!(db.pg_tls.root_cert, Some(dir.path().join("db-ca.pem")));
     }
 }

@@ -7,6 +7,7 @@ mod link;
 mod restore;
 mod sink;
 mod source;
+mod systemd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -104,6 +105,16 @@ enum Command {
     Run {
         #[command(flatten)]
         config: ConfigArg,
+    },
+    /// Print the systemd drop-in (ReadWritePaths=) that lets restores write where this host's
+    /// sources live under the shipped unit's read-only sandbox.
+    SystemdDropin {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Write it to this file instead of printing it (no value:
+        /// /etc/systemd/system/fleetvault-agent.service.d/restore-paths.conf).
+        #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = systemd::DROPIN_PATH)]
+        write: Option<PathBuf>,
     },
     /// One snapshot in detail.
     Snapshot {
@@ -240,6 +251,9 @@ async fn dispatch(command: Command, json: bool) -> anyhow::Result<ExitCode> {
                 println!("{}", report::job_summary(&report, false));
             }
             Ok(warnings_code(&report))
+        }
+        Command::SystemdDropin { config, write } => {
+            systemd::run(&config.config, write.as_deref()).map(|()| ExitCode::SUCCESS)
         }
         Command::Bundles { config } => {
             let config = config.load()?;

@@ -369,9 +369,7 @@ fn dispatch(command: Command, json: bool) -> anyhow::Result<ExitCode> {
             commands::protect(&dir.path(), &snapshot_id, false, json)
         }
         Command::Delete { snapshot_id, dir } => commands::delete(&dir.path(), &snapshot_id, json),
-        Command::Forget { job, dry_run, dir } => {
-            commands::forget(&dir.path(), &job, dry_run, json)
-        }
+        Command::Forget { job, dry_run, dir } => commands::forget(&dir.path(), &job, dry_run, json),
         Command::Gc { dir } => commands::gc(&dir.path(), json),
         Command::RebuildCatalog { dir } => commands::rebuild_catalog(&dir.path(), json),
         Command::Download {

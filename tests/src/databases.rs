@@ -55,6 +55,12 @@ fn pg_bin() -> anyhow::Result<PathBuf> {
         .context("no PostgreSQL server with initdb under /usr/lib/postgresql")
 }
 
+/// The certificate and key of a TLS-only test server.
+struct ServerTls {
+    cert_pem: String,
+    key_pem: String,
+}
+
 /// A PostgreSQL server of its own.
 pub struct Postgres {
     proc: Option<Proc>,
@@ -66,6 +72,37 @@ pub struct Postgres {
 impl Postgres {
     /// `initdb` (scram-sha-256 passwords) and start; ready when it accepts connections.
     pub fn start(name: &str) -> anyhow::Result<Self> {
+        Self::start_with(name, None)
+    }
+
+    /// A server that accepts TCP connections on 127.0.0.1 only over TLS (`hostssl`, and
+    /// `hostnossl … reject`), with a certificate for `localhost` and `127.0.0.1` issued by
+    /// the returned CA (PEM, a fresh one per server). The socket still accepts `psql` for
+    /// the test's own SQL.
+    pub fn start_tls_only(name: &str) -> anyhow::Result<(Self, String)> {
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca_params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            format!("fleetvault test db CA {name}"),
+        );
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key)?;
+        let key = rcgen::KeyPair::generate()?;
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "localhost");
+        let cert = params.signed_by(&key, &*ca)?;
+        let tls = ServerTls {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        };
+        Ok((Self::start_with(name, Some(tls))?, ca.pem()))
+    }
+
+    fn start_with(name: &str, tls: Option<ServerTls>) -> anyhow::Result<Self> {
         let bin = pg_bin()?;
         let root = tempfile::Builder::new()
             .prefix(&format!("fv-pg-{name}-"))
@@ -98,6 +135,32 @@ impl Postgres {
         ));
         write_private(&password_file, DB_PASSWORD)?;
         let port = free_tcp_port()?;
+        let mut settings = vec![
+            "listen_addresses=".to_owned(),
+            "fsync=off".to_owned(),
+            "max_connections=50".to_owned(),
+        ];
+        if let Some(tls) = &tls {
+            std::fs::write(data.join("server.crt"), &tls.cert_pem)?;
+            write_private(&data.join("server.key"), &tls.key_pem)?;
+            chown(&data, "postgres")?;
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all scram-sha-256\n\
+                 hostnossl all all 0.0.0.0/0 reject\n\
+                 hostnossl all all ::/0 reject\n\
+                 hostssl all all 127.0.0.1/32 scram-sha-256\n",
+            )?;
+            settings[0] = "listen_addresses=127.0.0.1".to_owned();
+            settings.extend(
+                [
+                    "ssl=on",
+                    "ssl_cert_file=server.crt",
+                    "ssl_key_file=server.key",
+                ]
+                .map(String::from),
+            );
+        }
         let logs = dir.join("server.log");
         let proc = Proc::spawn(
             Command::new("runuser")
@@ -109,14 +172,7 @@ impl Postgres {
                 .arg(port.to_string())
                 .arg("-k")
                 .arg(dir)
-                .args([
-                    "-c",
-                    "listen_addresses=",
-                    "-c",
-                    "fsync=off",
-                    "-c",
-                    "max_connections=50",
-                ]),
+                .args(settings.iter().flat_map(|s| ["-c", s.as_str()])),
             &format!("postgres {name}"),
             &logs,
             &dir.join("server.stdout"),

@@ -158,6 +158,7 @@ fn database(engine: Engine, u: Url) -> DbSource {
         format: PgFormat::Tables,
         restore_jobs: 2,
         restrict_key: None,
+        pg_tls: Default::default(),
     }
 }
 
@@ -323,6 +324,7 @@ pub(crate) fn rocketchat(root: &Path, mongo_url: Option<&str>) -> anyhow::Result
         format: PgFormat::Plain,
         restore_jobs: 1,
         restrict_key: None,
+        pg_tls: Default::default(),
     };
     Ok(Expanded {
         database,
@@ -369,6 +371,7 @@ pub(crate) fn expand(
         },
         restore_jobs: 2,
         restrict_key: None,
+        pg_tls: Default::default(),
     };
     Ok(match profile {
         "mattermost" => Expanded {

@@ -84,6 +84,8 @@ pub(crate) struct DbSource {
     /// A stable key for pg_dump's `\restrict` lines (derived from the agent's private key),
     /// so that they do not change every dump; `None` lets pg_dump pick a random one.
     pub(crate) restrict_key: Option<String>,
+    /// PostgreSQL `sslmode` and `sslrootcert`.
+    pub(crate) pg_tls: super::postgres::PgTls,
 }
 
 impl DbSource {

@@ -20,6 +20,7 @@
 //!   tomorrow's dump deduplicate against today's.
 
 use std::io::{self, Read};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::Command;
 
@@ -33,6 +34,55 @@ use tokio::runtime::Handle;
 use super::database::{require_tool, DbInfo, DbSource, PgFormat};
 use crate::backup::Batcher;
 
+mod tls;
+
+/// `sslmode` of a postgres source, as libpq means it (`verify-ca` and `allow` are not offered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SslMode {
+    /// No TLS.
+    Disable,
+    /// TLS if the server offers it, certificate not checked (libpq's default).
+    Prefer,
+    /// TLS or fail; the certificate is checked against `sslrootcert` only if one is given.
+    Require,
+    /// TLS, a certificate chained to `sslrootcert` that names the host.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// The accepted values, for error messages.
+    pub(crate) const NAMES: &'static str = r#""disable", "prefer", "require", "verify-full""#;
+
+    /// Parses a configured value.
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "disable" => Self::Disable,
+            "prefer" => Self::Prefer,
+            "require" => Self::Require,
+            "verify-full" => Self::VerifyFull,
+            _ => return None,
+        })
+    }
+
+    /// The value libpq understands (`PGSSLMODE`).
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Disable => "disable",
+            Self::Prefer => "prefer",
+            Self::Require => "require",
+            Self::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// A postgres source's `sslmode` and `sslrootcert`; unset, `PGSSLMODE` and `PGSSLROOTCERT`
+/// apply, then libpq's default `prefer`. Ignored over a Unix socket, as libpq does.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PgTls {
+    pub(crate) mode: Option<SslMode>,
+    pub(crate) root_cert: Option<PathBuf>,
+}
+
 /// Connection settings, resolved from the source and the libpq environment variables.
 #[derive(Debug, Clone)]
 pub(crate) struct PgSettings {
@@ -40,6 +90,8 @@ pub(crate) struct PgSettings {
     port: u16,
     user: String,
     password: Option<String>,
+    ssl_mode: SslMode,
+    root_cert: Option<PathBuf>,
 }
 
 impl PgSettings {
@@ -67,11 +119,29 @@ impl PgSettings {
             .or_else(|| env("USER"))
             .unwrap_or_else(|| "postgres".into());
         let password = db.password()?.or_else(|| env("PGPASSWORD"));
+        let ssl_mode = match db.pg_tls.mode {
+            Some(m) => m,
+            None => match env("PGSSLMODE") {
+                Some(m) => SslMode::parse(&m)
+                    .with_context(|| format!("PGSSLMODE {m:?} is not one of {}", SslMode::NAMES))?,
+                None => SslMode::Prefer,
+            },
+        };
+        let root_cert = db
+            .pg_tls
+            .root_cert
+            .clone()
+            .or_else(|| env("PGSSLROOTCERT").map(PathBuf::from));
+        if ssl_mode == SslMode::VerifyFull && root_cert.is_none() {
+            anyhow::bail!("sslmode verify-full needs sslrootcert (the CA of the server)");
+        }
         Ok(Self {
             host,
             port,
             user,
             password,
+            ssl_mode,
+            root_cert,
         })
     }
 
@@ -90,9 +160,14 @@ impl PgSettings {
             .env("PGUSER", &self.user)
             .env("PGDATABASE", database)
             .env("PGAPPNAME", "fleetvault")
-            .env_remove("PGPASSWORD");
+            .env("PGSSLMODE", self.ssl_mode.name())
+            .env_remove("PGPASSWORD")
+            .env_remove("PGSSLROOTCERT");
         if let Some(pw) = &self.password {
             cmd.env("PGPASSWORD", pw);
+        }
+        if let Some(ca) = &self.root_cert {
+            cmd.env("PGSSLROOTCERT", ca);
         }
         cmd
     }
@@ -113,20 +188,62 @@ impl PgSettings {
         if let Some(pw) = &self.password {
             cfg.password(pw);
         }
-        let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| {
-            anyhow!(
+        let failed = |e: tokio_postgres::Error| {
+            let mut msg = format!(
                 "connecting to {}: {}",
                 self.describe(database),
                 pg_error(&e)
-            )
-        })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "postgres connection ended");
+            );
+            if self.ssl_mode == SslMode::Disable && msg.contains("no encryption") {
+                msg.push_str(" (the server requires TLS: set sslmode)");
             }
-        });
+            if let Some(ca) = &self.root_cert {
+                if msg.contains("UnknownIssuer") {
+                    msg.push_str(&format!(
+                        " (the server's certificate is not signed by sslrootcert {})",
+                        ca.display()
+                    ));
+                }
+            }
+            if msg.contains("NotValidForName") {
+                msg.push_str(&format!(
+                    " (the server's certificate does not name host {})",
+                    self.host
+                ));
+            }
+            anyhow!(msg)
+        };
+        // libpq ignores sslmode over a Unix socket: so does the agent.
+        let client = if self.ssl_mode == SslMode::Disable || self.host.starts_with('/') {
+            cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(failed)?;
+            spawn_connection(conn);
+            client
+        } else {
+            cfg.ssl_mode(match self.ssl_mode {
+                SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+                _ => tokio_postgres::config::SslMode::Require,
+            });
+            let tls = tls::MakeRustls::new(self.ssl_mode, self.root_cert.as_deref())?;
+            let (client, conn) = cfg.connect(tls).await.map_err(failed)?;
+            spawn_connection(conn);
+            client
+        };
         Ok(client)
     }
+}
+
+/// Drives a connection until its client is dropped.
+fn spawn_connection<S, T>(conn: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "postgres connection ended");
+        }
+    });
 }
 
 /// A PostgreSQL error as one line: the server's own message when there is one.
@@ -570,5 +687,64 @@ mod tests {
     fn identifiers_are_quoted() {
         assert_eq!(quote_ident("posts"), "\"posts\"");
         assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+    }
+
+    fn settings(tls: PgTls) -> anyhow::Result<PgSettings> {
+        PgSettings::of(&DbSource {
+            engine: super::super::database::Engine::Postgres,
+            database: "app".into(),
+            host: Some("db.example.com".into()),
+            port: Some(5432),
+            user: Some("app".into()),
+            password_file: None,
+            password: None,
+            uri: None,
+            format: PgFormat::Tables,
+            restore_jobs: 1,
+            restrict_key: None,
+            pg_tls: tls,
+        })
+    }
+
+    fn env_of(cmd: &Command, key: &str) -> Option<String> {
+        cmd.get_envs()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, v)| v.map(|v| v.to_string_lossy().into_owned()))
+    }
+
+    #[test]
+    fn the_dump_tools_get_sslmode_and_sslrootcert() {
+        let s = settings(PgTls {
+            mode: Some(SslMode::VerifyFull),
+            root_cert: Some("/etc/fleetvault/db-ca.pem".into()),
+        })
+        .unwrap();
+        for tool in ["pg_dump", "psql", "pg_restore"] {
+            let cmd = s.tool(tool, "app");
+            assert_eq!(env_of(&cmd, "PGSSLMODE").as_deref(), Some("verify-full"));
+            assert_eq!(
+                env_of(&cmd, "PGSSLROOTCERT").as_deref(),
+                Some("/etc/fleetvault/db-ca.pem")
+            );
+        }
+        let disabled = settings(PgTls {
+            mode: Some(SslMode::Disable),
+            root_cert: None,
+        })
+        .unwrap();
+        let cmd = disabled.tool("pg_dump", "app");
+        assert_eq!(env_of(&cmd, "PGSSLMODE").as_deref(), Some("disable"));
+        assert_eq!(env_of(&cmd, "PGSSLROOTCERT"), None);
+    }
+
+    #[test]
+    fn verify_full_needs_a_root_certificate() {
+        // (Run without PGSSLROOTCERT in the environment: it would supply one.)
+        let err = settings(PgTls {
+            mode: Some(SslMode::VerifyFull),
+            root_cert: None,
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("needs sslrootcert"), "{err}");
     }
 }
