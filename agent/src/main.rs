@@ -174,7 +174,7 @@ pub(crate) async fn connect(config: &AgentConfig, creds: &Credentials) -> anyhow
 
 fn main() -> ExitCode {
     fleetvault_common::alloc::keep_freed_buffers();
-    let cli = Cli::parse();
+    let cli: Cli = fleetvault_common::cli::parse();
     let run = matches!(cli.command, Command::Run { .. });
     init_logging(if run { "info" } else { "warn" });
     let rt = match tokio::runtime::Builder::new_multi_thread()

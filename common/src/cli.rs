@@ -1,4 +1,5 @@
-//! What both command lines share besides their commands: man pages from the clap definitions.
+//! What both command lines share besides their commands: parsing with `--json` usage errors,
+//! and man pages from the clap definitions.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -52,4 +53,28 @@ fn write_page(
         )?;
     }
     Ok(())
+}
+
+/// Parses the command line like `T::parse()`, except that a usage error with `--json`
+/// somewhere on the line also prints the one JSON failure document scripts expect.
+pub fn parse<T: clap::Parser>() -> T {
+    match T::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let wants_json = std::env::args_os().any(|a| a == "--json");
+            if wants_json && e.use_stderr() {
+                let doc = serde_json::json!({
+                    "status": "failed",
+                    "error": e.to_string().lines().next().unwrap_or("usage error").trim_start_matches("error: "),
+                    "exit_code": crate::exit::USAGE,
+                    "snapshot_id": null,
+                });
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&doc).unwrap_or_else(|_| doc.to_string())
+                );
+            }
+            e.exit()
+        }
+    }
 }

@@ -311,7 +311,7 @@ enum SnapshotCommand {
 
 fn main() -> ExitCode {
     fleetvault_common::alloc::keep_freed_buffers();
-    let cli = Cli::parse();
+    let cli: Cli = fleetvault_common::cli::parse();
     commands::init_logging();
     let json = cli.json;
     match dispatch(cli.command, json) {

@@ -187,6 +187,22 @@ fn json_is_one_document_also_on_failure_with_the_failed_record() -> anyhow::Resu
     assert_ne!(code(&out), 0, "{out}");
     assert_eq!(one_document(&out)?["status"], "failed", "{out}");
 
+    // An unknown filter value is a usage error, not an empty list; with --json, a document.
+    let out = coordinator.cli(&["snapshots", "--status", "bogus"])?;
+    assert_eq!(code(&out), 2, "{out}");
+    assert!(
+        out.stdout.is_empty() && out.stderr.contains("bogus"),
+        "{out}"
+    );
+    let out = coordinator.cli(&["snapshots", "--status", "bogus", "--json"])?;
+    assert_eq!(code(&out), 2, "{out}");
+    let doc = one_document(&out)?;
+    assert_eq!(doc["status"], "failed", "{doc}");
+    assert!(
+        doc["error"].as_str().is_some_and(|e| e.contains("bogus")),
+        "{doc}"
+    );
+
     // Times in JSON carry their zone.
     let ok = agent.backup_json("dump")?;
     let rec = coordinator
