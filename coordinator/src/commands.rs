@@ -519,7 +519,8 @@ fn finish_job(report: JobReport, json: bool, restore: bool) -> anyhow::Result<Ex
     if !json {
         println!("{}", report::job_summary(&report, restore));
     }
-    if !report.warnings.is_empty() {
+    // A backup's warnings are files it could not read as they were; a restore's are notes.
+    if !restore && !report.warnings.is_empty() {
         return Ok(ended_with(
             exit::WARNINGS,
             format!(
@@ -896,14 +897,13 @@ pub(crate) fn verify(root: &Path, snapshot: Option<&str>, json: bool) -> anyhow:
         }
     }
     if !bad.is_empty() {
-        return Ok(ended_with(
-            exit::WARNINGS,
-            format!(
-                "{} of {} snapshots are damaged; the next backup of the same data re-uploads the quarantined chunks",
-                bad.len(),
-                results.len()
-            ),
-        ));
+        // Damage is reported as an error, with exit code 3: the verification itself completed.
+        eprintln!(
+            "error: {} of {} snapshots are damaged; the next backup of the same data re-uploads the quarantined chunks",
+            bad.len(),
+            results.len()
+        );
+        return Ok(ExitCode::from(exit::WARNINGS));
     }
     Ok(ExitCode::SUCCESS)
 }
