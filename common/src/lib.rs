@@ -27,7 +27,7 @@ pub mod report;
 mod transport;
 
 pub use chunker::{Chunk, Chunker, ChunkerParams};
-pub use client::{Client, ClientError};
+pub use client::{Client, ClientError, CONNECT_TIMEOUT, EXIT_REFUSED, EXIT_UNREACHABLE};
 pub use config::parse_toml;
 pub use id::{AgentName, ChunkId, ParseIdError, SnapshotId};
 pub use manifest::{

@@ -27,3 +27,4 @@ mod schedule;
 mod security;
 mod shutdown;
 mod sqlite;
+mod unreachable;
