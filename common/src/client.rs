@@ -112,7 +112,11 @@ fn before_hello(display: &str, e: &quinn::ConnectionError) -> ClientError {
 }
 
 /// A stream failure during the hello: the connection's close reason when there is one.
-fn hello_failed(conn: &quinn::Connection, display: &str, what: impl std::fmt::Display) -> ClientError {
+fn hello_failed(
+    conn: &quinn::Connection,
+    display: &str,
+    what: impl std::fmt::Display,
+) -> ClientError {
     match conn.close_reason() {
         Some(reason) => before_hello(display, &reason),
         None => ClientError::Unreachable(format!(
@@ -413,7 +417,10 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(err.exit_class(), Some(EXIT_UNREACHABLE), "{err}");
-        assert!(err.to_string().contains("no-such-host.invalid:7443"), "{err}");
+        assert!(
+            err.to_string().contains("no-such-host.invalid:7443"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -444,7 +451,10 @@ mod tests {
             .unwrap();
         assert_eq!(err.exit_class(), Some(EXIT_REFUSED), "{err}");
         let text = err.to_string();
-        assert!(text.contains(&address) && text.contains("unknown_ca"), "{text}");
+        assert!(
+            text.contains(&address) && text.contains("unknown_ca"),
+            "{text}"
+        );
         assert!(accept.await.unwrap().is_err());
         server.close(0u32.into(), b"");
     }

@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use fleetvault_tests::Output;
 use fleetvault_tests::report::str_field;
+use fleetvault_tests::Output;
 use fleetvault_tests::{CommandSource, Coordinator};
 
 /// Well above the 5 s connect timeout and the 6 s idle timeout, well below the old 30 s.
@@ -59,13 +59,15 @@ fn agent_and_operator_commands_give_up_on_a_stopped_coordinator_within_seconds(
     let out = coordinator.cli(&["snapshots"])?;
     let took = started.elapsed();
     assert_no_answer(out, &format!("127.0.0.1:{}", coordinator.port()))?;
-    assert!(took < PROMPT, "the operator command took {took:?} to give up");
+    assert!(
+        took < PROMPT,
+        "the operator command took {took:?} to give up"
+    );
     Ok(())
 }
 
 #[test]
-fn agent_backup_fails_within_seconds_when_the_coordinator_dies_mid_backup() -> anyhow::Result<()>
-{
+fn agent_backup_fails_within_seconds_when_the_coordinator_dies_mid_backup() -> anyhow::Result<()> {
     let mut coordinator = Coordinator::start()?;
     let agent = coordinator.agent("chat-01")?;
     // Some data, then a long silence: the agent is waiting on its source, not on the network,
@@ -85,8 +87,12 @@ fn agent_backup_fails_within_seconds_when_the_coordinator_dies_mid_backup() -> a
     let killed = Instant::now();
     let status = backup.wait_timeout(Duration::from_secs(90))?;
     let took = killed.elapsed();
-    let status = status.ok_or_else(|| anyhow::anyhow!("backup still running 90 s after the kill"))?;
-    assert!(!status.success(), "backup succeeded without its coordinator");
+    let status =
+        status.ok_or_else(|| anyhow::anyhow!("backup still running 90 s after the kill"))?;
+    assert!(
+        !status.success(),
+        "backup succeeded without its coordinator"
+    );
     assert!(took < PROMPT, "the agent took {took:?} to notice");
     let error = backup.wait_for_line("error: ", Duration::from_secs(10))?;
     assert!(
