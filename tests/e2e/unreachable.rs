@@ -101,3 +101,31 @@ fn agent_backup_fails_within_seconds_when_the_coordinator_dies_mid_backup() -> a
     );
     Ok(())
 }
+
+#[test]
+fn an_idle_run_link_outlives_the_idle_timeout_and_a_restart() -> anyhow::Result<()> {
+    let mut coordinator = Coordinator::start()?;
+    let agent = coordinator.agent("chat-02")?;
+    agent.add_command_source(&CommandSource {
+        name: "notes".into(),
+        backup_command: "echo notes".into(),
+        ..CommandSource::default()
+    })?;
+    let mut link = agent.run()?;
+    // Nothing to do for more than twice the 6 s idle timeout: only keep-alives flow.
+    std::thread::sleep(Duration::from_secs(15));
+    let report = coordinator.push_backup("chat-02", "notes")?;
+    assert_eq!(report["status"], "completed", "{report}");
+    let log = link.process().log_text();
+    assert!(
+        !log.contains("link to coordinator lost"),
+        "the idle link was dropped:\n{log}"
+    );
+
+    // A crash and restart: the link comes back by itself.
+    coordinator.restart()?;
+    coordinator.wait_agent_connected("chat-02", Duration::from_secs(60))?;
+    let report = coordinator.push_backup("chat-02", "notes")?;
+    assert_eq!(report["status"], "completed", "{report}");
+    Ok(())
+}
