@@ -159,17 +159,13 @@ fn init_logging(default: &str) {
         .try_init();
 }
 
-/// Connects to the coordinator named in `config`.
+/// Connects to the coordinator named in `config`. The error is the [`ClientError`]
+/// (downcastable for the exit code), one line naming the configured address.
+///
+/// [`ClientError`]: fleetvault_common::ClientError
 pub(crate) async fn connect(config: &AgentConfig, creds: &Credentials) -> anyhow::Result<Client> {
     let c = &config.coordinator;
-    let addr = tokio::net::lookup_host(&c.address)
-        .await
-        .with_context(|| format!("resolving coordinator address {}", c.address))?
-        .next()
-        .with_context(|| format!("coordinator address {} resolves to nothing", c.address))?;
-    Client::connect(creds, addr, &c.server_name, SOFTWARE)
-        .await
-        .with_context(|| format!("connecting to coordinator {}", c.address))
+    Ok(Client::dial(creds, &c.address, &c.server_name, SOFTWARE).await?)
 }
 
 fn main() -> ExitCode {

@@ -202,12 +202,26 @@ fn fleet_roots(creds: &Credentials) -> Result<Arc<RootCertStore>, TransportError
     Ok(Arc::new(roots))
 }
 
+/// How long a connection may go without a packet from the peer before it counts as lost. Both
+/// sides send a keep-alive every [`KEEP_ALIVE`], from the QUIC stack and whatever the
+/// application is doing, so only a dead peer or a cut network reaches it: a coordinator killed
+/// mid-backup is noticed within seconds, and an idle `run` link stays up for days.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// Keep-alive interval on both sides: several fit in [`IDLE_TIMEOUT`], so a few lost
+/// packets do not end a connection.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
+
+fn idle_timeout() -> IdleTimeout {
+    IdleTimeout::try_from(IDLE_TIMEOUT).expect("a few seconds fit in a QUIC idle timeout")
+}
+
 /// The same limits on both sides: idle timeout with keep-alives well inside it, and windows
 /// that bound how much memory one connection can make the other side buffer.
 fn transport_config() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
-    t.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(30_000))))
-        .keep_alive_interval(Some(Duration::from_secs(5)))
+    t.max_idle_timeout(Some(idle_timeout()))
+        .keep_alive_interval(Some(KEEP_ALIVE))
         .stream_receive_window(VarInt::from_u32(8 << 20))
         .receive_window(VarInt::from_u32(64 << 20))
         .send_window(64 << 20)
@@ -236,8 +250,8 @@ pub const SERVER_CONNECTION_WINDOW: u32 = 32 << 20;
 /// connections share the coordinator's memory.
 fn server_transport_config() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
-    t.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(30_000))))
-        .keep_alive_interval(Some(Duration::from_secs(5)))
+    t.max_idle_timeout(Some(idle_timeout()))
+        .keep_alive_interval(Some(KEEP_ALIVE))
         .stream_receive_window(VarInt::from_u32(SERVER_STREAM_WINDOW))
         .receive_window(VarInt::from_u32(SERVER_CONNECTION_WINDOW))
         .send_window(64 << 20)

@@ -363,14 +363,8 @@ async fn operator(root: &Path) -> anyhow::Result<Client> {
         &dir.tls("operator.key"),
     )?;
     let address = cfg.local_address()?;
-    let addr = tokio::net::lookup_host(&address)
-        .await
-        .with_context(|| format!("resolving {address}"))?
-        .next()
-        .with_context(|| format!("{address} resolves to nothing"))?;
-    Client::connect(&creds, addr, &cfg.server_name, crate::SOFTWARE)
-        .await
-        .with_context(|| format!("connecting to the coordinator at {address} (is `fleetvault-coordinator serve` running?)"))
+    // The error stays a ClientError (its exit code), one line naming `address`.
+    Ok(Client::dial(&creds, &address, &cfg.server_name, crate::SOFTWARE).await?)
 }
 
 pub(crate) fn snapshots(

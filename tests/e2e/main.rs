@@ -32,3 +32,4 @@ mod security;
 mod shutdown;
 mod sqlite;
 mod systemd_sandbox;
+mod unreachable;

@@ -12,7 +12,9 @@
 mod chunking;
 mod upload;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -185,17 +187,31 @@ async fn run_inner(
             });
         }
     });
+    // A lost connection stops a silent source at once instead of when it next writes.
+    let lost = Arc::new(AtomicBool::new(false));
+    let watch = {
+        let (conn, lost) = (client.connection().clone(), lost.clone());
+        tokio::spawn(async move {
+            conn.closed().await;
+            lost.store(true, Ordering::Relaxed);
+        })
+    };
     let source2 = source.clone();
     let chunked = tokio::task::spawn_blocking(move || {
         chunk_source(
             &source2,
             parent_tree.as_ref(),
             Batcher::new(tx, source2.chunker, read),
+            &lost,
         )
     })
     .await
     .context("chunking task panicked");
     ticker.abort();
+    watch.abort();
+    if client.connection().close_reason().is_some() {
+        return Err(client.lost("connection closed").into());
+    }
     let uploaded = uploader.await.context("upload task panicked");
     // The uploader's error explains more (e.g. a refused chunk) than "upload stopped".
     uploaded??;
@@ -219,6 +235,7 @@ fn chunk_source(
     source: &SourceConfig,
     parent: Option<&TreeManifest>,
     mut batcher: Batcher,
+    lost: &AtomicBool,
 ) -> anyhow::Result<Chunked> {
     let (manifest, checksum, warnings, files_unchanged) = match &source.kind {
         SourceKind::Command { backup_command, .. } => {
@@ -230,7 +247,10 @@ fn chunk_source(
             )
             .map_err(|e| anyhow!(e))?;
             let stdout = cmd.take_stdout().context("backup command has no stdout")?;
-            let stream = match batcher.chunk_stream(stdout) {
+            let stream = match batcher.chunk_stream(UntilLost {
+                inner: stdout,
+                lost,
+            }) {
                 Ok(s) => s,
                 Err(e) => {
                     cmd.kill();
@@ -288,4 +308,32 @@ fn chunk_source(
         files_unchanged,
         bytes_read,
     })
+}
+
+/// A command's output that stops being read once `lost` is set (checked every quarter second
+/// while the command is silent): a slow dump must not outlive the connection it feeds.
+struct UntilLost<'a, R> {
+    inner: R,
+    lost: &'a AtomicBool,
+}
+
+impl<R: Read + AsFd> Read for UntilLost<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let wait = Timespec {
+            tv_sec: 0,
+            tv_nsec: 250_000_000,
+        };
+        loop {
+            if self.lost.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other("connection to coordinator lost"));
+            }
+            let mut fds = [PollFd::new(&self.inner, PollFlags::IN)];
+            match poll(&mut fds, Some(&wait)) {
+                Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+                Ok(_) => return self.inner.read(buf),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
 }

@@ -69,14 +69,9 @@ pub(super) async fn sync(
         &root.join(&cfg.key),
     )
     .with_context(|| format!("loading the peer credentials of replica {}", cfg.name))?;
-    let addr = tokio::net::lookup_host(&cfg.address)
+    let client = Client::dial(&creds, &cfg.address, &cfg.server_name, crate::SOFTWARE)
         .await
-        .with_context(|| format!("resolving {}", cfg.address))?
-        .next()
-        .with_context(|| format!("{} resolves to nothing", cfg.address))?;
-    let client = Client::connect(&creds, addr, &cfg.server_name, crate::SOFTWARE)
-        .await
-        .with_context(|| format!("connecting to replica {} at {}", cfg.name, cfg.address))?;
+        .with_context(|| format!("replica {}", cfg.name))?;
     let client = Arc::new(client);
     let result = send_all(state, cfg, &client, report, progress).await;
     client.shutdown().await;
