@@ -143,6 +143,7 @@ impl Out {
 }
 
 impl Write for Out {
+    #[allow(clippy::disallowed_methods)] // delegating `Write` itself: callers use write_all
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Out::File(w) => w.write(buf),
