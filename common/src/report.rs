@@ -277,7 +277,17 @@ pub fn snapshot_detail(r: &SnapshotRecord, bundle: Option<&Value>) -> String {
     ));
     rows.push(("new", human_bytes(r.new_bytes)));
     rows.push(("stored", human_bytes(r.stored_bytes)));
-    rows.push(("chunks", format!("{}, {} new", r.chunks, r.new_chunks)));
+    // `new_chunks` counts the manifest's chunks too: so does this total.
+    let manifest = r.root.as_ref().map_or(0, |m| m.chunks.len() as u64);
+    rows.push((
+        "chunks",
+        format!(
+            "{} ({} of the manifest), {} new to the store",
+            r.chunks + manifest,
+            manifest,
+            r.new_chunks
+        ),
+    ));
     rows.push(("compression", format!("{:.2}x", r.compression_ratio())));
     rows.push(("dedup", dedup_text(r)));
     if let Some(c) = r.checksum {

@@ -111,6 +111,42 @@ fn the_snapshots_table_shows_status_and_reason_of_a_failed_backup() -> anyhow::R
             out.stdout
         );
     }
+
+    // The agents table: every header has its column, the last backup names the failure.
+    let out = coordinator.cli(&["agents"])?.ensure_success()?;
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    for column in [
+        "NAME",
+        "STATE",
+        "LAST SEEN (UTC)",
+        "VERSION",
+        "LAST BACKUP",
+        "SOURCES",
+    ] {
+        assert!(
+            lines[0].contains(column),
+            "agents: no {column} column: {}",
+            out.stdout
+        );
+    }
+    let row = lines
+        .iter()
+        .find(|l| l.starts_with("chat-01"))
+        .expect("agent row");
+    let state_at = lines[0].find("STATE").expect("STATE");
+    assert_eq!(
+        row.get(state_at..state_at + 7),
+        Some("offline"),
+        "{}",
+        out.stdout
+    );
+    let last_at = lines[0].find("LAST BACKUP").expect("LAST BACKUP");
+    assert!(
+        row.get(last_at..)
+            .is_some_and(|l| l.contains("broken failed")),
+        "{}",
+        out.stdout
+    );
     Ok(())
 }
 
