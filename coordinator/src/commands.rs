@@ -592,7 +592,32 @@ fn call(root: &Path, req: Request) -> anyhow::Result<Response> {
     })
 }
 
-/// [`call`] for long work (verify, gc, a job run): a spinner with the elapsed time meanwhile.
+/// A request whose reply may be preceded by `Progress` frames (counts of `unit`, shown as a
+/// bar on a terminal), and the final reply.
+fn call_counted(root: &Path, req: Request, unit: &str) -> anyhow::Result<Response> {
+    runtime()?.block_on(async {
+        let client = operator(root).await?;
+        let (mut send, mut recv) = client.open(&req).await?;
+        let _ = send.finish();
+        let bar = report::count_bar(unit);
+        let reply = loop {
+            match client.reply(&mut recv).await {
+                Ok(Response::Progress(p)) => {
+                    if let Some(t) = p.total {
+                        bar.set_length(t);
+                    }
+                    bar.set_position(p.bytes);
+                }
+                other => break other,
+            }
+        };
+        bar.finish_and_clear();
+        client.close().await;
+        Ok(reply?)
+    })
+}
+
+/// [`call`] for long work (gc, a job run): a spinner with the elapsed time meanwhile.
 fn call_long(root: &Path, req: Request, what: &str) -> anyhow::Result<Response> {
     let bar = report::spinner(what);
     let reply = call(root, req);
@@ -836,11 +861,7 @@ pub(crate) fn gc(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
 
 pub(crate) fn verify(root: &Path, snapshot: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
     let snapshot = snapshot.map(|s| resolve(root, s, None, None)).transpose()?;
-    let results = match call_long(
-        root,
-        Request::Verify { snapshot },
-        "re-reading and re-hashing every chunk",
-    )? {
+    let results = match call_counted(root, Request::Verify { snapshot }, "snapshots verified")? {
         Response::Verified(r) => r,
         other => bail!("unexpected reply {other:?}"),
     };

@@ -31,14 +31,31 @@ enum ChunkState {
     Missing,
 }
 
+/// How far a verification is: snapshots done of how many.
+#[derive(Debug, Default)]
+pub(crate) struct VerifyProgress {
+    pub(crate) done: std::sync::atomic::AtomicU64,
+    pub(crate) total: std::sync::atomic::AtomicU64,
+}
+
 /// Verifies one snapshot, or every completed one, after any verification running.
+#[cfg(test)]
 pub(crate) fn verify(state: &State, only: Option<SnapshotId>) -> Result<Vec<VerifyResult>, String> {
+    verify_with_progress(state, only, &VerifyProgress::default())
+}
+
+/// [`verify`], counting the snapshots done in `progress` as it goes.
+pub(crate) fn verify_with_progress(
+    state: &State,
+    only: Option<SnapshotId>,
+    progress: &VerifyProgress,
+) -> Result<Vec<VerifyResult>, String> {
     // A verification that panicked left nothing half-done that the next one relies on.
     let _one_at_a_time = state
         .verify_lock
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    verify_locked(state, only)
+    verify_locked(state, only, progress)
 }
 
 /// The scheduled verification of every completed snapshot: `None` when another verification
@@ -50,7 +67,10 @@ pub(crate) fn verify_scheduled(state: &State) -> Option<Result<(usize, usize), S
         Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
     };
     info!("scheduled verification starting");
-    Some(verify_locked(state, None).map(|r| (r.len(), damaged_count(&r))))
+    Some(
+        verify_locked(state, None, &VerifyProgress::default())
+            .map(|r| (r.len(), damaged_count(&r))),
+    )
 }
 
 fn damaged_count(results: &[VerifyResult]) -> usize {
@@ -60,7 +80,12 @@ fn damaged_count(results: &[VerifyResult]) -> usize {
         .count()
 }
 
-fn verify_locked(state: &State, only: Option<SnapshotId>) -> Result<Vec<VerifyResult>, String> {
+fn verify_locked(
+    state: &State,
+    only: Option<SnapshotId>,
+    progress: &VerifyProgress,
+) -> Result<Vec<VerifyResult>, String> {
+    use std::sync::atomic::Ordering::Relaxed;
     let records: Vec<SnapshotRecord> = match only {
         Some(id) => {
             // A bundle is verified with its parts.
@@ -94,6 +119,7 @@ fn verify_locked(state: &State, only: Option<SnapshotId>) -> Result<Vec<VerifyRe
     };
     let mut seen: HashMap<ChunkId, ChunkState> = HashMap::new();
     let mut out = Vec::new();
+    progress.total.store(records.len() as u64, Relaxed);
     for rec in records {
         if rec.status != SnapshotStatus::Completed {
             return Err(format!(
@@ -105,6 +131,7 @@ fn verify_locked(state: &State, only: Option<SnapshotId>) -> Result<Vec<VerifyRe
         let r = verify_one(state, &rec, &mut seen)?;
         mark(state, rec, &r)?;
         out.push(r);
+        progress.done.fetch_add(1, Relaxed);
     }
     info!(
         snapshots = out.len(),

@@ -663,9 +663,25 @@ impl Session {
             Request::Verify { snapshot } => {
                 self.require(Role::Operator)?;
                 let st = self.state.clone();
-                let results = self
-                    .blocking(move || crate::jobs::verify::verify(&st, snapshot))
-                    .await?;
+                let progress = Arc::new(crate::jobs::verify::VerifyProgress::default());
+                let p = progress.clone();
+                let run = self
+                    .blocking(move || crate::jobs::verify::verify_with_progress(&st, snapshot, &p));
+                tokio::pin!(run);
+                // Snapshots verified of how many, every second, before the results.
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                tick.tick().await;
+                let results = loop {
+                    tokio::select! {
+                        done = &mut run => break done?,
+                        _ = tick.tick() => {
+                            use std::sync::atomic::Ordering::Relaxed;
+                            let bytes = progress.done.load(Relaxed);
+                            let total = Some(progress.total.load(Relaxed));
+                            write_frame(send, &Response::Progress(Progress { bytes, total })).await?;
+                        }
+                    }
+                };
                 Ok(write_frame(send, &Response::Verified(results)).await?)
             }
             Request::ReplicaHave { ids } => self.replica_have(ids, send).await,
