@@ -45,7 +45,7 @@ fn listed(state: &State, id: SnapshotId, manifest: &Manifest) -> Result<Vec<Snap
             stream.len
         ));
     }
-    let (bytes, _) = crate::server::read_stream(&state.store, id, stream, "bundle index")?;
+    let (bytes, _) = crate::store::read_stream(&state.store, id, stream, "bundle index")?;
     let index: serde_json::Value =
         serde_json::from_slice(&bytes).map_err(|e| format!("bundle {id}: bad index: {e}"))?;
     index["parts"]
@@ -103,7 +103,7 @@ pub(crate) fn parts(state: &State, rec: &SnapshotRecord) -> Result<Vec<SnapshotI
         .root
         .as_ref()
         .ok_or_else(|| format!("bundle {} has no manifest", rec.id))?;
-    let (manifest, _) = crate::server::load_manifest(&state.store, rec.id, root)?;
+    let (manifest, _) = crate::store::load_manifest(&state.store, rec.id, root)?;
     let mut out = Vec::new();
     for part in listed(state, rec.id, &manifest)? {
         match state.catalog.get(part) {
@@ -151,12 +151,12 @@ mod tests {
 
         // At commit: refused, the same way for another agent's snapshot and for none.
         let root = b.root.clone().unwrap();
-        let (manifest, _) = crate::server::load_manifest(&state.store, b.id, &root).unwrap();
+        let (manifest, _) = crate::store::load_manifest(&state.store, b.id, &root).unwrap();
         let e = check_commit(&state, &b, &manifest, false).unwrap_err();
         assert!(e.contains(&victim.id.to_string()), "{e}");
         let ghostly = bundle(&state, "evil", &[ghost, own.id]);
         let root = ghostly.root.clone().unwrap();
-        let (m2, _) = crate::server::load_manifest(&state.store, ghostly.id, &root).unwrap();
+        let (m2, _) = crate::store::load_manifest(&state.store, ghostly.id, &root).unwrap();
         let e2 = check_commit(&state, &ghostly, &m2, false).unwrap_err();
         assert_eq!(
             e.replace(&b.id.to_string(), "B")

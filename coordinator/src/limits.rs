@@ -46,10 +46,8 @@ pub(crate) const MAX_BUFFERED_PER_IDENTITY: usize = 256 << 20;
 /// Bytes of frames every identity together may have the coordinator hold at once.
 pub(crate) const MAX_BUFFERED: usize = 2 << 30;
 
-/// Largest encoded manifest or bundle index a commit may reference. The coordinator reads it
-/// whole at the commit and again at every garbage collection, verification and restore, and
-/// decoding it takes a few times its size; 512 MiB encodes a tree of several million files.
-pub(crate) const MAX_MANIFEST_LEN: u64 = 512 << 20;
+// The largest encoded manifest or bundle index a commit may reference is
+// `store::read::MAX_MANIFEST_LEN`, beside the read path that enforces it.
 
 /// Default for `job_timeout_secs`: how long a job pushed to a live agent (a backup holding one
 /// of the `max_concurrent_backups` slots, or a restore) may run before the coordinator

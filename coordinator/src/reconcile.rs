@@ -49,7 +49,7 @@ pub(crate) fn chunks_of(store: &ChunkStore, rec: &SnapshotRecord) -> Vec<ChunkId
         return Vec::new();
     };
     let mut chunks: Vec<_> = root.chunks.iter().map(|c| c.id).collect();
-    match crate::server::load_manifest(store, rec.id, root) {
+    match crate::store::load_manifest(store, rec.id, root) {
         Ok((manifest, _)) => chunks.extend(manifest.data_chunks().map(|c| c.id)),
         Err(e) => {
             warn!(snapshot = %rec.id, error = %e, "manifest unreadable; its data chunks are not attributed to its agent")

@@ -91,7 +91,7 @@ fn mark_and_sweep(
     {
         let Some(root) = &rec.root else { continue };
         live.extend(root.chunks.iter().map(|c| c.id));
-        match crate::server::load_manifest(&state.store, rec.id, root) {
+        match crate::store::load_manifest(&state.store, rec.id, root) {
             Ok((manifest, _)) => live.extend(manifest.data_chunks().map(|c| c.id)),
             Err(e) => {
                 warn!(snapshot = %rec.id, agent = %rec.agent, error = %e, "manifest unreadable; keeping every chunk its agent references (run verify)");
@@ -172,7 +172,7 @@ fn mark_parents_of_running_backups(
         if completed.contains(&id) || !done.insert(id) {
             continue;
         }
-        match crate::server::load_manifest(&state.store, id, &root) {
+        match crate::store::load_manifest(&state.store, id, &root) {
             Ok((manifest, _)) => {
                 live.extend(root.chunks.iter().map(|c| c.id));
                 live.extend(manifest.data_chunks().map(|c| c.id));

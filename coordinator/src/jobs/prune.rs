@@ -92,7 +92,7 @@ pub(crate) fn prune_refs(state: &State) -> Result<u64, String> {
         let mut readable = true;
         for rec in own.iter().filter(|r| r.status == SnapshotStatus::Completed) {
             let Some(root) = &rec.root else { continue };
-            match crate::server::load_manifest(&state.store, rec.id, root) {
+            match crate::store::load_manifest(&state.store, rec.id, root) {
                 Ok((manifest, _)) => {
                     live.extend(root.chunks.iter().map(|c| c.id));
                     live.extend(manifest.data_chunks().map(|c| c.id));

@@ -207,7 +207,7 @@ fn verify_one(
     if !whole {
         return Ok(r);
     }
-    let manifest = match crate::server::load_manifest(&state.store, rec.id, root) {
+    let manifest = match crate::store::load_manifest(&state.store, rec.id, root) {
         Ok((m, _)) => m,
         Err(e) => {
             r.problems.push(format!("its manifest cannot be read: {e}"));

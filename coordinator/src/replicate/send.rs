@@ -140,7 +140,7 @@ fn chunks_of(state: &State, rec: &SnapshotRecord) -> Result<Vec<(ChunkId, u32)>,
         .root
         .as_ref()
         .ok_or_else(|| format!("snapshot {} has no manifest", rec.id))?;
-    let (manifest, _) = crate::server::load_manifest(&state.store, rec.id, root)?;
+    let (manifest, _) = crate::store::load_manifest(&state.store, rec.id, root)?;
     let mut seen = HashSet::new();
     Ok(root
         .chunks

@@ -11,7 +11,7 @@ mod session;
 mod upload;
 
 pub(crate) use session::Failure;
-pub(crate) use upload::{check_fields, load_manifest, read_stream};
+pub(crate) use upload::check_fields;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -18,8 +18,9 @@ use fleetvault_common::{SnapshotId, SnapshotRecord, SnapshotStatus};
 use tracing::{info, warn};
 
 use super::session::{Backup, Failure, Session};
-use super::upload::{check_fields, load_manifest};
+use super::upload::check_fields;
 use crate::catalog::CatalogError;
+use crate::store::load_manifest;
 use crate::State;
 
 impl Session {

@@ -13,7 +13,7 @@ use fleetvault_common::protocol::{ErrorCode, ReadPart, Response};
 use fleetvault_common::{ChunkId, SnapshotId, SnapshotStatus};
 
 use super::session::{Failure, Session};
-use super::upload::load_manifest;
+use crate::store::load_manifest;
 
 /// Chunks read ahead of the network.
 const READ_AHEAD: usize = 16;

@@ -16,67 +16,18 @@ use fleetvault_common::protocol::frame::{read_frame_body, read_len, write_frame,
 use fleetvault_common::protocol::{
     Begin, Commit, ErrorCode, Request, Response, MAX_FRAME_LEN, MAX_MISSING_BATCH, MAX_PUT_BATCH,
 };
-use fleetvault_common::{
-    ChunkId, ChunkRef, Manifest, SnapshotId, SnapshotRecord, SnapshotStatus, StreamManifest,
-};
+use fleetvault_common::{ChunkId, ChunkRef, Manifest, SnapshotId, SnapshotRecord, SnapshotStatus};
 use tracing::{info, warn};
 
 use super::session::{Backup, Failure, Session};
 use crate::clock;
-use crate::store::{ChunkStore, PutOutcome, StoreError};
+use crate::store::{load_manifest, PutOutcome, StoreError};
 
 /// Bytes of sealed chunks collected before they are written as one durable batch.
 const WRITE_BATCH_BYTES: usize = 8 << 20;
 
 fn internal(e: impl std::fmt::Display) -> Failure {
     Failure::Reply(ErrorCode::Internal, e.to_string())
-}
-
-/// Reads a stream from the store and verifies every chunk and the whole stream's length and
-/// checksum; returns the bytes and the chunks' envelopes. Only for small streams (manifests,
-/// bundle indexes): the whole stream is held in memory.
-pub(crate) fn read_stream(
-    store: &ChunkStore,
-    snapshot: SnapshotId,
-    stream: &StreamManifest,
-    what: &str,
-) -> Result<(Vec<u8>, Vec<Vec<u8>>), String> {
-    if stream.len > crate::limits::MAX_MANIFEST_LEN {
-        return Err(format!(
-            "snapshot {snapshot}: {what} of {} bytes is too large (limit {} MiB)",
-            stream.len,
-            crate::limits::MAX_MANIFEST_LEN >> 20
-        ));
-    }
-    let mut bytes = Vec::with_capacity(stream.len as usize);
-    let mut envelopes = Vec::with_capacity(stream.chunks.len());
-    for c in &stream.chunks {
-        let env = store
-            .get(&c.id)
-            .map_err(|e| format!("snapshot {snapshot}: {e}"))?
-            .ok_or_else(|| format!("snapshot {snapshot}: {what} chunk {} is missing", c.id))?;
-        let plain = chunk::open_verified(&env, &c.id)
-            .map_err(|e| format!("snapshot {snapshot}: {what} chunk {} is damaged: {e}", c.id))?;
-        bytes.extend_from_slice(&plain);
-        envelopes.push(env);
-    }
-    if bytes.len() as u64 != stream.len || *blake3::hash(&bytes).as_bytes() != stream.checksum {
-        return Err(format!(
-            "snapshot {snapshot}: {what} checksum does not match"
-        ));
-    }
-    Ok((bytes, envelopes))
-}
-
-/// Reads and verifies the encoded manifest that `root` describes.
-pub(crate) fn load_manifest(
-    store: &ChunkStore,
-    snapshot: SnapshotId,
-    root: &StreamManifest,
-) -> Result<(Manifest, Vec<Vec<u8>>), String> {
-    let (bytes, envelopes) = read_stream(store, snapshot, root, "manifest")?;
-    let manifest = Manifest::decode(&bytes).map_err(|e| format!("snapshot {snapshot}: {e}"))?;
-    Ok((manifest, envelopes))
 }
 
 /// Checks a commit's manifest against itself and the commit: lengths agree with the chunks'

@@ -25,8 +25,12 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+mod read;
+
 use fleetvault_common::chunk::{self, EnvelopeError};
 use fleetvault_common::{ChunkId, SnapshotId, SnapshotRecord};
+
+pub(crate) use read::{load_manifest, read_stream};
 
 /// A failed store operation.
 #[derive(Debug, thiserror::Error)]
