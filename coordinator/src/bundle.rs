@@ -170,13 +170,13 @@ mod tests {
 
         // Every cascade: only the bundle agent's own parts.
         assert_eq!(parts(&state, &b).unwrap(), vec![own.id]);
-        crate::jobs::ops::protect(&state, b.id, true).unwrap();
+        crate::jobs::snapshots::protect(&state, b.id, true).unwrap();
         assert!(!state.catalog.get(victim.id).unwrap().protected);
         assert!(state.catalog.get(own.id).unwrap().protected);
-        crate::jobs::ops::protect(&state, b.id, false).unwrap();
+        crate::jobs::snapshots::protect(&state, b.id, false).unwrap();
         let verified = crate::jobs::verify::verify(&state, Some(b.id)).unwrap();
         assert!(verified.iter().all(|r| r.snapshot != victim.id));
-        crate::jobs::ops::delete(&state, b.id).unwrap();
+        crate::jobs::snapshots::delete(&state, b.id).unwrap();
         assert!(state.catalog.get(own.id).is_err());
         assert_eq!(state.catalog.get(victim.id).unwrap(), victim);
     }

@@ -251,7 +251,7 @@ mod tests {
         // The broken snapshot's manifest chunk is lost.
         let root = broken.root.clone().unwrap();
         state.store.delete_chunk(&root.chunks[0].id).unwrap();
-        crate::jobs::ops::delete(&state, gone.id).unwrap();
+        crate::jobs::snapshots::delete(&state, gone.id).unwrap();
 
         let report = collect(&state, Duration::ZERO).unwrap();
         assert_eq!(report.unreadable, vec![broken.id]);

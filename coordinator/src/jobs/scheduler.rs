@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use super::{ops, parse_schedule};
+use super::{parse_schedule, run};
 use crate::State;
 
 /// What a schedule starts.
@@ -95,7 +95,7 @@ pub(crate) async fn run(
                 info!(job = %name, due = %due, "starting scheduled job");
                 let (st, running) = (state.clone(), running.clone());
                 tracker.spawn(async move {
-                    ops::run_job(st, job).await;
+                    run::run_job(st, job).await;
                     running.lock().expect("running lock").remove(&name);
                 });
             }

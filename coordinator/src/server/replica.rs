@@ -97,7 +97,7 @@ impl Session {
                         let name = self.name().to_owned();
                         let _ = self
                             .blocking(move || {
-                                crate::jobs::ops::forget_received(&st, &name, &peer.retention)
+                                crate::jobs::snapshots::forget_received(&st, &name, &peer.retention)
                             })
                             .await
                             .map_err(|_| warn!(peer = %self.name(), "replica retention failed"));

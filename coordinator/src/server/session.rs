@@ -621,7 +621,7 @@ impl Session {
             Request::RunJob { job } => {
                 self.require(Role::Operator)?;
                 let job = self.job(&job)?;
-                let reports = crate::jobs::ops::run_job(self.state.clone(), job).await;
+                let reports = crate::jobs::run::run_job(self.state.clone(), job).await;
                 Ok(write_frame(send, &Response::Reports(reports)).await?)
             }
             Request::Protect {
@@ -630,14 +630,14 @@ impl Session {
             } => {
                 self.require(Role::Operator)?;
                 let st = self.state.clone();
-                self.blocking(move || crate::jobs::ops::protect(&st, snapshot, protected))
+                self.blocking(move || crate::jobs::snapshots::protect(&st, snapshot, protected))
                     .await?;
                 Ok(write_frame(send, &Response::Ok).await?)
             }
             Request::Delete { snapshot } => {
                 self.require(Role::Operator)?;
                 let st = self.state.clone();
-                self.blocking(move || crate::jobs::ops::delete(&st, snapshot))
+                self.blocking(move || crate::jobs::snapshots::delete(&st, snapshot))
                     .await?;
                 info!(snapshot = %snapshot, "snapshot deleted by an operator");
                 Ok(write_frame(send, &Response::Ok).await?)
@@ -647,7 +647,7 @@ impl Session {
                 let job = self.job(&job)?;
                 let st = self.state.clone();
                 let decisions = self
-                    .blocking(move || crate::jobs::ops::forget(&st, &job, dry_run))
+                    .blocking(move || crate::jobs::snapshots::forget(&st, &job, dry_run))
                     .await?;
                 Ok(write_frame(send, &Response::Retention(decisions)).await?)
             }
