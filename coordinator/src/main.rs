@@ -2,8 +2,8 @@
 
 mod bundle;
 mod catalog;
+mod cli;
 mod clock;
-mod commands;
 mod config;
 mod download;
 mod fault;
@@ -312,7 +312,7 @@ enum SnapshotCommand {
 fn main() -> ExitCode {
     fleetvault_common::alloc::keep_freed_buffers();
     let cli: Cli = fleetvault_common::cli::parse();
-    commands::init_logging();
+    cli::init_logging();
     let json = cli.json;
     match dispatch(cli.command, json) {
         Ok(code) => code,
@@ -327,31 +327,31 @@ fn dispatch(command: Command, json: bool) -> anyhow::Result<ExitCode> {
             listen,
             server_name,
             advertise,
-        } => commands::init(&dir.path(), &listen, &server_name, advertise, json),
-        Command::Serve { dir } => commands::serve(&dir.path()),
+        } => cli::init(&dir.path(), &listen, &server_name, advertise, json),
+        Command::Serve { dir } => cli::serve(&dir.path()),
         Command::IssueAgent {
             name,
             dir,
             out,
             force,
-        } => commands::issue_agent(&dir.path(), &name, &out, force, json),
+        } => cli::issue_agent(&dir.path(), &name, &out, force, json),
         Command::IssuePeer {
             name,
             dir,
             out,
             replica_name,
             force,
-        } => commands::issue_peer(&dir.path(), &name, &out, replica_name, force, json),
-        Command::Replicate { dir, replica } => commands::replicate(&dir.path(), replica, json),
-        Command::Replicas { dir } => commands::replicas(&dir.path(), json),
-        Command::Promote { dir } => commands::promote(&dir.path(), json),
+        } => cli::issue_peer(&dir.path(), &name, &out, replica_name, force, json),
+        Command::Replicate { dir, replica } => cli::replicate(&dir.path(), replica, json),
+        Command::Replicas { dir } => cli::replicas(&dir.path(), json),
+        Command::Promote { dir } => cli::promote(&dir.path(), json),
         Command::Snapshots {
             dir,
             agent,
             source,
             status,
             job,
-        } => commands::snapshots(&dir.path(), agent, source, status, job, json),
+        } => cli::snapshots(&dir.path(), agent, source, status, job, json),
         Command::Snapshot {
             command:
                 SnapshotCommand::Show {
@@ -360,30 +360,28 @@ fn dispatch(command: Command, json: bool) -> anyhow::Result<ExitCode> {
                     agent,
                     source,
                 },
-        } => commands::show(&dir.path(), &snapshot_id, agent, source, json),
-        Command::Run { job, dir } => commands::run_job(&dir.path(), &job, json),
+        } => cli::show(&dir.path(), &snapshot_id, agent, source, json),
+        Command::Run { job, dir } => cli::run_job(&dir.path(), &job, json),
         Command::Protect { snapshot_id, dir } => {
-            commands::protect(&dir.path(), &snapshot_id, true, json)
+            cli::protect(&dir.path(), &snapshot_id, true, json)
         }
         Command::Unprotect { snapshot_id, dir } => {
-            commands::protect(&dir.path(), &snapshot_id, false, json)
+            cli::protect(&dir.path(), &snapshot_id, false, json)
         }
-        Command::Delete { snapshot_id, dir } => commands::delete(&dir.path(), &snapshot_id, json),
-        Command::Forget { job, dry_run, dir } => commands::forget(&dir.path(), &job, dry_run, json),
-        Command::Gc { dir } => commands::gc(&dir.path(), json),
-        Command::RebuildCatalog { dir } => commands::rebuild_catalog(&dir.path(), json),
+        Command::Delete { snapshot_id, dir } => cli::delete(&dir.path(), &snapshot_id, json),
+        Command::Forget { job, dry_run, dir } => cli::forget(&dir.path(), &job, dry_run, json),
+        Command::Gc { dir } => cli::gc(&dir.path(), json),
+        Command::RebuildCatalog { dir } => cli::rebuild_catalog(&dir.path(), json),
         Command::Download {
             snapshot_id,
             dir,
             out,
             force,
-        } => commands::download(&dir.path(), &snapshot_id, &out, force, json),
-        Command::Verify { dir, snapshot } => {
-            commands::verify(&dir.path(), snapshot.as_deref(), json)
-        }
-        Command::Agents { dir } => commands::agents(&dir.path(), json),
+        } => cli::download(&dir.path(), &snapshot_id, &out, force, json),
+        Command::Verify { dir, snapshot } => cli::verify(&dir.path(), snapshot.as_deref(), json),
+        Command::Agents { dir } => cli::agents(&dir.path(), json),
         Command::Backup { dir, agent, source } => {
-            commands::push_backup(&dir.path(), &agent, &source, json)
+            cli::push_backup(&dir.path(), &agent, &source, json)
         }
         Command::Restore {
             dir,
@@ -394,7 +392,7 @@ fn dispatch(command: Command, json: bool) -> anyhow::Result<ExitCode> {
             database,
             replace,
             no_safety_snapshot,
-        } => commands::push_restore(
+        } => cli::push_restore(
             &dir.path(),
             &snapshot_id,
             &agent,

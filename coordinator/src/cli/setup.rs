@@ -1,0 +1,465 @@
+//! Making and changing a data directory: `init`, `issue-agent`, `issue-peer`,
+//! `rebuild-catalog`, and the private, durable file writes they share.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use fleetvault_certs::{Ca, Role};
+use fleetvault_common::exit::UsageError;
+use fleetvault_common::report;
+
+use crate::catalog::Catalog;
+use crate::config::{CoordinatorConfig, DataDir};
+use crate::store::ChunkStore;
+
+use super::print_json;
+
+/// Writes `bytes` to `path` with exactly `mode` (whatever the umask), replacing nothing
+/// unless `overwrite`.
+///
+/// The bytes go to a new temp file beside `path` (created with `O_EXCL | O_NOFOLLOW`), which
+/// is fsynced and then renamed over `path` (or hard-linked to it when nothing may be
+/// replaced), and the directory is fsynced. So an existing file's mode is never kept, a
+/// symlink at `path` is replaced and never followed, and a crash leaves either the old file or
+/// the new one under `path`, never a partial one.
+pub(crate) fn write_file(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    overwrite: bool,
+) -> anyhow::Result<()> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("generating a temp name: {e}"))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        hex::encode(nonce)
+    ));
+    let written = (|| -> anyhow::Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        // The umask may have taken bits away: the mode is exactly the one asked.
+        f.set_permissions(fs::Permissions::from_mode(mode))
+            .and_then(|_| f.write_all(bytes))
+            .and_then(|_| f.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        if overwrite {
+            #[allow(clippy::disallowed_methods)] // a credential or config file, not a chunk
+            fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+        } else {
+            // link(2) never replaces: an existing file (or symlink) at `path` is an error.
+            fs::hard_link(&tmp, path).with_context(|| format!("creating {}", path.display()))?;
+            fs::remove_file(&tmp).with_context(|| format!("removing {}", tmp.display()))
+        }
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written?;
+    crate::store::sync_dir(dir).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Creates `dir` (and its parents) private to this user.
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
+}
+
+/// This data dir's CA, for issuing certificates.
+fn load_ca(dir: &DataDir) -> anyhow::Result<Ca> {
+    let read = |p: &Path| fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    Ca::load(&read(&dir.tls("ca.pem"))?, &read(&dir.tls("ca.key"))?)
+        .context("loading this coordinator's CA")
+}
+
+pub(crate) fn init(
+    root: &Path,
+    listen: &str,
+    server_name: &str,
+    advertise: Option<String>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let dir = DataDir::new(root);
+    if dir.tls("ca.key").exists() || dir.config_path().exists() {
+        bail!(
+            "{} already holds a coordinator (found {}); refusing to overwrite its CA",
+            root.display(),
+            dir.config_path().display()
+        );
+    }
+    let cfg = CoordinatorConfig {
+        listen: listen.to_owned(),
+        server_name: server_name.to_owned(),
+        advertise,
+        gc_schedule: None,
+        max_concurrent_backups: None,
+        verify_schedule: None,
+        gc_min_age_secs: None,
+        job_timeout_secs: None,
+        jobs: Vec::new(),
+        replicas: Vec::new(),
+        peers: Vec::new(),
+    };
+    let addr = cfg
+        .listen_addr()
+        .map_err(|e| UsageError(format!("--listen: {e:#}")))?;
+    fleetvault_certs::validate_name(server_name)
+        .map_err(|e| UsageError(format!("--server-name {server_name:?}: {e:#}")))?;
+    let dial = cfg
+        .dial_address()
+        .map_err(|e| UsageError(format!("--advertise: {e:#}")))?;
+    create_private_dir(&dir.tls(""))?;
+    let ca = Ca::create("fleetvault fleet CA").context("creating the fleet CA")?;
+    let mut sans = vec![
+        server_name.to_owned(),
+        "localhost".into(),
+        "127.0.0.1".into(),
+    ];
+    if !addr.ip().is_unspecified() {
+        sans.push(addr.ip().to_string());
+    }
+    sans.dedup();
+    let server = ca
+        .issue(Role::Coordinator, server_name, &sans)
+        .context("issuing the coordinator certificate")?;
+    let operator = ca
+        .issue(Role::Operator, "admin", &[])
+        .context("issuing the operator certificate")?;
+    write_file(&dir.tls("ca.pem"), ca.cert_pem().as_bytes(), 0o644, false)?;
+    write_file(&dir.tls("ca.key"), ca.key_pem().as_bytes(), 0o600, false)?;
+    write_file(
+        &dir.tls("coordinator.pem"),
+        server.cert_pem.as_bytes(),
+        0o644,
+        false,
+    )?;
+    write_file(
+        &dir.tls("coordinator.key"),
+        server.key_pem.as_bytes(),
+        0o600,
+        false,
+    )?;
+    write_file(
+        &dir.tls("operator.pem"),
+        operator.cert_pem.as_bytes(),
+        0o644,
+        false,
+    )?;
+    write_file(
+        &dir.tls("operator.key"),
+        operator.key_pem.as_bytes(),
+        0o600,
+        false,
+    )?;
+    ChunkStore::open(&dir.store()).context("creating the chunk store")?;
+    let text = format!(
+        "# fleetvault coordinator configuration (written by `fleetvault-coordinator init`)\n{}",
+        toml::to_string(&cfg).context("encoding coordinator.toml")?
+    );
+    write_file(&dir.config_path(), text.as_bytes(), 0o644, false)?;
+    if json {
+        print_json(&serde_json::json!({
+            "status": "completed",
+            "data_dir": root.display().to_string(),
+            "listen": listen,
+            "server_name": server_name,
+            "advertise": dial,
+        }))?;
+    } else {
+        println!(
+            "initialised coordinator data dir {} (listen {listen}, server name {server_name}); agents will dial {dial}",
+            root.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn issue_agent(
+    root: &Path,
+    name: &str,
+    out: &Path,
+    force: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let dir = DataDir::new(root);
+    let cfg = dir.load_config()?;
+    fleetvault_certs::validate_name(name)
+        .map_err(|e| UsageError(format!("agent name {name:?}: {e:#}")))?;
+    let address = cfg.dial_address()?;
+    let ca = load_ca(&dir)?;
+    let toml_path = out.join("agent.toml");
+    if toml_path.exists() && !force {
+        bail!(
+            "{} already exists (use --force to replace it)",
+            toml_path.display()
+        );
+    }
+    // Issuing a name again revokes its earlier certificates: only on purpose.
+    // An unreadable record is replaced too (with --force): that is how it is repaired.
+    let previous = match crate::issued::AgentRecord::read(root, name) {
+        Ok(rec) => rec.map(|r| {
+            format!(
+                "certificate serial {}, issued {} UTC",
+                r.serial,
+                report::format_time(r.issued_ms)
+            )
+        }),
+        Err(e) => Some(e.to_string()),
+    };
+    if let (Some(prev), false) = (&previous, force) {
+        bail!("agent {name} was already issued ({prev}); issuing it again revokes that certificate: use --force");
+    }
+    create_private_dir(out)?;
+    create_private_dir(&crate::issued::records_dir(root))?;
+    let cert = ca
+        .issue(Role::Agent, name, &[])
+        .with_context(|| format!("issuing a certificate for agent {name}"))?;
+    let der =
+        fleetvault_common::pem_certificates_der(cert.cert_pem.as_bytes(), "the new certificate")?
+            .into_iter()
+            .next()
+            .context("the new certificate has no PEM block")?;
+    let record =
+        crate::issued::AgentRecord::new(name, &der, &cert.serial_hex, crate::clock::now_ms());
+    write_file(&out.join("ca.pem"), ca.cert_pem().as_bytes(), 0o644, true)?;
+    write_file(
+        &out.join("agent.pem"),
+        cert.cert_pem.as_bytes(),
+        0o644,
+        true,
+    )?;
+    write_file(&out.join("agent.key"), cert.key_pem.as_bytes(), 0o600, true)?;
+    let text = format!(
+        r#"# fleetvault agent configuration for agent "{name}", issued by the coordinator.
+# Certificate serial {serial}. Paths are relative to this file.
+
+[coordinator]
+address = "{address}"
+server_name = "{server_name}"
+ca = "ca.pem"
+cert = "agent.pem"
+key = "agent.key"
+
+# Append one [[sources]] table per thing to back up, for example:
+#
+# [[sources]]
+# name = "uploads"
+# kind = "files"
+# paths = ["/var/lib/app/uploads"]
+# exclude = ["*.tmp"]
+#
+# [[sources]]
+# name = "db"
+# kind = "command"
+# backup_command = "pg_dump -Fc -Z0 app"
+# restore_command = "pg_restore -d app"
+"#,
+        serial = cert.serial_hex,
+        server_name = cfg.server_name,
+    );
+    write_file(&toml_path, text.as_bytes(), 0o600, true)?;
+    // Last: the new certificate is accepted (and the earlier ones refused, by a running
+    // coordinator within seconds) only once everything for it is written.
+    write_file(
+        &crate::issued::record_path(root, name),
+        record
+            .to_toml()
+            .context("encoding the certificate record")?
+            .as_bytes(),
+        0o600,
+        true,
+    )?;
+    if json {
+        print_json(&serde_json::json!({
+            "status": "completed",
+            "agent": name,
+            "config": toml_path.display().to_string(),
+            "address": address,
+            "server_name": cfg.server_name,
+            "serial": cert.serial_hex,
+            "replaced": previous,
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    match previous {
+        Some(prev) => println!(
+            "issued agent {name}: {} (certificate serial {}); every earlier certificate of {name} is now refused (replaced: {prev})",
+            toml_path.display(),
+            cert.serial_hex,
+        ),
+        None => println!(
+            "issued agent {name}: {} (certificate serial {}); it will dial {address}",
+            toml_path.display(),
+            cert.serial_hex
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The store's snapshot records, each with the chunks it references (manifest and data), for
+/// rebuilding a catalog: an agent's references are what lets it back up incrementally. A
+/// record whose manifest cannot be read keeps its manifest chunks only (verify reports it).
+pub(crate) fn records_with_chunks(
+    store: &ChunkStore,
+) -> Result<
+    Vec<(
+        fleetvault_common::SnapshotRecord,
+        Vec<fleetvault_common::ChunkId>,
+    )>,
+    crate::store::StoreError,
+> {
+    let records = store.read_records()?;
+    Ok(records
+        .into_iter()
+        .map(|rec| {
+            let chunks = crate::reconcile::chunks_of(store, &rec);
+            (rec, chunks)
+        })
+        .collect())
+}
+
+pub(crate) fn rebuild_catalog(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let dir = DataDir::new(root);
+    dir.load_config()?;
+    let store = ChunkStore::open(&dir.store())
+        .with_context(|| format!("opening the chunk store {}", dir.store().display()))?;
+    let records = records_with_chunks(&store).context("reading the store's snapshot records")?;
+    let catalog_path = dir.catalog();
+    let mut kept = None;
+    if catalog_path.exists() {
+        // sled locks its files: opening it here fails while a coordinator serves this dir.
+        drop(Catalog::open(&catalog_path, Vec::new).with_context(|| {
+            format!(
+                "opening {} (stop `fleetvault-coordinator serve` first)",
+                catalog_path.display()
+            )
+        })?);
+        let aside = root.join(format!("catalog.old-{}", crate::clock::now_ms()));
+        #[allow(clippy::disallowed_methods)] // moving a whole directory aside, not a chunk
+        fs::rename(&catalog_path, &aside)
+            .with_context(|| format!("moving {} aside", catalog_path.display()))?;
+        kept = Some(aside);
+    }
+    let n = records.len();
+    let catalog = Catalog::open(&catalog_path, || records).context("creating the catalog")?;
+    catalog.flush()?;
+    if json {
+        print_json(&serde_json::json!({
+            "status": "completed",
+            "records": n,
+            "previous_catalog": kept.map(|k| k.display().to_string()),
+        }))?;
+    } else {
+        if let Some(k) = &kept {
+            println!("previous catalog kept as {}", k.display());
+        }
+        println!(
+            "catalog rebuilt from {} in {}",
+            report::plural(n as u64, "snapshot record", "snapshot records"),
+            dir.store().display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// On a replica: issues a peer certificate from this coordinator's own CA for the primary
+/// called `name`, records it as the one peer `name` may present, and writes OUTDIR with what
+/// the primary needs (ca.pem, peer.pem, peer.key and a `[[replicas]]` table to append).
+pub(crate) fn issue_peer(
+    root: &Path,
+    name: &str,
+    out: &Path,
+    replica_name: Option<String>,
+    force: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let dir = DataDir::new(root);
+    let cfg = dir.load_config()?;
+    fleetvault_certs::validate_name(name).with_context(|| format!("peer name {name:?}"))?;
+    let replica = replica_name.unwrap_or_else(|| {
+        cfg.server_name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect()
+    });
+    fleetvault_certs::validate_name(&replica)
+        .with_context(|| format!("replica name {replica:?}"))?;
+    let allow = dir.tls("peers").join(format!("{name}.pem"));
+    if allow.exists() && !force {
+        bail!(
+            "peer {name} was already issued ({} exists; use --force to replace its certificate)",
+            allow.display()
+        );
+    }
+    let ca = load_ca(&dir)?;
+    create_private_dir(out)?;
+    create_private_dir(&dir.tls("peers"))?;
+    let cert = ca
+        .issue(Role::Peer, name, &[])
+        .with_context(|| format!("issuing a peer certificate for {name}"))?;
+    write_file(&out.join("ca.pem"), ca.cert_pem().as_bytes(), 0o644, true)?;
+    write_file(&out.join("peer.pem"), cert.cert_pem.as_bytes(), 0o644, true)?;
+    write_file(&out.join("peer.key"), cert.key_pem.as_bytes(), 0o600, true)?;
+    let text = format!(
+        r#"# Append to the primary's coordinator.toml, after copying this directory to
+# PRIMARY_DATA_DIR/replicas/{replica}/ (paths are relative to the primary's data dir).
+# Peer certificate serial {serial}, issued to "{name}".
+
+[[replicas]]
+name = "{replica}"
+address = "{address}"
+server_name = "{server_name}"
+ca = "replicas/{replica}/ca.pem"
+cert = "replicas/{replica}/peer.pem"
+key = "replicas/{replica}/peer.key"
+schedule = "30 3 * * *"
+agents = ["*"]
+"#,
+        serial = cert.serial_hex,
+        address = cfg.dial_address()?,
+        server_name = cfg.server_name,
+    );
+    write_file(&out.join("replica.toml"), text.as_bytes(), 0o644, true)?;
+    // Last: the certificate is accepted only once everything for it is written.
+    write_file(&allow, cert.cert_pem.as_bytes(), 0o644, true)?;
+    if json {
+        print_json(&serde_json::json!({
+            "status": "completed",
+            "peer": name,
+            "replica": replica,
+            "out": out.display().to_string(),
+            "serial": cert.serial_hex,
+        }))?;
+    } else {
+        println!(
+            "issued peer {name}: copy {} to the primary (see replica.toml there)",
+            out.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
