@@ -328,7 +328,7 @@ fn dispatch(command: Command, json: bool) -> anyhow::Result<ExitCode> {
             server_name,
             advertise,
         } => cli::init(&dir.path(), &listen, &server_name, advertise, json),
-        Command::Serve { dir } => cli::serve(&dir.path()),
+        Command::Serve { dir } => serve::serve(&dir.path()),
         Command::IssueAgent {
             name,
             dir,

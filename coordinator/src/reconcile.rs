@@ -42,6 +42,22 @@ pub(crate) struct Reconciled {
     pub(crate) rewritten: usize,
 }
 
+/// The store's snapshot records, each with the chunks it references (manifest and data), for
+/// rebuilding a catalog: an agent's references are what lets it back up incrementally. A
+/// record whose manifest cannot be read keeps its manifest chunks only (verify reports it).
+pub(crate) fn records_with_chunks(
+    store: &ChunkStore,
+) -> Result<Vec<(SnapshotRecord, Vec<ChunkId>)>, crate::store::StoreError> {
+    let records = store.read_records()?;
+    Ok(records
+        .into_iter()
+        .map(|rec| {
+            let chunks = chunks_of(store, &rec);
+            (rec, chunks)
+        })
+        .collect())
+}
+
 /// The chunks a snapshot references (manifest and data): its agent's proven chunks. A record
 /// whose manifest cannot be read keeps its manifest chunks only (verify reports it).
 pub(crate) fn chunks_of(store: &ChunkStore, rec: &SnapshotRecord) -> Vec<ChunkId> {

@@ -34,15 +34,16 @@ pub(crate) fn serve(root: &Path) -> anyhow::Result<ExitCode> {
     let store = ChunkStore::open(&dir.store())
         .with_context(|| format!("opening the chunk store {}", dir.store().display()))?;
     let mut rebuild_error = None;
-    let catalog = Catalog::open(&dir.catalog(), || {
-        match crate::cli::records_with_chunks(&store) {
+    let catalog = Catalog::open(
+        &dir.catalog(),
+        || match crate::reconcile::records_with_chunks(&store) {
             Ok(r) => r,
             Err(e) => {
                 rebuild_error = Some(e);
                 Vec::new()
             }
-        }
-    })
+        },
+    )
     .with_context(|| {
         format!(
             "opening the catalog {} (is another coordinator running on this data dir?)",

@@ -6,12 +6,11 @@
 mod operator;
 mod setup;
 
-pub(crate) use crate::serve::serve;
 pub(crate) use operator::{
     agents, delete, download, forget, gc, promote, protect, push_backup, push_restore, replicas,
     replicate, run_job, show, snapshots, verify,
 };
-pub(crate) use setup::{init, issue_agent, issue_peer, rebuild_catalog, records_with_chunks};
+pub(crate) use setup::{init, issue_agent, issue_peer, rebuild_catalog};
 
 use std::process::ExitCode;
 

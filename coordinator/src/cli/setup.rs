@@ -315,34 +315,13 @@ key = "agent.key"
     Ok(ExitCode::SUCCESS)
 }
 
-/// The store's snapshot records, each with the chunks it references (manifest and data), for
-/// rebuilding a catalog: an agent's references are what lets it back up incrementally. A
-/// record whose manifest cannot be read keeps its manifest chunks only (verify reports it).
-pub(crate) fn records_with_chunks(
-    store: &ChunkStore,
-) -> Result<
-    Vec<(
-        fleetvault_common::SnapshotRecord,
-        Vec<fleetvault_common::ChunkId>,
-    )>,
-    crate::store::StoreError,
-> {
-    let records = store.read_records()?;
-    Ok(records
-        .into_iter()
-        .map(|rec| {
-            let chunks = crate::reconcile::chunks_of(store, &rec);
-            (rec, chunks)
-        })
-        .collect())
-}
-
 pub(crate) fn rebuild_catalog(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let dir = DataDir::new(root);
     dir.load_config()?;
     let store = ChunkStore::open(&dir.store())
         .with_context(|| format!("opening the chunk store {}", dir.store().display()))?;
-    let records = records_with_chunks(&store).context("reading the store's snapshot records")?;
+    let records = crate::reconcile::records_with_chunks(&store)
+        .context("reading the store's snapshot records")?;
     let catalog_path = dir.catalog();
     let mut kept = None;
     if catalog_path.exists() {
