@@ -467,15 +467,7 @@ fn exit_codes_tell_usage_warnings_unreachable_and_refused_apart() -> anyhow::Res
     assert_eq!(code(&out), 2, "{out}");
 
     // 3: verify found damage.
-    let chunk = coordinator
-        .chunk_files()?
-        .into_iter()
-        .max_by_key(|c| std::fs::metadata(c).map(|m| m.len()).unwrap_or(0))
-        .expect("chunks");
-    let mut bytes = std::fs::read(&chunk)?;
-    let at = bytes.len() / 2;
-    bytes[at] ^= 0xff;
-    std::fs::write(&chunk, bytes)?;
+    coordinator.damage_largest_chunk()?;
     let out = coordinator.cli(&["verify", "--snapshot", &id])?;
     assert_eq!(code(&out), 3, "{out}");
 
@@ -497,6 +489,20 @@ fn exit_codes_tell_usage_warnings_unreachable_and_refused_apart() -> anyhow::Res
     assert_eq!(code(&out), 10, "{out}");
     let out = coordinator.cli(&["agents"])?;
     assert_eq!(code(&out), 10, "{out}");
+    Ok(())
+}
+
+/// `issue-agent NAME --out OUT --data-dir DIR`; must succeed.
+fn issue_agent(dir: &std::path::Path, name: &str, out: &std::path::Path) -> anyhow::Result<()> {
+    run(
+        Command::new(bin("fleetvault-coordinator")?)
+            .args(["issue-agent", name, "--out"])
+            .arg(out)
+            .arg("--data-dir")
+            .arg(dir),
+        COMMAND_TIMEOUT,
+    )?
+    .ensure_success()?;
     Ok(())
 }
 
@@ -658,15 +664,7 @@ fn issue_agent_after_a_wildcard_init_writes_an_address_other_hosts_can_reach() -
     let config = std::fs::read_to_string(dir.join("coordinator.toml"))?;
     assert!(config.contains("advertise = \"10.0.0.5:7443\""), "{config}");
     let out = work.path().join("db-02");
-    run(
-        Command::new(&coordinator)
-            .args(["issue-agent", "db-02", "--out"])
-            .arg(&out)
-            .arg("--data-dir")
-            .arg(&dir),
-        COMMAND_TIMEOUT,
-    )?
-    .ensure_success()?;
+    issue_agent(&dir, "db-02", &out)?;
     let text = std::fs::read_to_string(out.join("agent.toml"))?;
     assert!(text.contains("address = \"10.0.0.5:7443\""), "{text}");
     let bad = run(
@@ -711,15 +709,7 @@ fn issue_agent_after_a_wildcard_init_writes_an_address_other_hosts_can_reach() -
     )?;
     serve.wait_for_line("listening on", std::time::Duration::from_secs(60))?;
     let out = work.path().join("db-03");
-    run(
-        Command::new(&coordinator)
-            .args(["issue-agent", "db-03", "--out"])
-            .arg(&out)
-            .arg("--data-dir")
-            .arg(&dir),
-        COMMAND_TIMEOUT,
-    )?
-    .ensure_success()?;
+    issue_agent(&dir, "db-03", &out)?;
     let text = std::fs::read_to_string(out.join("agent.toml"))?;
     assert!(
         text.contains(&format!("address = \"localhost:{port}\"")),
