@@ -70,13 +70,6 @@ fn honest_agent(coordinator: &Coordinator, name: &str) -> anyhow::Result<Agent> 
     Ok(honest)
 }
 
-fn log_of(coordinator: &Coordinator) -> String {
-    coordinator
-        .serve_process()
-        .map(|p| p.log_text())
-        .unwrap_or_default()
-}
-
 #[test]
 fn one_certificate_cannot_exhaust_connections_streams_or_hellos() -> anyhow::Result<()> {
     let coordinator = Coordinator::start()?;
@@ -214,7 +207,7 @@ fn one_certificate_cannot_exhaust_connections_streams_or_hellos() -> anyhow::Res
         }
     });
 
-    let log = log_of(&coordinator);
+    let log = coordinator.serve_log();
     for line in [
         "too many connections for agent/evil-01",
         "request stream cut off",
@@ -287,12 +280,9 @@ fn a_pushed_job_past_its_deadline_frees_its_backup_slot() -> anyhow::Result<()> 
         );
         Ok(())
     })?;
-    let log = log_of(&coordinator);
-    assert!(
-        log.lines()
-            .any(|l| l.contains("pushed job timed out") && l.contains("evil-02")),
-        "no log line naming the agent:\n{log}"
-    );
+    coordinator.wait_for_log_line("a log line naming the agent", |l| {
+        l.contains("pushed job timed out") && l.contains("evil-02")
+    })?;
     rt.block_on(client.close());
     Ok(())
 }
@@ -406,7 +396,7 @@ fn retention_prunes_failed_runs_and_gc_prunes_chunk_refs() -> anyhow::Result<()>
         client.close().await;
         anyhow::Ok(())
     })?;
-    let log = log_of(&coordinator);
+    let log = coordinator.serve_log();
     assert!(log.contains("chunk refs no snapshot needs pruned"), "{log}");
     Ok(())
 }

@@ -157,6 +157,23 @@ impl Coordinator {
         self.serve.as_ref()
     }
 
+    /// What the running `serve` process has logged so far (empty when it is not running).
+    pub fn serve_log(&self) -> String {
+        self.serve
+            .as_ref()
+            .map(|p| p.log_text())
+            .unwrap_or_default()
+    }
+
+    /// Waits up to 10 s for a line of the `serve` log that matches `line`. Some lines are
+    /// written just after the peer sees the effect they describe, so tests await them.
+    pub fn wait_for_log_line(&self, what: &str, line: impl Fn(&str) -> bool) -> anyhow::Result<()> {
+        crate::wait_until(what, Duration::from_secs(10), || {
+            Ok(self.serve_log().lines().any(&line))
+        })
+        .map_err(|e| anyhow::anyhow!("{e}; the coordinator's log:\n{}", self.serve_log()))
+    }
+
     /// The data dir.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
