@@ -3,7 +3,10 @@
 mod backup;
 mod bundle;
 mod config;
+mod db;
 mod link;
+mod pipe;
+mod process;
 mod restore;
 mod sink;
 mod source;

@@ -14,9 +14,6 @@
 //! (a failed bundle is recorded `failed` with the reason). Its index lists the parts with
 //! their snapshot ids, status and sizes, and every hook's output.
 
-pub(crate) mod hooks;
-pub(crate) mod profiles;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -25,28 +22,9 @@ use fleetvault_common::protocol::{Begin, Progress, Request, Response, RestoreOpt
 use fleetvault_common::{Client, JobReport, SnapshotId};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{AgentConfig, SourceConfig, SourceKind};
-use hooks::{Hook, HookLog};
-
-/// The source kind (and snapshot kind) of a bundle snapshot.
-pub(crate) const KIND: &str = "bundle";
-
-/// A configured bundle.
-#[derive(Debug, Clone)]
-pub(crate) struct BundleConfig {
-    pub(crate) name: String,
-    /// Source names, in backup and restore order.
-    pub(crate) parts: Vec<String>,
-    pub(crate) before: Vec<Hook>,
-    pub(crate) after: Vec<Hook>,
-    pub(crate) profile: Option<String>,
-    /// The application's directory (profiles; optional otherwise): `--root` moves it.
-    pub(crate) root: Option<PathBuf>,
-    /// The application's configuration file, rewritten by a clone.
-    pub(crate) config_file: Option<PathBuf>,
-    /// A profile's overrides of the database its application's configuration names.
-    pub(crate) overrides: crate::config::DbOverrides,
-}
+use crate::config::{profiles, AgentConfig, Hook, SourceConfig, SourceKind};
+pub(crate) use crate::config::{BundleConfig, BUNDLE_KIND as KIND};
+use crate::process::{self as hooks, HookLog};
 
 /// One part in the index.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -516,7 +494,7 @@ async fn restore_part(
                 no_safety_snapshot: false,
                 target: None,
             };
-            let rec = crate::restore::read_record(client, id).await?;
+            let rec = crate::pipe::read::read_record(client, id).await?;
             let mut config = config.clone();
             if let (Some(db), SourceKind::Database(_)) = (database, &source.kind) {
                 if let Some(s) = config.sources.iter_mut().find(|s| s.name == part.name) {

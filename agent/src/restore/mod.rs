@@ -8,8 +8,6 @@
 //!     Reassembler (in order) ──▶ Sink
 //! ```
 
-mod reassemble;
-
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,17 +15,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use fleetvault_common::chunk;
-use fleetvault_common::protocol::{Progress, ReadPart, Request, Response, RestoreOptions};
+use fleetvault_common::protocol::{Progress, ReadPart, RestoreOptions};
 use fleetvault_common::{Client, JobReport, Manifest, SnapshotId, SnapshotRecord};
 use tokio::sync::mpsc;
 
 use crate::config::{AgentConfig, SourceConfig, SourceKind};
-use crate::sink::database::{self as db_sink, DbRestore};
+use crate::db::{self, DbRestore};
+use crate::pipe::read::open_read;
+use crate::pipe::{self, Reassembler};
+use crate::process::ShellCommand;
 use crate::sink::durable::NewFile;
 use crate::sink::files as files_sink;
-use crate::source::command::ShellCommand;
-pub(crate) use reassemble::Reassembler;
 
 /// Where a restore goes.
 #[derive(Debug, Clone)]
@@ -54,66 +52,6 @@ pub(crate) enum Target {
 /// peak memory, to 160-190 MB on a 1 GiB dump).
 const QUEUE: usize = 8;
 
-/// Opens a `Read` stream and returns the record and the verified, decoded manifest.
-async fn open_read(
-    client: &Client,
-    snapshot: SnapshotId,
-    part: ReadPart,
-) -> anyhow::Result<(SnapshotRecord, Manifest, quinn::RecvStream)> {
-    let (mut send, mut recv) = client.open(&Request::Read { snapshot, part }).await?;
-    let _ = send.finish();
-    let rec = match client.reply(&mut recv).await? {
-        Response::Reading(rec) => rec,
-        other => bail!("unexpected reply to Read: {other:?}"),
-    };
-    let root = rec
-        .root
-        .clone()
-        .with_context(|| format!("snapshot {snapshot} has no manifest"))?;
-    let mut bytes = Vec::with_capacity(root.len as usize);
-    for c in &root.chunks {
-        match client.reply(&mut recv).await? {
-            Response::Chunk { id, envelope } if id == c.id => {
-                let plain = chunk::open_verified(&envelope, &c.id).map_err(|e| {
-                    anyhow!(
-                        "snapshot {snapshot}: manifest chunk {} is damaged: {e}",
-                        c.id
-                    )
-                })?;
-                bytes.extend_from_slice(&plain);
-            }
-            Response::ChunkMissing { id } => {
-                bail!("snapshot {snapshot}: manifest chunk {id} is missing on the coordinator")
-            }
-            other => bail!("snapshot {snapshot}: unexpected frame in the manifest: {other:?}"),
-        }
-    }
-    if bytes.len() as u64 != root.len || *blake3::hash(&bytes).as_bytes() != root.checksum {
-        bail!("snapshot {snapshot}: manifest checksum does not match");
-    }
-    let manifest =
-        Manifest::decode(&bytes).with_context(|| format!("snapshot {snapshot}: bad manifest"))?;
-    Ok((rec, manifest, recv))
-}
-
-/// Reads a snapshot's record (and checks its manifest).
-pub(crate) async fn read_record(
-    client: &Client,
-    snapshot: SnapshotId,
-) -> anyhow::Result<SnapshotRecord> {
-    let (rec, _, _) = open_read(client, snapshot, ReadPart::Manifest).await?;
-    Ok(rec)
-}
-
-/// Reads only a snapshot's manifest (for unchanged-file detection).
-pub(crate) async fn read_manifest(
-    client: &Client,
-    snapshot: SnapshotId,
-) -> anyhow::Result<Manifest> {
-    let (_, manifest, _) = open_read(client, snapshot, ReadPart::Manifest).await?;
-    Ok(manifest)
-}
-
 /// Restores `snapshot` into `target`; `progress` is called about twice a second.
 pub(crate) async fn run(
     client: Arc<Client>,
@@ -134,7 +72,7 @@ pub(crate) async fn run(
     let total = manifest.logical_len();
     let (tx, rx) = mpsc::channel(QUEUE);
     let fetch_client = client.clone();
-    let fetch = tokio::spawn(async move { reassemble::fetch(&fetch_client, &mut recv, tx).await });
+    let fetch = tokio::spawn(async move { pipe::fetch(&fetch_client, &mut recv, tx).await });
     let written = Arc::new(AtomicU64::new(0));
     let ticker_written = written.clone();
     let ticker = tokio::spawn(async move {
@@ -248,7 +186,7 @@ fn write_sink(
         }
         (_, Target::Database(r)) => {
             let rt = tokio::runtime::Handle::current();
-            db_sink::restore(r, manifest, reasm, written, &rt).map(|()| None)
+            db::restore(r, manifest, reasm, written, &rt).map(|()| None)
         }
         (Manifest::Tree(_), _) => bail!("a files snapshot needs a target directory (--target DIR)"),
         (Manifest::Stream(_), Target::Relocated { .. }) => {
@@ -412,11 +350,11 @@ pub(crate) async fn run_into_plain(
                 .clone()
                 .unwrap_or_else(|| db.database.clone());
             let target = db.with_database(&target_db);
-            let state = db_sink::inspect(&target)
+            let state = db::inspect(&target)
                 .await
                 .with_context(|| format!("inspecting the restore target {target_db:?}"))?;
             if db.engine == crate::config::Engine::Postgres {
-                crate::sink::postgres::check_versions(
+                crate::db::postgres::restore::check_versions(
                     rec.db_version.as_deref(),
                     state.server_version.as_deref(),
                 )?;

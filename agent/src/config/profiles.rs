@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
-use crate::source::database::{DbSource, Engine, PgFormat, Secret};
+use super::{DbSource, Engine, PgFormat, Secret};
 
 /// What a profile found: the database and the file parts, in backup order after it.
 #[derive(Debug)]
