@@ -364,7 +364,7 @@ async fn dispatch(command: Command, json: bool) -> anyhow::Result<ExitCode> {
             let bundle = if rec.kind == bundle::KIND
                 && rec.status == fleetvault_common::SnapshotStatus::Completed
             {
-                let index = bundle::read_index(client.clone(), id).await?;
+                let index = restore::read_index(client.clone(), id).await?;
                 Some(serde_json::to_value(&index)?)
             } else {
                 None
