@@ -8,6 +8,8 @@
 //! sent only after every upload was acknowledged as durable. Any failure aborts the snapshot
 //! on the coordinator (it ends `failed` with the reason), and a dropped connection does the
 //! same on the coordinator's side.
+//!
+//! May import `config`, `pipe`, `process`, `db` and `source`; never `restore` or `bundle`.
 
 mod upload;
 

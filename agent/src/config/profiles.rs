@@ -12,6 +12,9 @@
 //!
 //! Credentials read here go into the generated database source and nowhere else: they are
 //! never logged nor shown by `fleetvault-agent bundles`.
+//!
+//! One cohesive thing (about 430 lines of code and its tests): each profile's reading of its
+//! application's configuration and the clone's rewrite of that same file.
 
 use std::path::{Path, PathBuf};
 

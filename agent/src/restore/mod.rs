@@ -7,6 +7,11 @@
 //! coordinator ══Read══▶ fetch (async frames, chunks opened in parallel) ══bounded channel══▶
 //!     Reassembler (in order) ──▶ Sink
 //! ```
+//!
+//! This file restores one snapshot into a [`Target`]; [`plan`] decides what a restore does
+//! (and runs a bundle's parts), [`bundle`] holds what a bundle restore needs besides. May
+//! import `config`, `pipe`, `process`, `db`, `sink`, `bundle` and (the plan's safety
+//! snapshot) `backup`.
 
 mod bundle;
 mod plan;

@@ -1,4 +1,4 @@
-//! The `postgres` sink: restores a `plain`, `custom` or `tables` dump into a database.
+//! The PostgreSQL restore: restores a `plain`, `custom` or `tables` dump into a database.
 //!
 //! A restore never writes into a database that holds data: it creates a fresh one (from
 //! `template0`) under a temporary name when the target exists, restores there, and only after

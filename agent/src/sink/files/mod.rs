@@ -28,6 +28,9 @@
 //! failed restore puts back the mode and owner of every existing directory it touched.
 //!
 //! The data chunks arrive in manifest order, so every file entry consumes its chunks in turn.
+//!
+//! The unit tests below (half of this file) restore whole trees through [`restore_tree`], so
+//! they cover `check`, `dirs` and `file` together and stay here.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
