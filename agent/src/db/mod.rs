@@ -199,7 +199,7 @@ pub(crate) fn restore(
             postgres::restore::restore(&r.db, r.format, manifest, reasm, written, &r.tag, rt)
         }
         Engine::Mysql => mysql::restore::restore(&r.db, r.replace, manifest, reasm, written),
-        Engine::Sqlite => sqlite::restore::restore(&r.db, manifest, reasm, written, &r.tag),
+        Engine::Sqlite => sqlite::restore::restore(&r.db, manifest, reasm, written),
         Engine::Mongodb => {
             mongodb::restore::restore(&r.db, &r.from_database, r.replace, manifest, reasm, written)
         }
