@@ -6,6 +6,7 @@ mod cli;
 mod clock;
 mod config;
 mod download;
+mod error;
 mod fault;
 mod issued;
 mod jobs;

@@ -29,6 +29,7 @@ use fleetvault_common::protocol::{GcReport, SnapshotFilter};
 use fleetvault_common::{ChunkId, SnapshotStatus};
 use tracing::{info, warn};
 
+use crate::error::OpError;
 use crate::State;
 
 /// Why a collection did not start.
@@ -36,11 +37,11 @@ pub(crate) const ALREADY_RUNNING: &str =
     "a garbage collection is already running; try again when it has finished";
 
 /// Collects garbage; chunks younger than `min_age` are kept whatever their references.
-pub(crate) fn collect(state: &State, min_age: Duration) -> Result<GcReport, String> {
+pub(crate) fn collect(state: &State, min_age: Duration) -> Result<GcReport, OpError> {
     let _one_at_a_time = match state.gc_lock.try_lock() {
         Ok(guard) => guard,
         Err(std::sync::TryLockError::WouldBlock) => {
-            return Err(ALREADY_RUNNING.into());
+            return Err(OpError::Busy(ALREADY_RUNNING));
         }
         // A collection that panicked left nothing half-done that the next one relies on.
         Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
@@ -78,13 +79,13 @@ fn mark_and_sweep(
     state: &State,
     reference: std::time::SystemTime,
     min_age: Duration,
-) -> Result<GcReport, String> {
+) -> Result<GcReport, OpError> {
     let mut live: HashSet<ChunkId> = HashSet::new();
     let mut unreadable = Vec::new();
     let records = state
         .catalog
         .list(&SnapshotFilter::default())
-        .map_err(|e| format!("listing snapshots: {e}; nothing deleted"))?;
+        .map_err(|e| nothing_deleted("snapshots", e))?;
     for rec in records
         .iter()
         .filter(|r| r.status == SnapshotStatus::Completed)
@@ -100,7 +101,7 @@ fn mark_and_sweep(
                     .refs_of(&rec.agent, |id| {
                         live.insert(id);
                     })
-                    .map_err(|e| format!("listing references: {e}; nothing deleted"))?;
+                    .map_err(|e| nothing_deleted("references", e))?;
                 unreadable.push(rec.id);
             }
         }
@@ -109,7 +110,7 @@ fn mark_and_sweep(
     let files = state
         .store
         .list_chunks()
-        .map_err(|e| format!("listing the store: {e}; nothing deleted"))?;
+        .map_err(|e| nothing_deleted("the store", e))?;
     let cutoff = reference
         .checked_sub(min_age)
         .unwrap_or(std::time::UNIX_EPOCH);
@@ -140,13 +141,24 @@ fn mark_and_sweep(
         state
             .store
             .delete_chunk(&id)
-            .map_err(|e| format!("{e} (after deleting {} chunks)", report.deleted_chunks))?;
+            .map_err(|source| OpError::Sweep {
+                deleted: report.deleted_chunks,
+                source,
+            })?;
         drop(pins);
         report.deleted_chunks += 1;
         report.freed_bytes += size;
     }
-    state.store.sync_chunk_dirs().map_err(|e| e.to_string())?;
+    state.store.sync_chunk_dirs()?;
     Ok(report)
+}
+
+/// A listing the mark phase needs failed: the collection stops before deleting anything.
+fn nothing_deleted(what: &'static str, e: impl Into<OpError>) -> OpError {
+    OpError::NothingDeleted {
+        what,
+        source: Box::new(e.into()),
+    }
 }
 
 /// Marks the chunks of every parent a running backup was given at `Begin` (read after the
@@ -203,7 +215,7 @@ mod tests {
         let state = state(dir.path());
         {
             let _running = state.gc_lock.lock().unwrap();
-            let err = collect(&state, Duration::ZERO).unwrap_err();
+            let err = collect(&state, Duration::ZERO).unwrap_err().to_string();
             assert_eq!(err, ALREADY_RUNNING);
         }
         collect(&state, Duration::ZERO).unwrap();

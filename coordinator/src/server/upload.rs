@@ -20,7 +20,10 @@ use fleetvault_common::{ChunkId, ChunkRef, Manifest, SnapshotId, SnapshotRecord,
 use tracing::{info, warn};
 
 use super::session::{Backup, Failure, Session};
+use crate::catalog::CatalogError;
 use crate::clock;
+use crate::error::OpError;
+use crate::limits::LimitError;
 use crate::store::{load_manifest, PutOutcome, StoreError};
 
 /// Bytes of sealed chunks collected before they are written as one durable batch.
@@ -36,18 +39,18 @@ pub(crate) fn check_fields(
     snapshot: SnapshotId,
     manifest: &Manifest,
     checksum: Option<[u8; 32]>,
-) -> Result<(), String> {
+) -> Result<(), OpError> {
     manifest
         .check_sizes()
-        .map_err(|e| format!("snapshot {snapshot}: manifest: {e}"))?;
+        .map_err(|e| OpError::Refused(format!("snapshot {snapshot}: manifest: {e}")))?;
     let agrees = match manifest {
         Manifest::Stream(s) => checksum == Some(s.checksum),
         Manifest::Tree(_) => checksum.is_none(),
     };
     if !agrees {
-        return Err(format!(
+        return Err(OpError::Refused(format!(
             "snapshot {snapshot}: the stated checksum is not the manifest's"
-        ));
+        )));
     }
     Ok(())
 }
@@ -83,11 +86,11 @@ impl Session {
         Ok(parent)
     }
 
-    pub(super) fn owns(&self, id: &ChunkId) -> Result<bool, Failure> {
+    pub(super) fn owns(&self, id: &ChunkId) -> Result<bool, CatalogError> {
         if self.uploaded.lock().expect("uploaded lock").contains(id) {
             return Ok(true);
         }
-        Ok(self.state.catalog.has_ref(&self.owner(), id)?)
+        self.state.catalog.has_ref(&self.owner(), id)
     }
 
     pub(super) async fn missing(
@@ -213,13 +216,13 @@ impl Session {
         .map_err(internal)??;
         let outcome = match outcome {
             Ok(o) => o,
-            Err(e @ StoreError::BadChunk { .. }) => {
-                warn!(snapshot = %snapshot, error = %e, "refused a chunk");
-                return Err(Failure::Reply(ErrorCode::HashMismatch, e.to_string()));
-            }
             Err(e) => {
-                warn!(snapshot = %snapshot, error = %e, "cannot store chunks");
-                return Err(internal(e));
+                if matches!(e, StoreError::BadChunk { .. }) {
+                    warn!(snapshot = %snapshot, error = %e, "refused a chunk");
+                } else {
+                    warn!(snapshot = %snapshot, error = %e, "cannot store chunks");
+                }
+                return Err(OpError::from(e).into());
             }
         };
         if self.identity.role == Role::Peer {
@@ -319,17 +322,14 @@ impl Session {
 
     /// The limits a `Begin` must respect: kind, job and tags bounded, and a bounded number
     /// of backups in progress on this connection.
-    fn check_begin(&self, b: &Begin) -> Result<(), String> {
+    fn check_begin(&self, b: &Begin) -> Result<(), LimitError> {
         use crate::limits;
         limits::check_name("snapshot kind", &b.kind, true)?;
         limits::check_name("job name", b.job.as_deref().unwrap_or_default(), false)?;
         limits::check_tags(&b.tags)?;
         let running = self.running.lock().expect("running lock").len();
         if running >= limits::MAX_RUNNING_PER_CONNECTION {
-            return Err(format!(
-                "{running} backups in progress on this connection, the limit is {}",
-                limits::MAX_RUNNING_PER_CONNECTION
-            ));
+            return Err(LimitError::Running(running));
         }
         Ok(())
     }
@@ -362,9 +362,9 @@ impl Session {
             Err(reason) => {
                 warn!(snapshot = %snapshot, %reason, "commit refused");
                 if backup.is_some() {
-                    self.state.catalog.fail(snapshot, &reason)?;
+                    self.state.catalog.fail(snapshot, &reason.to_string())?;
                 }
-                Err(Failure::Reply(ErrorCode::BadRequest, reason))
+                Err(reason.into())
             }
         }
     }
@@ -381,7 +381,7 @@ impl Session {
         snapshot: SnapshotId,
         refs: impl Iterator<Item = &'a ChunkRef>,
         seen: &mut HashMap<ChunkId, u32>,
-    ) -> Result<(), String> {
+    ) -> Result<(), OpError> {
         for r in refs {
             let len = match seen.get(&r.id) {
                 Some(len) => *len,
@@ -393,19 +393,22 @@ impl Session {
                     // (rule 9).
                     let mut pins = self.state.pins.lock().expect("pins lock");
                     let not_uploaded = || {
-                        format!(
+                        OpError::Refused(format!(
                             "snapshot {snapshot} refers to chunk {} that was not uploaded",
                             r.id
-                        )
+                        ))
                     };
-                    if !self.owns(&r.id).map_err(|_| "catalog error".to_string())? {
+                    if !self.owns(&r.id)? {
                         return Err(not_uploaded());
                     }
                     let len = self
                         .state
                         .store
                         .plaintext_len(&r.id)
-                        .map_err(|e| format!("snapshot {snapshot}: {e}"))?
+                        .map_err(|e| StoreError::Read {
+                            snapshot,
+                            source: Box::new(e),
+                        })?
                         .ok_or_else(not_uploaded)?;
                     pins.by_conn
                         .entry(self.conn.stable_id())
@@ -416,27 +419,28 @@ impl Session {
                 }
             };
             if r.len != len {
-                return Err(format!(
+                return Err(OpError::Refused(format!(
                     "snapshot {snapshot}: the manifest says chunk {} holds {} bytes; it holds {len}",
                     r.id, r.len
-                ));
+                )));
             }
         }
         Ok(())
     }
 
     /// Checks and records a commit; returns the completed record or why it was refused.
-    fn commit_blocking(&self, c: Commit) -> Result<SnapshotRecord, String> {
+    fn commit_blocking(&self, c: Commit) -> Result<SnapshotRecord, OpError> {
         let store = &self.state.store;
         // The manifest's own chunks are proven before anything of them is read.
         let mut seen = HashMap::new();
         self.check_chunks(c.snapshot, c.root.chunks.iter(), &mut seen)?;
-        let (manifest, _) = load_manifest(store, c.snapshot, &c.root)?;
+        let (manifest, _) =
+            load_manifest(store, c.snapshot, &c.root).map_err(OpError::BadUpload)?;
         self.check_chunks(c.snapshot, manifest.data_chunks(), &mut seen)?;
         check_fields(c.snapshot, &manifest, c.checksum)?;
         let chunks = manifest.data_chunks().count() as u64;
         let catalog = &self.state.catalog;
-        let mut rec = catalog.get(c.snapshot).map_err(|e| e.to_string())?;
+        let mut rec = catalog.get(c.snapshot)?;
         crate::bundle::check_commit(&self.state, &rec, &manifest, false)?;
         {
             let running = self.running.lock().expect("running lock");
@@ -453,10 +457,8 @@ impl Session {
         rec.warnings = c.warnings;
         rec.ended_ms = Some(clock::now_ms());
         rec.status = SnapshotStatus::Completed;
-        catalog
-            .add_refs(self.name(), seen.keys())
-            .map_err(|e| e.to_string())?;
-        store.write_record(&rec).map_err(|e| e.to_string())?;
+        catalog.add_refs(self.name(), seen.keys())?;
+        store.write_record(&rec)?;
         if let Some(fault) = crate::fault::switch!("FLEETVAULT_FAULT_COMMIT_CRASH") {
             fault.crash("dying between the store record and the catalog");
         }
@@ -464,7 +466,7 @@ impl Session {
             // The commit is refused, so its record goes too: a record left behind would make
             // start-up reconciliation complete a snapshot whose chunks may be collected first.
             let _ = store.remove_record(rec.id);
-            return Err(e.to_string());
+            return Err(e.into());
         }
         Ok(rec)
     }
