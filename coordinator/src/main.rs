@@ -11,6 +11,7 @@ mod fault;
 mod issued;
 mod jobs;
 mod limits;
+mod pins;
 mod push;
 mod reconcile;
 mod replicate;

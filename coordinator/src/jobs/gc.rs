@@ -2,7 +2,7 @@
 //! and 9), safe while backups run.
 //!
 //! 1. The reference time is taken first and never moves; from then on, every backup that
-//!    commits keeps its pins until the collection ends (`Pins::gc_running`).
+//!    commits keeps its pins until the collection ends (`Pins::collection_started`).
 //! 2. Mark: every chunk of every completed snapshot (its manifest and the data it lists).
 //!    Any error listing the snapshots or the store aborts before anything is deleted. A
 //!    snapshot whose manifest cannot be read (damaged, or a hostile record) does not stop
@@ -19,7 +19,7 @@
 //! 5. One collection at a time (`State::gc_lock`): a second one, operator's or scheduled, is
 //!    refused with "a garbage collection is already running" (the scheduler skips that
 //!    occurrence, as it does for a job still running). Two at once would share
-//!    `Pins::gc_running` and `released`, and the first to end would drop the pins of backups
+//!    `Pins::collection_started` and its released pins, and the first to end would drop the pins of backups
 //!    that committed while the other was still sweeping.
 
 use std::collections::HashSet;
@@ -52,17 +52,9 @@ pub(crate) fn collect(state: &State, min_age: Duration) -> Result<GcReport, OpEr
     }
     let started = Instant::now();
     let reference = crate::clock::now_system();
-    {
-        let mut pins = state.pins.lock().expect("pins lock");
-        pins.gc_running = true;
-        pins.released.clear();
-    }
+    state.pins.collection_started();
     let result = mark_and_sweep(state, reference, min_age);
-    {
-        let mut pins = state.pins.lock().expect("pins lock");
-        pins.gc_running = false;
-        pins.released.clear();
-    }
+    state.pins.collection_ended();
     let mut report = result?;
     super::prune::prune_all(state);
     report.duration_ms = started.elapsed().as_millis() as u64;
@@ -134,7 +126,7 @@ fn mark_and_sweep(
             report.young_chunks += 1;
             continue;
         }
-        let pins = state.pins.lock().expect("pins lock");
+        let pins = state.pins.lock();
         if pins.holds(&id) {
             continue;
         }
@@ -170,10 +162,7 @@ fn mark_parents_of_running_backups(
     listed: &[fleetvault_common::SnapshotRecord],
     live: &mut HashSet<ChunkId>,
 ) {
-    let parents: Vec<_> = {
-        let pins = state.pins.lock().expect("pins lock");
-        pins.parents.values().flatten().cloned().collect()
-    };
+    let parents = state.pins.parents();
     let completed: HashSet<_> = listed
         .iter()
         .filter(|r| r.status == SnapshotStatus::Completed)
@@ -232,21 +221,14 @@ mod tests {
         let root = rec.root.clone().unwrap();
         let manifest_id = root.chunks[0].id;
         // A backup on connection 1 began with this parent; then retention deleted it.
-        state
-            .pins
-            .lock()
-            .unwrap()
-            .parents
-            .entry(1)
-            .or_default()
-            .push((id, root));
+        state.pins.lock().pin_parent(1, id, root);
         state.store.remove_record(id).unwrap();
         state.catalog.delete(id).unwrap();
         let report = collect(&state, Duration::ZERO).unwrap();
         assert_eq!(report.deleted_chunks, 0, "{report:?}");
         assert!(state.store.contains(&data_id) && state.store.contains(&manifest_id));
         // Once the backup is over, the deleted parent's chunks are garbage.
-        state.pins.lock().unwrap().release(1);
+        state.pins.release(1);
         let report = collect(&state, Duration::ZERO).unwrap();
         assert_eq!(report.deleted_chunks, 2, "{report:?}");
         assert!(!state.store.contains(&data_id));

@@ -107,7 +107,7 @@ pub(crate) fn prune_refs(state: &State) -> Result<u64, OpError> {
         }
         let mut refs = Vec::new();
         state.catalog.refs_of(&owner, |id| refs.push(id))?;
-        let pins = state.pins.lock().expect("pins lock");
+        let pins = state.pins.lock();
         // Begun since the listing: its backup may rely on any of these refs.
         let begun = state.catalog.snapshots_after(newest)?;
         if begun.iter().any(|r| r.agent == owner) {

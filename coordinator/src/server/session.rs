@@ -333,11 +333,7 @@ async fn serve(
         }
     }
     state.live.remove(session.name(), conn.stable_id());
-    state
-        .pins
-        .lock()
-        .expect("pins lock")
-        .release(conn.stable_id());
+    state.pins.release(conn.stable_id());
 }
 
 /// How often a connected agent's certificate is checked against its name's record again.

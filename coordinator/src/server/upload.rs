@@ -60,11 +60,7 @@ impl Session {
     /// referenced by completed snapshots, what it aborted may go.
     pub(super) fn release_pins(&self) {
         if self.running.lock().expect("running lock").is_empty() {
-            self.state
-                .pins
-                .lock()
-                .expect("pins lock")
-                .release(self.conn.stable_id());
+            self.state.pins.release(self.conn.stable_id());
         }
     }
 
@@ -75,13 +71,10 @@ impl Session {
     /// the pins lock: a collection that reads the registered parents after this either listed
     /// the parent as completed or runs while it was committed (its pins still held).
     fn parent_for(&self, source: &str) -> Result<Option<SnapshotRecord>, Failure> {
-        let mut pins = self.state.pins.lock().expect("pins lock");
+        let mut pins = self.state.pins.lock();
         let parent = self.state.catalog.last_completed(self.name(), source)?;
         if let Some((id, root)) = parent.as_ref().and_then(|p| Some((p.id, p.root.clone()?))) {
-            let parents = pins.parents.entry(self.conn.stable_id()).or_default();
-            if !parents.iter().any(|(known, _)| *known == id) {
-                parents.push((id, root));
-            }
+            pins.pin_parent(self.conn.stable_id(), id, root);
         }
         Ok(parent)
     }
@@ -110,13 +103,12 @@ impl Session {
             let mut out = Vec::new();
             // Under the pins lock: a chunk answered "present" is pinned before a garbage
             // collection can look at it, and one being deleted is not answered "present".
-            let mut pins = this.state.pins.lock().expect("pins lock");
-            let pinned = pins.by_conn.entry(this.conn.stable_id()).or_default();
+            let mut pins = this.state.pins.lock();
             for id in ids {
                 // A chunk counts as present only if this agent has proven it holds it: the
                 // answer is not an oracle for what other hosts store.
                 if this.state.store.contains(&id) && this.owns(&id)? {
-                    pinned.insert(id);
+                    pins.pin(this.conn.stable_id(), id);
                 } else {
                     out.push(id);
                 }
@@ -202,12 +194,7 @@ impl Session {
         // (its mtime may predate the collection's reference time).
         self.state
             .pins
-            .lock()
-            .expect("pins lock")
-            .by_conn
-            .entry(self.conn.stable_id())
-            .or_default()
-            .extend(ids.iter().copied());
+            .pin_all(self.conn.stable_id(), ids.iter().copied());
         let (fresh, outcome) = tokio::task::spawn_blocking(move || {
             let fresh = this.fresh(&batch)?;
             Ok::<_, Failure>((fresh, this.state.store.put_batch(&batch)))
@@ -391,7 +378,7 @@ impl Session {
                     // connection's pins are released, after the catalog says `completed`.
                     // Chunks reused from a parent without a `Missing` are otherwise unpinned
                     // (rule 9).
-                    let mut pins = self.state.pins.lock().expect("pins lock");
+                    let mut pins = self.state.pins.lock();
                     let not_uploaded = || {
                         OpError::Refused(format!(
                             "snapshot {snapshot} refers to chunk {} that was not uploaded",
@@ -410,10 +397,7 @@ impl Session {
                             source: Box::new(e),
                         })?
                         .ok_or_else(not_uploaded)?;
-                    pins.by_conn
-                        .entry(self.conn.stable_id())
-                        .or_default()
-                        .insert(r.id);
+                    pins.pin(self.conn.stable_id(), r.id);
                     seen.insert(r.id, len);
                     len
                 }
