@@ -10,7 +10,7 @@
 //! (and logs) any id that is not, so a record that slipped in otherwise (an older
 //! coordinator, a peer) still cannot reach another host's snapshots.
 
-use fleetvault_common::{Manifest, SnapshotId, SnapshotRecord, SnapshotStatus};
+use fleetvault_common::{Manifest, SnapshotId, SnapshotKind, SnapshotRecord, SnapshotStatus};
 use tracing::warn;
 
 use crate::catalog::CatalogError;
@@ -18,7 +18,7 @@ use crate::error::OpError;
 use crate::State;
 
 /// The snapshot kind of a bundle.
-pub(crate) const KIND: &str = "bundle";
+pub(crate) const KIND: SnapshotKind = SnapshotKind::Bundle;
 
 /// The largest bundle index read: an agent's index is a few KiB of JSON.
 const MAX_INDEX_LEN: u64 = 4 << 20;
@@ -144,7 +144,7 @@ mod tests {
         let index = serde_json::to_vec(&serde_json::json!({ "parts": parts })).unwrap();
         let s = stream(state, &index);
         let sum = s.checksum;
-        snapshot(state, agent, KIND, &Manifest::Stream(s), Some(sum))
+        snapshot(state, agent, KIND.as_str(), &Manifest::Stream(s), Some(sum))
     }
 
     #[test]

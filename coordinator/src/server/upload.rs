@@ -283,7 +283,7 @@ impl Session {
             id,
             self.name(),
             &b.source,
-            &b.kind,
+            b.kind.as_str(),
             b.chunker,
             clock::now_ms(),
             SnapshotStatus::Running,
