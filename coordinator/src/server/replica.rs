@@ -211,11 +211,9 @@ pub(super) fn promote(state: &State) -> Result<(Vec<String>, Vec<String>), OpErr
                 continue;
             };
             let to = retired_dir.join(format!("{name}.{}.pem", crate::clock::now_ms()));
-            #[allow(clippy::disallowed_methods)] // a certificate file, not a chunk
-            std::fs::rename(&path, &to).map_err(io_err("retiring", &path))?;
+            fleetvault_common::durable::rename(&path, &to).map_err(io_err("retiring", &path))?;
             retired.push(name.to_owned());
         }
-        crate::store::sync_dir(&dir)?;
     }
     retired.sort();
     let mut agents: Vec<String> = state
