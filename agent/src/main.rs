@@ -361,7 +361,7 @@ async fn dispatch(command: Command, json: bool) -> anyhow::Result<ExitCode> {
                 .into_iter()
                 .find(|r| r.id == id)
                 .with_context(|| format!("no snapshot {id} of this agent"))?;
-            let bundle = if rec.kind == bundle::KIND
+            let bundle = if rec.kind == fleetvault_common::SnapshotKind::Bundle
                 && rec.status == fleetvault_common::SnapshotStatus::Completed
             {
                 let index = restore::read_index(client.clone(), id).await?;

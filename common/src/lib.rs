@@ -24,6 +24,7 @@ mod config;
 pub mod durable;
 pub mod exit;
 mod id;
+mod kind;
 mod manifest;
 pub mod protocol;
 pub mod report;
@@ -34,6 +35,7 @@ pub use chunker::{Chunk, Chunker, ChunkerParams};
 pub use client::{Client, ClientError, CONNECT_TIMEOUT};
 pub use config::parse_toml;
 pub use id::{AgentName, ChunkId, ParseIdError, SnapshotId};
+pub use kind::SnapshotKind;
 pub use manifest::{
     ChunkRef, EntryKind, Manifest, ManifestError, StreamManifest, TreeEntry, TreeManifest,
     MANIFEST_VERSION,

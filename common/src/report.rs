@@ -217,7 +217,7 @@ pub fn snapshots_table(records: &[SnapshotRecord]) -> String {
                 r.id.to_string(),
                 r.agent.clone(),
                 r.source.clone(),
-                r.kind.clone(),
+                r.kind.to_string(),
                 r.job.clone().unwrap_or_else(|| "-".into()),
                 status_text(r),
                 format_time(r.started_ms),
@@ -249,7 +249,7 @@ pub fn snapshot_detail(r: &SnapshotRecord, bundle: Option<&Value>) -> String {
         ("snapshot", r.id.to_string()),
         ("agent", r.agent.clone()),
         ("source", r.source.clone()),
-        ("kind", r.kind.clone()),
+        ("kind", r.kind.to_string()),
     ];
     if let Some(t) = &r.db_type {
         let version = r.db_version.as_deref().unwrap_or("version unknown");

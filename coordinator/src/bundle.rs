@@ -10,14 +10,15 @@
 //! (and logs) any id that is not, so a record that slipped in otherwise (an older
 //! coordinator, a peer) still cannot reach another host's snapshots.
 
-use fleetvault_common::{Manifest, SnapshotId, SnapshotRecord, SnapshotStatus};
+use fleetvault_common::{Manifest, SnapshotId, SnapshotKind, SnapshotRecord, SnapshotStatus};
 use tracing::warn;
 
 use crate::catalog::CatalogError;
+use crate::error::OpError;
 use crate::State;
 
 /// The snapshot kind of a bundle.
-pub(crate) const KIND: &str = "bundle";
+pub(crate) const KIND: SnapshotKind = SnapshotKind::Bundle;
 
 /// The largest bundle index read: an agent's index is a few KiB of JSON.
 const MAX_INDEX_LEN: u64 = 4 << 20;
@@ -35,19 +36,19 @@ fn owned_part(part: &SnapshotRecord, agent: &str) -> bool {
 
 /// The snapshot ids the index in `manifest` (a bundle's content) lists, as its agent wrote
 /// them: not yet checked against anything.
-fn listed(state: &State, id: SnapshotId, manifest: &Manifest) -> Result<Vec<SnapshotId>, String> {
+fn listed(state: &State, id: SnapshotId, manifest: &Manifest) -> Result<Vec<SnapshotId>, OpError> {
     let Manifest::Stream(stream) = manifest else {
-        return Err(format!("bundle {id} is not a stream"));
+        return Err(OpError::Refused(format!("bundle {id} is not a stream")));
     };
     if stream.len > MAX_INDEX_LEN {
-        return Err(format!(
+        return Err(OpError::Refused(format!(
             "bundle {id}: an index of {} bytes is over the limit of {MAX_INDEX_LEN}",
             stream.len
-        ));
+        )));
     }
     let (bytes, _) = crate::store::read_stream(&state.store, id, stream, "bundle index")?;
-    let index: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|e| format!("bundle {id}: bad index: {e}"))?;
+    let index: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| OpError::Refused(format!("bundle {id}: bad index: {e}")))?;
     index["parts"]
         .as_array()
         .into_iter()
@@ -55,7 +56,7 @@ fn listed(state: &State, id: SnapshotId, manifest: &Manifest) -> Result<Vec<Snap
         .filter_map(|p| p["snapshot_id"].as_str())
         .map(|s| {
             s.parse()
-                .map_err(|e| format!("bundle {id}: part id {s:?}: {e}"))
+                .map_err(|e| OpError::Refused(format!("bundle {id}: part id {s:?}: {e}")))
         })
         .collect()
 }
@@ -71,21 +72,21 @@ pub(crate) fn check_commit(
     rec: &SnapshotRecord,
     manifest: &Manifest,
     absent_ok: bool,
-) -> Result<(), String> {
+) -> Result<(), OpError> {
     if rec.kind != KIND {
         return Ok(());
     }
-    for part in listed(state, rec.id, manifest)? {
+    for part in listed(state, rec.id, manifest).map_err(OpError::in_upload)? {
         let ok = match state.catalog.get(part) {
             Ok(p) => owned_part(&p, &rec.agent),
             Err(CatalogError::NotFound(_)) => absent_ok,
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         };
         if !ok {
-            return Err(format!(
+            return Err(OpError::Refused(format!(
                 "bundle {} lists snapshot {part}, which is not a completed snapshot of agent {}",
                 rec.id, rec.agent
-            ));
+            )));
         }
     }
     Ok(())
@@ -95,14 +96,14 @@ pub(crate) fn check_commit(
 /// the ids its index names that are completed snapshots of the bundle's own agent. Anything
 /// else it names is logged and ignored; parts already deleted are skipped. None for another
 /// kind of snapshot.
-pub(crate) fn parts(state: &State, rec: &SnapshotRecord) -> Result<Vec<SnapshotId>, String> {
+pub(crate) fn parts(state: &State, rec: &SnapshotRecord) -> Result<Vec<SnapshotId>, OpError> {
     if rec.kind != KIND {
         return Ok(Vec::new());
     }
     let root = rec
         .root
         .as_ref()
-        .ok_or_else(|| format!("bundle {} has no manifest", rec.id))?;
+        .ok_or_else(|| OpError::Refused(format!("bundle {} has no manifest", rec.id)))?;
     let (manifest, _) = crate::store::load_manifest(&state.store, rec.id, root)?;
     let mut out = Vec::new();
     for part in listed(state, rec.id, &manifest)? {
@@ -116,7 +117,13 @@ pub(crate) fn parts(state: &State, rec: &SnapshotRecord) -> Result<Vec<SnapshotI
                 "bundle lists a snapshot that is not a completed part of its own agent; ignored"
             ),
             Err(CatalogError::NotFound(_)) => {}
-            Err(e) => return Err(format!("bundle {}: part {part}: {e}", rec.id)),
+            Err(e) => {
+                return Err(OpError::Part {
+                    bundle: rec.id,
+                    part,
+                    source: Box::new(e.into()),
+                })
+            }
         }
     }
     Ok(out)
@@ -137,7 +144,7 @@ mod tests {
         let index = serde_json::to_vec(&serde_json::json!({ "parts": parts })).unwrap();
         let s = stream(state, &index);
         let sum = s.checksum;
-        snapshot(state, agent, KIND, &Manifest::Stream(s), Some(sum))
+        snapshot(state, agent, KIND.as_str(), &Manifest::Stream(s), Some(sum))
     }
 
     #[test]
@@ -152,12 +159,16 @@ mod tests {
         // At commit: refused, the same way for another agent's snapshot and for none.
         let root = b.root.clone().unwrap();
         let (manifest, _) = crate::store::load_manifest(&state.store, b.id, &root).unwrap();
-        let e = check_commit(&state, &b, &manifest, false).unwrap_err();
+        let e = check_commit(&state, &b, &manifest, false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(&victim.id.to_string()), "{e}");
         let ghostly = bundle(&state, "evil", &[ghost, own.id]);
         let root = ghostly.root.clone().unwrap();
         let (m2, _) = crate::store::load_manifest(&state.store, ghostly.id, &root).unwrap();
-        let e2 = check_commit(&state, &ghostly, &m2, false).unwrap_err();
+        let e2 = check_commit(&state, &ghostly, &m2, false)
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e.replace(&b.id.to_string(), "B")
                 .replace(&victim.id.to_string(), "P"),

@@ -262,9 +262,34 @@ fn locate(text: &str, table: Option<(&str, usize)>, key: Option<&str>) -> Option
     Some(text.get(..span.start)?.matches('\n').count() + 1)
 }
 
+/// A value of `coordinator.toml` that is refused, starting with the key to blame (which
+/// [`Problem::render`] finds the line of).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConfigError {
+    /// `key` holds a value that is refused.
+    #[error("key `{key}`: {reason}")]
+    Value { key: &'static str, reason: String },
+    /// `key` holds a schedule that is refused.
+    #[error("key `{key}`: {source}")]
+    Schedule {
+        key: &'static str,
+        #[source]
+        source: crate::jobs::ScheduleError,
+    },
+    /// `key` is empty.
+    #[error("key `{0}` is empty")]
+    Empty(&'static str),
+    /// A value over one of the limits.
+    #[error(transparent)]
+    Limit(#[from] crate::limits::LimitError),
+}
+
 /// `HOST:PORT` with a host and a port that is not 0.
-fn check_host_port(key: &str, value: &str) -> Result<(), String> {
-    let bad = || format!("key `{key}`: {value:?} is not HOST:PORT (e.g. backup.example.com:7443)");
+fn check_host_port(key: &'static str, value: &str) -> Result<(), ConfigError> {
+    let bad = || ConfigError::Value {
+        key,
+        reason: format!("{value:?} is not HOST:PORT (e.g. backup.example.com:7443)"),
+    };
     let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() || host.contains(char::is_whitespace) {
@@ -279,13 +304,14 @@ fn check_host_port(key: &str, value: &str) -> Result<(), String> {
 impl CoordinatorConfig {
     /// Checks every key; the first problem found.
     fn check(&self) -> Result<(), Problem> {
-        let top = |r: Result<(), String>| r.map_err(Problem::top);
-        top(self.listen_addr().map(drop).map_err(|_| {
-            format!(
-                "key `listen`: {:?} is not IP:PORT (e.g. 0.0.0.0:7443)",
-                self.listen
-            )
-        }))?;
+        let top = |r: Result<(), ConfigError>| r.map_err(|e| Problem::top(e.to_string()));
+        top(self
+            .listen_addr()
+            .map(drop)
+            .map_err(|_| ConfigError::Value {
+                key: "listen",
+                reason: format!("{:?} is not IP:PORT (e.g. 0.0.0.0:7443)", self.listen),
+            }))?;
         if self.server_name.trim().is_empty() {
             return Err(Problem::top("key `server_name` is empty".into()));
         }
@@ -299,7 +325,7 @@ impl CoordinatorConfig {
             if let Some(s) = value {
                 top(crate::jobs::parse_schedule(s)
                     .map(drop)
-                    .map_err(|e| format!("key `{key}`: {e}")))?;
+                    .map_err(|source| ConfigError::Schedule { key, source }))?;
             }
         }
         if let Some(n) = self.max_concurrent_backups {
@@ -317,7 +343,7 @@ impl CoordinatorConfig {
             }
         }
         if let Some(secs) = self.job_timeout_secs {
-            top(crate::limits::validate_job_timeout(secs))?;
+            top(crate::limits::validate_job_timeout(secs).map_err(ConfigError::from))?;
         }
         check_tables("jobs", "job", &self.jobs, |j| &j.name, |j| j.validate())?;
         check_tables(
@@ -328,9 +354,10 @@ impl CoordinatorConfig {
             |r| {
                 r.validate()?;
                 match r.retry_base_secs {
-                    Some(s) if s == 0 || s > MAX_RETRY_BASE_SECS => Err(format!(
-                        "key `retry_base_secs`: {s} is not between 1 and {MAX_RETRY_BASE_SECS}"
-                    )),
+                    Some(s) if s == 0 || s > MAX_RETRY_BASE_SECS => Err(ConfigError::Value {
+                        key: "retry_base_secs",
+                        reason: format!("{s} is not between 1 and {MAX_RETRY_BASE_SECS}"),
+                    }),
                     _ => Ok(()),
                 }
             },
@@ -340,7 +367,12 @@ impl CoordinatorConfig {
             "peer",
             &self.peers,
             |p| &p.name,
-            |p| fleetvault_certs::validate_name(&p.name).map_err(|e| format!("key `name`: {e}")),
+            |p| {
+                fleetvault_certs::validate_name(&p.name).map_err(|e| ConfigError::Value {
+                    key: "name",
+                    reason: e.to_string(),
+                })
+            },
         )
     }
 }
@@ -352,7 +384,7 @@ fn check_tables<T>(
     what: &str,
     tables: &[T],
     name: impl Fn(&T) -> &String,
-    validate: impl Fn(&T) -> Result<(), String>,
+    validate: impl Fn(&T) -> Result<(), ConfigError>,
 ) -> Result<(), Problem> {
     let mut names = std::collections::HashSet::new();
     for (i, t) in tables.iter().enumerate() {
@@ -364,7 +396,7 @@ fn check_tables<T>(
         if n.is_empty() || !names.insert(n.clone()) {
             return Err(at(format!("key `name` is empty or used by another {what}")));
         }
-        validate(t).map_err(at)?;
+        validate(t).map_err(|e| at(e.to_string()))?;
     }
     Ok(())
 }

@@ -143,19 +143,18 @@ pub(crate) struct Buffered {
 
 impl Limits {
     /// Counts a new connection of `identity`, or says which limit refuses it.
-    pub(crate) fn connect(self: &Arc<Self>, identity: &str) -> Result<ConnectionSlot, String> {
+    pub(crate) fn connect(self: &Arc<Self>, identity: &str) -> Result<ConnectionSlot, LimitError> {
         let mut total = self.total.lock().expect("total lock");
         if *total >= MAX_CONNECTIONS {
-            return Err(format!(
-                "the coordinator serves {MAX_CONNECTIONS} connections already (limit)"
-            ));
+            return Err(LimitError::Connections);
         }
         let mut conns = self.connections.lock().expect("connections lock");
         let n = conns.entry(identity.to_owned()).or_default();
         if *n >= MAX_CONNECTIONS_PER_IDENTITY {
-            return Err(format!(
-                "too many connections for {identity}: {n} open, the limit is {MAX_CONNECTIONS_PER_IDENTITY}"
-            ));
+            return Err(LimitError::ConnectionsOf {
+                identity: identity.to_owned(),
+                open: *n,
+            });
         }
         *n += 1;
         *total += 1;
@@ -291,47 +290,85 @@ impl BackupSlots {
     }
 }
 
+/// A connection or request over one of the limits; the message says which and by how much.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LimitError {
+    /// The coordinator serves [`MAX_CONNECTIONS`] connections.
+    #[error("the coordinator serves {MAX_CONNECTIONS} connections already (limit)")]
+    Connections,
+    /// `identity` has [`MAX_CONNECTIONS_PER_IDENTITY`] connections open.
+    #[error(
+        "too many connections for {identity}: {open} open, the limit is {MAX_CONNECTIONS_PER_IDENTITY}"
+    )]
+    ConnectionsOf { identity: String, open: usize },
+    /// `job_timeout_secs` out of range.
+    #[error("key `job_timeout_secs`: {0} is not between 1 and {MAX_JOB_TIMEOUT_SECS} seconds")]
+    JobTimeout(u64),
+    /// A required name is empty.
+    #[error("{what} is empty")]
+    EmptyName { what: &'static str },
+    /// A name over [`MAX_NAME_LEN`] bytes.
+    #[error("{what} of {len} bytes is too long (limit {MAX_NAME_LEN})")]
+    LongName { what: &'static str, len: usize },
+    /// A name holding a control character.
+    #[error("{what} {value:?} holds a control character")]
+    ControlInName { what: &'static str, value: String },
+    /// More than [`MAX_TAGS`] tags.
+    #[error("{0} tags on one snapshot, the limit is {MAX_TAGS}")]
+    Tags(usize),
+    /// A tag over [`MAX_TAG_LEN`] bytes.
+    #[error("a tag of {0} bytes is too long (limit {MAX_TAG_LEN})")]
+    LongTag(usize),
+    /// More than [`MAX_SOURCES`] sources.
+    #[error("{0} sources registered, the limit is {MAX_SOURCES}")]
+    Sources(usize),
+    /// [`MAX_RUNNING_PER_CONNECTION`] backups in progress on one connection.
+    #[error(
+        "{0} backups in progress on this connection, the limit is {MAX_RUNNING_PER_CONNECTION}"
+    )]
+    Running(usize),
+}
+
 /// Checks `job_timeout_secs` from `coordinator.toml`.
-pub(crate) fn validate_job_timeout(secs: u64) -> Result<(), String> {
+pub(crate) fn validate_job_timeout(secs: u64) -> Result<(), LimitError> {
     if secs == 0 || secs > MAX_JOB_TIMEOUT_SECS {
-        return Err(format!(
-            "key `job_timeout_secs`: {secs} is not between 1 and {MAX_JOB_TIMEOUT_SECS} seconds"
-        ));
+        return Err(LimitError::JobTimeout(secs));
     }
     Ok(())
 }
 
 /// Refuses a name (source, job, kind) that is empty when `required`, too long, or holds a
 /// control character; `what` names it in the error.
-pub(crate) fn check_name(what: &str, value: &str, required: bool) -> Result<(), String> {
+pub(crate) fn check_name(
+    what: &'static str,
+    value: &str,
+    required: bool,
+) -> Result<(), LimitError> {
     if required && value.is_empty() {
-        return Err(format!("{what} is empty"));
+        return Err(LimitError::EmptyName { what });
     }
     if value.len() > MAX_NAME_LEN {
-        return Err(format!(
-            "{what} of {} bytes is too long (limit {MAX_NAME_LEN})",
-            value.len()
-        ));
+        return Err(LimitError::LongName {
+            what,
+            len: value.len(),
+        });
     }
     if value.chars().any(char::is_control) {
-        return Err(format!("{what} {value:?} holds a control character"));
+        return Err(LimitError::ControlInName {
+            what,
+            value: value.to_owned(),
+        });
     }
     Ok(())
 }
 
 /// Refuses more than [`MAX_TAGS`] tags or a tag over [`MAX_TAG_LEN`] bytes.
-pub(crate) fn check_tags(tags: &[String]) -> Result<(), String> {
+pub(crate) fn check_tags(tags: &[String]) -> Result<(), LimitError> {
     if tags.len() > MAX_TAGS {
-        return Err(format!(
-            "{} tags on one snapshot, the limit is {MAX_TAGS}",
-            tags.len()
-        ));
+        return Err(LimitError::Tags(tags.len()));
     }
     if let Some(t) = tags.iter().find(|t| t.len() > MAX_TAG_LEN) {
-        return Err(format!(
-            "a tag of {} bytes is too long (limit {MAX_TAG_LEN})",
-            t.len()
-        ));
+        return Err(LimitError::LongTag(t.len()));
     }
     Ok(())
 }
@@ -340,12 +377,9 @@ pub(crate) fn check_tags(tags: &[String]) -> Result<(), String> {
 /// long or holds a control character.
 pub(crate) fn check_sources(
     sources: &[fleetvault_common::protocol::SourceInfo],
-) -> Result<(), String> {
+) -> Result<(), LimitError> {
     if sources.len() > MAX_SOURCES {
-        return Err(format!(
-            "{} sources registered, the limit is {MAX_SOURCES}",
-            sources.len()
-        ));
+        return Err(LimitError::Sources(sources.len()));
     }
     for s in sources {
         check_name("source name", &s.name, true)?;
@@ -441,7 +475,7 @@ mod tests {
         let held: Vec<_> = (0..MAX_CONNECTIONS_PER_IDENTITY)
             .map(|_| limits.connect("agent/a").unwrap())
             .collect();
-        let err = limits.connect("agent/a").err().unwrap();
+        let err = limits.connect("agent/a").err().unwrap().to_string();
         assert!(err.contains("too many connections for agent/a"), "{err}");
         // Another identity is not affected.
         let other = limits.connect("agent/b").unwrap();

@@ -152,19 +152,11 @@ impl LiveAgents {
         agent: &str,
         source: String,
         job: Option<String>,
-    ) -> Result<JobReport, String> {
-        let conn = self.conn(agent).map_err(|f| match f {
-            Failure::Reply(_, m) | Failure::Protocol(m) => m,
-            Failure::Gone => "agent gone".into(),
-        })?;
+    ) -> Result<JobReport, Failure> {
+        let conn = self.conn(agent)?;
         info!(agent, %source, ?job, "starting backup");
         let push = Push::Backup { source, job };
-        exchange(agent, &conn, &push, None, self.job_timeout())
-            .await
-            .map_err(|f| match f {
-                Failure::Reply(_, m) | Failure::Protocol(m) => m,
-                Failure::Gone => "agent gone".into(),
-            })
+        exchange(agent, &conn, &push, None, self.job_timeout()).await
     }
 
     /// Pushes a restore (`Push::Restore` or `Push::RestoreInto`) of `snapshot` to `agent`,

@@ -28,8 +28,8 @@ use fleetvault_common::protocol::SnapshotFilter;
 use fleetvault_common::{ChunkId, SnapshotRecord, SnapshotStatus};
 use tracing::{info, warn};
 
-use crate::catalog::Catalog;
-use crate::store::ChunkStore;
+use crate::catalog::{Catalog, CatalogError};
+use crate::store::{ChunkStore, StoreError};
 
 /// What [`reconcile`] changed.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -74,15 +74,29 @@ pub(crate) fn chunks_of(store: &ChunkStore, rec: &SnapshotRecord) -> Vec<ChunkId
     chunks
 }
 
+/// Why the catalog could not be made to agree with the store.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReconcileError {
+    /// The store's records cannot be listed.
+    #[error("listing the store's snapshot records: {0}")]
+    Listing(#[source] StoreError),
+    /// A record cannot be written back.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The catalog failed.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
 /// Makes `catalog` agree with `store`'s records (see the module doc); flushed.
-pub(crate) fn reconcile(store: &ChunkStore, catalog: &Catalog) -> Result<Reconciled, String> {
+pub(crate) fn reconcile(
+    store: &ChunkStore,
+    catalog: &Catalog,
+) -> Result<Reconciled, ReconcileError> {
     let mut done = Reconciled::default();
-    let ids = store
-        .record_ids()
-        .map_err(|e| format!("listing the store's snapshot records: {e}"))?;
+    let ids = store.record_ids().map_err(ReconcileError::Listing)?;
     let listed: HashMap<_, _> = catalog
-        .list(&SnapshotFilter::default())
-        .map_err(|e| e.to_string())?
+        .list(&SnapshotFilter::default())?
         .into_iter()
         .map(|r| (r.id, r))
         .collect();
@@ -102,7 +116,7 @@ pub(crate) fn reconcile(store: &ChunkStore, catalog: &Catalog) -> Result<Reconci
             Some(entry) if *entry == record => {}
             Some(entry) if entry.status == SnapshotStatus::Completed => {
                 warn!(snapshot = %id, "catalog entry differs from the store record; taking the record");
-                catalog.restore(&record, &[]).map_err(|e| e.to_string())?;
+                catalog.restore(&record, &[])?;
                 done.updated += 1;
             }
             entry => {
@@ -111,9 +125,7 @@ pub(crate) fn reconcile(store: &ChunkStore, catalog: &Catalog) -> Result<Reconci
                     catalog = entry.map_or("absent", |e| e.status.name()),
                     "commit cut off after the store record; completing the snapshot"
                 );
-                catalog
-                    .restore(&record, &chunks_of(store, &record))
-                    .map_err(|e| e.to_string())?;
+                catalog.restore(&record, &chunks_of(store, &record))?;
                 done.completed += 1;
             }
         }
@@ -121,11 +133,11 @@ pub(crate) fn reconcile(store: &ChunkStore, catalog: &Catalog) -> Result<Reconci
     for rec in listed.values() {
         if rec.status == SnapshotStatus::Completed && !ids.contains(&rec.id) {
             warn!(snapshot = %rec.id, "completed snapshot without a store record (a delete cut off); writing the record back");
-            store.write_record(rec).map_err(|e| e.to_string())?;
+            store.write_record(rec)?;
             done.rewritten += 1;
         }
     }
-    catalog.flush().map_err(|e| e.to_string())?;
+    catalog.flush()?;
     if done != Reconciled::default() {
         info!(
             completed = done.completed,

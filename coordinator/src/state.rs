@@ -1,14 +1,14 @@
 //! What every session shares: the chunk store, the catalog and the live agents.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use fleetvault_common::protocol::{AgentInfo, LastBackup};
-use fleetvault_common::{ChunkId, SnapshotId, StreamManifest};
 
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::CoordinatorConfig;
+use crate::pins::Pins;
 use crate::push::LiveAgents;
 use crate::replicate::{PeerConfig, ReplicaConfig};
 use crate::store::ChunkStore;
@@ -20,10 +20,8 @@ pub(crate) struct State {
     pub(crate) live: LiveAgents,
     /// The `[[jobs]]` of `coordinator.toml`, replaced on SIGHUP.
     pub(crate) jobs: std::sync::RwLock<Vec<crate::jobs::JobConfig>>,
-    /// Chunks that running backups were told are present or have uploaded, per connection:
-    /// garbage collection never deletes them (docs/architecture.md rule 9). The lock also serializes a
-    /// "which are missing?" answer with a deletion of the same chunk.
-    pub(crate) pins: Mutex<Pins>,
+    /// What garbage collection keeps for running backups (docs/architecture.md rule 9).
+    pub(crate) pins: Pins,
     /// Held by the garbage collection that runs: one at a time, operator's or scheduled
     /// (`jobs::gc::collect` refuses a second).
     pub(crate) gc_lock: Mutex<()>,
@@ -60,42 +58,6 @@ pub(crate) struct Schedules {
 /// `max_concurrent_backups` when not set.
 pub(crate) const DEFAULT_MAX_CONCURRENT_BACKUPS: u32 = 4;
 
-/// Chunks garbage collection must not delete besides those of completed snapshots.
-#[derive(Default)]
-pub(crate) struct Pins {
-    /// Per connection: chunks its running backups were answered "present" for or uploaded.
-    pub(crate) by_conn: HashMap<usize, HashSet<ChunkId>>,
-    /// Whether a garbage collection is between marking and the end of deleting.
-    pub(crate) gc_running: bool,
-    /// Pins released (a backup committed) while a collection runs: its marking predates
-    /// that commit, so these stay live until it ends.
-    pub(crate) released: HashSet<ChunkId>,
-    /// Per connection: the parent snapshots (id, manifest root) its running backups were given
-    /// at `Begin`. An incremental files backup reuses the parent's chunk lists for unchanged
-    /// files without asking `Missing`, so a collection marks these parents' chunks live even
-    /// when the parent was deleted since (retention, an operator).
-    pub(crate) parents: HashMap<usize, Vec<(SnapshotId, StreamManifest)>>,
-}
-
-impl Pins {
-    /// The pins of `conn` are no longer needed by a running backup. Its parents are dropped
-    /// too: a committed backup's chunks are pinned by its commit, so a collection under way
-    /// keeps them through `released`.
-    pub(crate) fn release(&mut self, conn: usize) {
-        self.parents.remove(&conn);
-        if let Some(set) = self.by_conn.remove(&conn) {
-            if self.gc_running {
-                self.released.extend(set);
-            }
-        }
-    }
-
-    /// Whether a collection must keep `id`.
-    pub(crate) fn holds(&self, id: &ChunkId) -> bool {
-        self.released.contains(id) || self.by_conn.values().any(|s| s.contains(id))
-    }
-}
-
 impl State {
     /// A new state around an opened store and catalog, configured by `cfg`.
     pub(crate) fn new(
@@ -110,7 +72,7 @@ impl State {
             catalog,
             live: LiveAgents::default(),
             jobs: Default::default(),
-            pins: Mutex::default(),
+            pins: Pins::default(),
             gc_lock: Mutex::default(),
             slots: slot_limit.semaphore().clone(),
             slot_limit,

@@ -690,8 +690,8 @@ pub struct SnapshotRecord {
     pub agent: String,
     /// Source name.
     pub source: String,
-    /// Source kind.
-    pub kind: String,
+    /// Source kind, or a bundle.
+    pub kind: crate::SnapshotKind,
     /// Database type, for database sources.
     pub db_type: Option<String>,
     /// Database server version.
@@ -738,7 +738,7 @@ impl SnapshotRecord {
         id: SnapshotId,
         agent: &str,
         source: &str,
-        kind: &str,
+        kind: impl Into<crate::SnapshotKind>,
         chunker: ChunkerParams,
         started_ms: u64,
         status: SnapshotStatus,
@@ -747,7 +747,7 @@ impl SnapshotRecord {
             id,
             agent: agent.to_owned(),
             source: source.to_owned(),
-            kind: kind.to_owned(),
+            kind: kind.into(),
             db_type: None,
             db_version: None,
             database: None,

@@ -2,7 +2,7 @@
 //! and 9), safe while backups run.
 //!
 //! 1. The reference time is taken first and never moves; from then on, every backup that
-//!    commits keeps its pins until the collection ends (`Pins::gc_running`).
+//!    commits keeps its pins until the collection ends (`Pins::collection_started`).
 //! 2. Mark: every chunk of every completed snapshot (its manifest and the data it lists).
 //!    Any error listing the snapshots or the store aborts before anything is deleted. A
 //!    snapshot whose manifest cannot be read (damaged, or a hostile record) does not stop
@@ -19,7 +19,7 @@
 //! 5. One collection at a time (`State::gc_lock`): a second one, operator's or scheduled, is
 //!    refused with "a garbage collection is already running" (the scheduler skips that
 //!    occurrence, as it does for a job still running). Two at once would share
-//!    `Pins::gc_running` and `released`, and the first to end would drop the pins of backups
+//!    `Pins::collection_started` and its released pins, and the first to end would drop the pins of backups
 //!    that committed while the other was still sweeping.
 
 use std::collections::HashSet;
@@ -29,6 +29,7 @@ use fleetvault_common::protocol::{GcReport, SnapshotFilter};
 use fleetvault_common::{ChunkId, SnapshotStatus};
 use tracing::{info, warn};
 
+use crate::error::OpError;
 use crate::State;
 
 /// Why a collection did not start.
@@ -36,11 +37,11 @@ pub(crate) const ALREADY_RUNNING: &str =
     "a garbage collection is already running; try again when it has finished";
 
 /// Collects garbage; chunks younger than `min_age` are kept whatever their references.
-pub(crate) fn collect(state: &State, min_age: Duration) -> Result<GcReport, String> {
+pub(crate) fn collect(state: &State, min_age: Duration) -> Result<GcReport, OpError> {
     let _one_at_a_time = match state.gc_lock.try_lock() {
         Ok(guard) => guard,
         Err(std::sync::TryLockError::WouldBlock) => {
-            return Err(ALREADY_RUNNING.into());
+            return Err(OpError::Busy(ALREADY_RUNNING));
         }
         // A collection that panicked left nothing half-done that the next one relies on.
         Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
@@ -51,17 +52,9 @@ pub(crate) fn collect(state: &State, min_age: Duration) -> Result<GcReport, Stri
     }
     let started = Instant::now();
     let reference = crate::clock::now_system();
-    {
-        let mut pins = state.pins.lock().expect("pins lock");
-        pins.gc_running = true;
-        pins.released.clear();
-    }
+    state.pins.collection_started();
     let result = mark_and_sweep(state, reference, min_age);
-    {
-        let mut pins = state.pins.lock().expect("pins lock");
-        pins.gc_running = false;
-        pins.released.clear();
-    }
+    state.pins.collection_ended();
     let mut report = result?;
     super::prune::prune_all(state);
     report.duration_ms = started.elapsed().as_millis() as u64;
@@ -78,13 +71,13 @@ fn mark_and_sweep(
     state: &State,
     reference: std::time::SystemTime,
     min_age: Duration,
-) -> Result<GcReport, String> {
+) -> Result<GcReport, OpError> {
     let mut live: HashSet<ChunkId> = HashSet::new();
     let mut unreadable = Vec::new();
     let records = state
         .catalog
         .list(&SnapshotFilter::default())
-        .map_err(|e| format!("listing snapshots: {e}; nothing deleted"))?;
+        .map_err(|e| nothing_deleted("snapshots", e))?;
     for rec in records
         .iter()
         .filter(|r| r.status == SnapshotStatus::Completed)
@@ -100,7 +93,7 @@ fn mark_and_sweep(
                     .refs_of(&rec.agent, |id| {
                         live.insert(id);
                     })
-                    .map_err(|e| format!("listing references: {e}; nothing deleted"))?;
+                    .map_err(|e| nothing_deleted("references", e))?;
                 unreadable.push(rec.id);
             }
         }
@@ -109,7 +102,7 @@ fn mark_and_sweep(
     let files = state
         .store
         .list_chunks()
-        .map_err(|e| format!("listing the store: {e}; nothing deleted"))?;
+        .map_err(|e| nothing_deleted("the store", e))?;
     let cutoff = reference
         .checked_sub(min_age)
         .unwrap_or(std::time::UNIX_EPOCH);
@@ -133,20 +126,31 @@ fn mark_and_sweep(
             report.young_chunks += 1;
             continue;
         }
-        let pins = state.pins.lock().expect("pins lock");
+        let pins = state.pins.lock();
         if pins.holds(&id) {
             continue;
         }
         state
             .store
             .delete_chunk(&id)
-            .map_err(|e| format!("{e} (after deleting {} chunks)", report.deleted_chunks))?;
+            .map_err(|source| OpError::Sweep {
+                deleted: report.deleted_chunks,
+                source,
+            })?;
         drop(pins);
         report.deleted_chunks += 1;
         report.freed_bytes += size;
     }
-    state.store.sync_chunk_dirs().map_err(|e| e.to_string())?;
+    state.store.sync_chunk_dirs()?;
     Ok(report)
+}
+
+/// A listing the mark phase needs failed: the collection stops before deleting anything.
+fn nothing_deleted(what: &'static str, e: impl Into<OpError>) -> OpError {
+    OpError::NothingDeleted {
+        what,
+        source: Box::new(e.into()),
+    }
 }
 
 /// Marks the chunks of every parent a running backup was given at `Begin` (read after the
@@ -158,10 +162,7 @@ fn mark_parents_of_running_backups(
     listed: &[fleetvault_common::SnapshotRecord],
     live: &mut HashSet<ChunkId>,
 ) {
-    let parents: Vec<_> = {
-        let pins = state.pins.lock().expect("pins lock");
-        pins.parents.values().flatten().cloned().collect()
-    };
+    let parents = state.pins.parents();
     let completed: HashSet<_> = listed
         .iter()
         .filter(|r| r.status == SnapshotStatus::Completed)
@@ -203,7 +204,7 @@ mod tests {
         let state = state(dir.path());
         {
             let _running = state.gc_lock.lock().unwrap();
-            let err = collect(&state, Duration::ZERO).unwrap_err();
+            let err = collect(&state, Duration::ZERO).unwrap_err().to_string();
             assert_eq!(err, ALREADY_RUNNING);
         }
         collect(&state, Duration::ZERO).unwrap();
@@ -220,21 +221,14 @@ mod tests {
         let root = rec.root.clone().unwrap();
         let manifest_id = root.chunks[0].id;
         // A backup on connection 1 began with this parent; then retention deleted it.
-        state
-            .pins
-            .lock()
-            .unwrap()
-            .parents
-            .entry(1)
-            .or_default()
-            .push((id, root));
+        state.pins.lock().pin_parent(1, id, root);
         state.store.remove_record(id).unwrap();
         state.catalog.delete(id).unwrap();
         let report = collect(&state, Duration::ZERO).unwrap();
         assert_eq!(report.deleted_chunks, 0, "{report:?}");
         assert!(state.store.contains(&data_id) && state.store.contains(&manifest_id));
         // Once the backup is over, the deleted parent's chunks are garbage.
-        state.pins.lock().unwrap().release(1);
+        state.pins.release(1);
         let report = collect(&state, Duration::ZERO).unwrap();
         assert_eq!(report.deleted_chunks, 2, "{report:?}");
         assert!(!state.store.contains(&data_id));

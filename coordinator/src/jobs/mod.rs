@@ -28,6 +28,8 @@ use std::str::FromStr;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::config::ConfigError;
+
 pub(crate) use retention::Policy;
 
 /// One `[[jobs]]` table.
@@ -47,20 +49,30 @@ fn all() -> Vec<String> {
     vec!["*".into()]
 }
 
-pub(crate) fn globs(patterns: &[String], key: &str) -> Result<GlobSet, String> {
+/// The globs of `key`, compiled.
+pub(crate) fn globs(patterns: &[String], key: &'static str) -> Result<GlobSet, ConfigError> {
     let mut b = GlobSetBuilder::new();
     for p in patterns {
-        b.add(Glob::new(p).map_err(|e| format!("key `{key}`: bad glob {p:?}: {e}"))?);
+        b.add(Glob::new(p).map_err(|e| ConfigError::Value {
+            key,
+            reason: format!("bad glob {p:?}: {e}"),
+        })?);
     }
-    b.build().map_err(|e| format!("key `{key}`: {e}"))
+    b.build().map_err(|e| ConfigError::Value {
+        key,
+        reason: e.to_string(),
+    })
 }
 
 impl JobConfig {
     /// Checks the schedule and the globs.
-    pub(crate) fn validate(&self) -> Result<(), String> {
-        parse_schedule(&self.schedule).map_err(|e| format!("key `schedule`: {e}"))?;
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        parse_schedule(&self.schedule).map_err(|source| ConfigError::Schedule {
+            key: "schedule",
+            source,
+        })?;
         if self.agents.is_empty() {
-            return Err("key `agents` is empty".into());
+            return Err(ConfigError::Empty("agents"));
         }
         globs(&self.agents, "agents")?;
         globs(&self.sources, "sources")?;
@@ -84,9 +96,23 @@ impl JobConfig {
     }
 }
 
+/// A cron expression that is refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ScheduleError {
+    /// Not 5 or 6 fields.
+    #[error("{expr:?} has {fields} fields; expected 5, or 6 with seconds first")]
+    Fields { expr: String, fields: usize },
+    /// A weekday number over 7.
+    #[error("weekday {0} is not 0-7")]
+    Weekday(u32),
+    /// What the cron crate refuses, the last line of its message.
+    #[error("{expr:?}: {why}")]
+    Cron { expr: String, why: String },
+}
+
 /// Parses a cron expression: 5 fields (minute hour day month weekday), or 6 with seconds
 /// first. Weekdays are 0-7 with 0 and 7 Sunday, or names, as in crontab(5).
-pub(crate) fn parse_schedule(expr: &str) -> Result<cron::Schedule, String> {
+pub(crate) fn parse_schedule(expr: &str) -> Result<cron::Schedule, ScheduleError> {
     let fields: Vec<&str> = expr.split_whitespace().collect();
     let mut fields: Vec<String> = match fields.len() {
         5 => std::iter::once("0")
@@ -95,9 +121,10 @@ pub(crate) fn parse_schedule(expr: &str) -> Result<cron::Schedule, String> {
             .collect(),
         6 => fields.into_iter().map(str::to_owned).collect(),
         n => {
-            return Err(format!(
-                "{expr:?} has {n} fields; expected 5, or 6 with seconds first"
-            ))
+            return Err(ScheduleError::Fields {
+                expr: expr.to_owned(),
+                fields: n,
+            })
         }
     };
     fields[5] = crontab_weekdays(&fields[5])?;
@@ -106,7 +133,10 @@ pub(crate) fn parse_schedule(expr: &str) -> Result<cron::Schedule, String> {
         // says what is wrong.
         let e = e.to_string();
         let why = e.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
-        format!("{expr:?}: {}", why.trim())
+        ScheduleError::Cron {
+            expr: expr.to_owned(),
+            why: why.trim().to_owned(),
+        }
     })
 }
 
@@ -126,11 +156,11 @@ pub(crate) fn next_due(
 }
 
 /// crontab weekdays (0-7, Sunday 0 or 7) to the cron crate's (1-7, Sunday 1).
-fn crontab_weekdays(field: &str) -> Result<String, String> {
-    let map = |n: &str| -> Result<String, String> {
+fn crontab_weekdays(field: &str) -> Result<String, ScheduleError> {
+    let map = |n: &str| -> Result<String, ScheduleError> {
         match n.parse::<u32>() {
             Ok(d) if d <= 7 => Ok(((d % 7) + 1).to_string()),
-            Ok(d) => Err(format!("weekday {d} is not 0-7")),
+            Ok(d) => Err(ScheduleError::Weekday(d)),
             Err(_) => Ok(n.to_owned()),
         }
     };
@@ -150,7 +180,7 @@ fn crontab_weekdays(field: &str) -> Result<String, String> {
                 None => range,
             })
         })
-        .collect::<Result<Vec<_>, String>>()
+        .collect::<Result<Vec<_>, ScheduleError>>()
         .map(|v| v.join(","))
 }
 
@@ -173,7 +203,7 @@ mod tests {
         assert_eq!((next.day(), next.weekday()), (7, chrono::Weekday::Mon));
         assert!(parse_schedule("0 2 * *").is_err());
         assert!(parse_schedule("0 2 * * 9").is_err());
-        let e = parse_schedule("0 99 * * *").unwrap_err();
+        let e = parse_schedule("0 99 * * *").unwrap_err().to_string();
         assert!(!e.contains('\n') && e.contains("99"), "{e}");
     }
 

@@ -21,17 +21,18 @@ use fleetvault_common::protocol::SnapshotFilter;
 use fleetvault_common::{ChunkId, SnapshotId, SnapshotRecord, SnapshotStatus};
 use tracing::{info, warn};
 
+use crate::error::OpError;
 use crate::limits::{KEEP_FAILED_PER_AGENT, KEEP_FAILED_PER_SOURCE};
 use crate::State;
 
 /// Deletes the failed records of the agents `covers` accepts beyond what is kept; returns how
 /// many were deleted.
-pub(crate) fn prune_failed(state: &State, covers: impl Fn(&str) -> bool) -> Result<u64, String> {
+pub(crate) fn prune_failed(state: &State, covers: impl Fn(&str) -> bool) -> Result<u64, OpError> {
     let filter = SnapshotFilter {
         status: Some("failed".into()),
         ..SnapshotFilter::default()
     };
-    let failed = state.catalog.list(&filter).map_err(|e| e.to_string())?;
+    let failed = state.catalog.list(&filter)?;
     let mut by_agent: BTreeMap<&str, Vec<&SnapshotRecord>> = BTreeMap::new();
     for r in failed.iter().filter(|r| covers(&r.agent)) {
         by_agent.entry(&r.agent).or_default().push(r);
@@ -60,24 +61,21 @@ pub(crate) fn prune_failed(state: &State, covers: impl Fn(&str) -> bool) -> Resu
 }
 
 /// Removes one failed record (from the store too, should one be there).
-fn remove_failed(state: &State, id: SnapshotId) -> Result<(), String> {
-    state.store.remove_record(id).map_err(|e| e.to_string())?;
+fn remove_failed(state: &State, id: SnapshotId) -> Result<(), OpError> {
+    state.store.remove_record(id)?;
     match state.catalog.delete(id) {
         Ok(()) | Err(crate::catalog::CatalogError::NotFound(_)) => Ok(()),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// Deletes every agent's chunk refs that none of its completed snapshots needs; returns how
 /// many were deleted. An owner whose snapshots cannot be read keeps all its refs.
-pub(crate) fn prune_refs(state: &State) -> Result<u64, String> {
-    let records = state
-        .catalog
-        .list(&SnapshotFilter::default())
-        .map_err(|e| e.to_string())?;
+pub(crate) fn prune_refs(state: &State) -> Result<u64, OpError> {
+    let records = state.catalog.list(&SnapshotFilter::default())?;
     let newest = records.iter().map(|r| r.id).max().unwrap_or(SnapshotId(0));
     let mut deleted = 0;
-    for owner in state.catalog.ref_owners().map_err(|e| e.to_string())? {
+    for owner in state.catalog.ref_owners()? {
         if owner.starts_with("peer/") {
             continue;
         }
@@ -108,16 +106,10 @@ pub(crate) fn prune_refs(state: &State) -> Result<u64, String> {
             continue;
         }
         let mut refs = Vec::new();
-        state
-            .catalog
-            .refs_of(&owner, |id| refs.push(id))
-            .map_err(|e| e.to_string())?;
-        let pins = state.pins.lock().expect("pins lock");
+        state.catalog.refs_of(&owner, |id| refs.push(id))?;
+        let pins = state.pins.lock();
         // Begun since the listing: its backup may rely on any of these refs.
-        let begun = state
-            .catalog
-            .snapshots_after(newest)
-            .map_err(|e| e.to_string())?;
+        let begun = state.catalog.snapshots_after(newest)?;
         if begun.iter().any(|r| r.agent == owner) {
             continue;
         }
@@ -128,10 +120,7 @@ pub(crate) fn prune_refs(state: &State) -> Result<u64, String> {
         if stale.is_empty() {
             continue;
         }
-        state
-            .catalog
-            .remove_refs(&owner, stale.iter())
-            .map_err(|e| e.to_string())?;
+        state.catalog.remove_refs(&owner, stale.iter())?;
         drop(pins);
         info!(agent = %owner, refs = stale.len(), "chunk refs no snapshot needs pruned");
         deleted += stale.len() as u64;

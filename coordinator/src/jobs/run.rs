@@ -137,7 +137,7 @@ pub(crate) async fn run_job(state: std::sync::Arc<State>, job: JobConfig) -> Vec
                         status: "failed".into(),
                         agent: name,
                         source: src,
-                        error: Some(e),
+                        error: Some(e.to_string()),
                         ..JobReport::default()
                     },
                 }

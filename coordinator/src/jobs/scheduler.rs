@@ -105,7 +105,7 @@ fn start_gc(state: &Arc<State>, tasks: &Tasks) {
     tasks.spawn("scheduled garbage collection", async move {
         match tokio::task::spawn_blocking(move || super::gc::collect(&st, min_age)).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) if e == super::gc::ALREADY_RUNNING => {
+            Ok(Err(crate::error::OpError::Busy(super::gc::ALREADY_RUNNING))) => {
                 info!("garbage collection already running (started by an operator); skipping this occurrence")
             }
             Ok(Err(e)) => warn!(error = %e, "scheduled garbage collection failed"),

@@ -8,6 +8,7 @@ use fleetvault_common::{SnapshotId, SnapshotRecord, SnapshotStatus};
 use tracing::info;
 
 use crate::catalog::CatalogError;
+use crate::error::OpError;
 use crate::jobs::retention::{apply, Candidate};
 use crate::jobs::{JobConfig, Policy};
 use crate::State;
@@ -18,13 +19,13 @@ pub(crate) fn forget(
     state: &State,
     job: &JobConfig,
     dry_run: bool,
-) -> Result<Vec<RetentionDecision>, String> {
+) -> Result<Vec<RetentionDecision>, OpError> {
     let filter = SnapshotFilter {
         job: Some(job.name.clone()),
         status: Some("completed".into()),
         ..SnapshotFilter::default()
     };
-    let records = state.catalog.list(&filter).map_err(|e| e.to_string())?;
+    let records = state.catalog.list(&filter)?;
     let decisions = retain(
         state,
         &job.retention,
@@ -45,21 +46,15 @@ pub(crate) fn forget_received(
     state: &State,
     peer: &str,
     policy: &Policy,
-) -> Result<Vec<RetentionDecision>, String> {
+) -> Result<Vec<RetentionDecision>, OpError> {
     let filter = SnapshotFilter {
         status: Some("completed".into()),
         ..SnapshotFilter::default()
     };
-    let mut records = state.catalog.list(&filter).map_err(|e| e.to_string())?;
+    let mut records = state.catalog.list(&filter)?;
     let mut from_peer = Vec::new();
     for r in records.drain(..) {
-        if state
-            .catalog
-            .origin(r.id)
-            .map_err(|e| e.to_string())?
-            .as_deref()
-            == Some(peer)
-        {
+        if state.catalog.origin(r.id)?.as_deref() == Some(peer) {
             from_peer.push(r);
         }
     }
@@ -73,7 +68,7 @@ fn retain(
     records: &[SnapshotRecord],
     dry_run: bool,
     what: &str,
-) -> Result<Vec<RetentionDecision>, String> {
+) -> Result<Vec<RetentionDecision>, OpError> {
     let mut groups: BTreeMap<(String, String), Vec<&SnapshotRecord>> = BTreeMap::new();
     // A bundle's parts go with their bundle, never on their own.
     for r in records.iter().filter(|r| !crate::bundle::is_part(r)) {
@@ -98,7 +93,10 @@ fn retain(
                 .find(|r| r.id == d.id)
                 .expect("decided ids come from recs");
             if !d.keep() && !dry_run {
-                delete(state, d.id).map_err(|e| format!("forgetting {}: {e}", d.id))?;
+                delete(state, d.id).map_err(|e| OpError::Forgetting {
+                    id: d.id,
+                    source: Box::new(e),
+                })?;
                 info!(snapshot = %d.id, policy = %what, "forgotten by retention");
             }
             out.push(RetentionDecision {
@@ -116,19 +114,21 @@ fn retain(
 
 /// Deletes a snapshot record: first from the store (so a rebuilt catalog never brings it
 /// back), then from the catalog. Its chunks go at the next garbage collection.
-pub(crate) fn delete(state: &State, id: SnapshotId) -> Result<(), String> {
-    let rec = state.catalog.get(id).map_err(|e| e.to_string())?;
+pub(crate) fn delete(state: &State, id: SnapshotId) -> Result<(), OpError> {
+    let rec = state.catalog.get(id)?;
     if matches!(
         rec.status,
         SnapshotStatus::Running | SnapshotStatus::Pending
     ) {
-        return Err(format!(
+        return Err(OpError::Conflict(format!(
             "snapshot {id} is {}; it cannot be deleted now",
             rec.status.name()
-        ));
+        )));
     }
     if rec.protected {
-        return Err(format!("snapshot {id} is protected; unprotect it first"));
+        return Err(OpError::Conflict(format!(
+            "snapshot {id} is protected; unprotect it first"
+        )));
     }
     // A bundle goes first, then its parts: a listed bundle never misses a part.
     let parts = if rec.status == SnapshotStatus::Completed {
@@ -140,13 +140,19 @@ pub(crate) fn delete(state: &State, id: SnapshotId) -> Result<(), String> {
     for part in parts {
         match state.catalog.get(part) {
             Ok(p) if p.protected => {
-                return Err(format!(
+                return Err(OpError::Conflict(format!(
                     "part {part} of bundle {id} is protected; unprotect it first"
-                ))
+                )))
             }
             Ok(_) => present.push(part),
             Err(CatalogError::NotFound(_)) => {}
-            Err(e) => return Err(format!("bundle {id}: part {part}: {e}")),
+            Err(e) => {
+                return Err(OpError::Part {
+                    bundle: id,
+                    part,
+                    source: Box::new(e.into()),
+                })
+            }
         }
     }
     remove(state, id)?;
@@ -157,24 +163,19 @@ pub(crate) fn delete(state: &State, id: SnapshotId) -> Result<(), String> {
 }
 
 /// Removes one snapshot record: store first (a rebuilt catalog never brings it back).
-fn remove(state: &State, id: SnapshotId) -> Result<(), String> {
+fn remove(state: &State, id: SnapshotId) -> Result<(), OpError> {
     // A snapshot received from a primary stays gone: the next sync must not send it again.
-    if state
-        .catalog
-        .origin(id)
-        .map_err(|e| e.to_string())?
-        .is_some()
-    {
-        state.catalog.tombstone(id).map_err(|e| e.to_string())?;
+    if state.catalog.origin(id)?.is_some() {
+        state.catalog.tombstone(id)?;
     }
-    state.store.remove_record(id).map_err(|e| e.to_string())?;
-    state.catalog.delete(id).map_err(|e| e.to_string())
+    state.store.remove_record(id)?;
+    Ok(state.catalog.delete(id)?)
 }
 
 /// Sets or clears a snapshot's protection (in its store record too); a bundle's parts
 /// with it.
-pub(crate) fn protect(state: &State, id: SnapshotId, on: bool) -> Result<(), String> {
-    let rec = state.catalog.get(id).map_err(|e| e.to_string())?;
+pub(crate) fn protect(state: &State, id: SnapshotId, on: bool) -> Result<(), OpError> {
+    let rec = state.catalog.get(id)?;
     if rec.status == SnapshotStatus::Completed {
         for part in crate::bundle::parts(state, &rec)? {
             protect_one(state, part, on)?;
@@ -183,11 +184,11 @@ pub(crate) fn protect(state: &State, id: SnapshotId, on: bool) -> Result<(), Str
     protect_one(state, id, on)
 }
 
-fn protect_one(state: &State, id: SnapshotId, on: bool) -> Result<(), String> {
-    let mut rec = state.catalog.get(id).map_err(|e| e.to_string())?;
+fn protect_one(state: &State, id: SnapshotId, on: bool) -> Result<(), OpError> {
+    let mut rec = state.catalog.get(id)?;
     rec.protected = on;
     if rec.status == SnapshotStatus::Completed {
-        state.store.write_record(&rec).map_err(|e| e.to_string())?;
+        state.store.write_record(&rec)?;
     }
-    state.catalog.update(&rec).map_err(|e| e.to_string())
+    Ok(state.catalog.update(&rec)?)
 }

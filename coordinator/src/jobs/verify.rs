@@ -18,6 +18,7 @@ use fleetvault_common::protocol::{SnapshotFilter, VerifyResult};
 use fleetvault_common::{chunk, ChunkId, ChunkRef, SnapshotId, SnapshotRecord, SnapshotStatus};
 use tracing::{info, warn};
 
+use crate::error::OpError;
 use crate::State;
 
 /// The tag of a snapshot that failed verification.
@@ -40,7 +41,10 @@ pub(crate) struct VerifyProgress {
 
 /// Verifies one snapshot, or every completed one, after any verification running.
 #[cfg(test)]
-pub(crate) fn verify(state: &State, only: Option<SnapshotId>) -> Result<Vec<VerifyResult>, String> {
+pub(crate) fn verify(
+    state: &State,
+    only: Option<SnapshotId>,
+) -> Result<Vec<VerifyResult>, OpError> {
     verify_with_progress(state, only, &VerifyProgress::default())
 }
 
@@ -49,7 +53,7 @@ pub(crate) fn verify_with_progress(
     state: &State,
     only: Option<SnapshotId>,
     progress: &VerifyProgress,
-) -> Result<Vec<VerifyResult>, String> {
+) -> Result<Vec<VerifyResult>, OpError> {
     // A verification that panicked left nothing half-done that the next one relies on.
     let _one_at_a_time = state
         .verify_lock
@@ -60,7 +64,7 @@ pub(crate) fn verify_with_progress(
 
 /// The scheduled verification of every completed snapshot: `None` when another verification
 /// is running (this occurrence is skipped), else how many were checked and how many damaged.
-pub(crate) fn verify_scheduled(state: &State) -> Option<Result<(usize, usize), String>> {
+pub(crate) fn verify_scheduled(state: &State) -> Option<Result<(usize, usize), OpError>> {
     let _one_at_a_time = match state.verify_lock.try_lock() {
         Ok(guard) => guard,
         Err(std::sync::TryLockError::WouldBlock) => return None,
@@ -84,12 +88,12 @@ fn verify_locked(
     state: &State,
     only: Option<SnapshotId>,
     progress: &VerifyProgress,
-) -> Result<Vec<VerifyResult>, String> {
+) -> Result<Vec<VerifyResult>, OpError> {
     use std::sync::atomic::Ordering::Relaxed;
     let records: Vec<SnapshotRecord> = match only {
         Some(id) => {
             // A bundle is verified with its parts.
-            let rec = state.catalog.get(id).map_err(|e| e.to_string())?;
+            let rec = state.catalog.get(id)?;
             let mut recs = Vec::new();
             if rec.status == SnapshotStatus::Completed {
                 // A bundle whose index cannot be read is verified alone (and found damaged).
@@ -98,35 +102,31 @@ fn verify_locked(
                     Vec::new()
                 });
                 for part in parts {
-                    recs.push(
-                        state
-                            .catalog
-                            .get(part)
-                            .map_err(|e| format!("bundle {id}: part {part}: {e}"))?,
-                    );
+                    recs.push(state.catalog.get(part).map_err(|e| OpError::Part {
+                        bundle: id,
+                        part,
+                        source: Box::new(e.into()),
+                    })?);
                 }
             }
             recs.push(rec);
             recs
         }
-        None => state
-            .catalog
-            .list(&SnapshotFilter {
-                status: Some("completed".into()),
-                ..SnapshotFilter::default()
-            })
-            .map_err(|e| e.to_string())?,
+        None => state.catalog.list(&SnapshotFilter {
+            status: Some("completed".into()),
+            ..SnapshotFilter::default()
+        })?,
     };
     let mut seen: HashMap<ChunkId, ChunkState> = HashMap::new();
     let mut out = Vec::new();
     progress.total.store(records.len() as u64, Relaxed);
     for rec in records {
         if rec.status != SnapshotStatus::Completed {
-            return Err(format!(
+            return Err(OpError::Conflict(format!(
                 "snapshot {} is {}, not completed",
                 rec.id,
                 rec.status.name()
-            ));
+            )));
         }
         let r = verify_one(state, &rec, &mut seen)?;
         mark(state, rec, &r)?;
@@ -145,18 +145,18 @@ fn check(
     state: &State,
     c: &ChunkRef,
     seen: &mut HashMap<ChunkId, ChunkState>,
-) -> Result<ChunkState, String> {
+) -> Result<ChunkState, OpError> {
     if let Some(s) = seen.get(&c.id) {
         return Ok(*s);
     }
-    let s = match state.store.get(&c.id).map_err(|e| e.to_string())? {
+    let s = match state.store.get(&c.id)? {
         None => ChunkState::Missing,
         // Only the chunk's own content decides: a reference's length is its manifest's word.
         Some(env) => match chunk::verify(&env, &c.id) {
             Ok(len) => ChunkState::Ok(len),
             Err(_) => {
                 warn!(chunk = %c.id, "damaged chunk; quarantining it");
-                state.store.quarantine(&c.id).map_err(|e| e.to_string())?;
+                state.store.quarantine(&c.id)?;
                 ChunkState::Damaged
             }
         },
@@ -169,7 +169,7 @@ fn verify_one(
     state: &State,
     rec: &SnapshotRecord,
     seen: &mut HashMap<ChunkId, ChunkState>,
-) -> Result<VerifyResult, String> {
+) -> Result<VerifyResult, OpError> {
     let mut r = VerifyResult {
         snapshot: rec.id,
         agent: rec.agent.clone(),
@@ -224,13 +224,13 @@ fn verify_one(
         note(c, s, &mut r);
     }
     if let Err(e) = crate::server::check_fields(rec.id, &manifest, rec.checksum) {
-        r.problems.push(e);
+        r.problems.push(e.to_string());
     }
     Ok(r)
 }
 
 /// Tags a damaged snapshot (or lifts the tag from a healed one), in the catalog and store.
-fn mark(state: &State, mut rec: SnapshotRecord, r: &VerifyResult) -> Result<(), String> {
+fn mark(state: &State, mut rec: SnapshotRecord, r: &VerifyResult) -> Result<(), OpError> {
     let damaged = !r.damaged.is_empty() || !r.missing.is_empty() || !r.problems.is_empty();
     let was = rec.tags.iter().any(|t| t == DAMAGED);
     if damaged == was && !damaged {
@@ -252,8 +252,8 @@ fn mark(state: &State, mut rec: SnapshotRecord, r: &VerifyResult) -> Result<(), 
     } else {
         info!(snapshot = %rec.id, "snapshot verifies again");
     }
-    state.store.write_record(&rec).map_err(|e| e.to_string())?;
-    state.catalog.update(&rec).map_err(|e| e.to_string())
+    state.store.write_record(&rec)?;
+    Ok(state.catalog.update(&rec)?)
 }
 
 #[cfg(test)]
@@ -275,6 +275,9 @@ mod tests {
             &Manifest::Stream(honest),
             Some([7; 32]),
         );
+        // Its error as the message, to compare.
+        let verify_scheduled =
+            |s: &State| super::verify_scheduled(s).map(|r| r.map_err(|e| e.to_string()));
         {
             let _operator = state.verify_lock.lock().unwrap();
             assert!(verify_scheduled(&state).is_none());

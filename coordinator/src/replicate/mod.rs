@@ -31,6 +31,8 @@ use fleetvault_common::SnapshotRecord;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::config::ConfigError;
+use crate::error::OpError;
 use crate::jobs::{globs, parse_schedule, Policy};
 use crate::tasks::Tasks;
 use crate::State;
@@ -81,16 +83,22 @@ fn all() -> Vec<String> {
 
 impl ReplicaConfig {
     /// Checks names, schedule and globs.
-    pub(crate) fn validate(&self) -> Result<(), String> {
-        fleetvault_certs::validate_name(&self.name).map_err(|e| format!("key `name`: {e}"))?;
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        fleetvault_certs::validate_name(&self.name).map_err(|e| ConfigError::Value {
+            key: "name",
+            reason: e.to_string(),
+        })?;
         if !self.address.contains(':') {
-            return Err(format!(
-                "key `address`: {:?} is not HOST:PORT",
-                self.address
-            ));
+            return Err(ConfigError::Value {
+                key: "address",
+                reason: format!("{:?} is not HOST:PORT", self.address),
+            });
         }
         if let Some(s) = &self.schedule {
-            parse_schedule(s).map_err(|e| format!("key `schedule`: {e}"))?;
+            parse_schedule(s).map_err(|source| ConfigError::Schedule {
+                key: "schedule",
+                source,
+            })?;
         }
         globs(&self.agents, "agents")?;
         globs(&self.sources, "sources")?;
@@ -101,7 +109,7 @@ impl ReplicaConfig {
     }
 
     /// Which snapshots go to this replica (the globs compiled once).
-    pub(crate) fn selector(&self) -> Result<impl Fn(&SnapshotRecord) -> bool, String> {
+    pub(crate) fn selector(&self) -> Result<impl Fn(&SnapshotRecord) -> bool, ConfigError> {
         let agents = globs(&self.agents, "agents")?;
         let sources = globs(&self.sources, "sources")?;
         let jobs = self.jobs.as_ref().map(|j| globs(j, "jobs")).transpose()?;
@@ -122,13 +130,13 @@ impl ReplicaConfig {
 }
 
 /// The completed snapshots `cfg` selects, oldest first.
-fn wanted(state: &State, cfg: &ReplicaConfig) -> Result<Vec<SnapshotRecord>, String> {
+fn wanted(state: &State, cfg: &ReplicaConfig) -> Result<Vec<SnapshotRecord>, OpError> {
     let filter = SnapshotFilter {
         status: Some("completed".into()),
         ..SnapshotFilter::default()
     };
     let wants = cfg.selector()?;
-    let list = state.catalog.list(&filter).map_err(|e| e.to_string())?;
+    let list = state.catalog.list(&filter)?;
     Ok(list.into_iter().filter(|r| wants(r)).collect())
 }
 
@@ -138,17 +146,17 @@ pub(crate) async fn run_now(
     state: Arc<State>,
     only: Option<&str>,
     progress: Arc<AtomicU64>,
-) -> Result<Vec<ReplicaReport>, String> {
+) -> Result<Vec<ReplicaReport>, OpError> {
     let replicas: Vec<ReplicaConfig> = state
         .replicas()
         .into_iter()
         .filter(|r| only.is_none_or(|n| n == r.name))
         .collect();
     if replicas.is_empty() {
-        return Err(match only {
+        return Err(OpError::NotFound(match only {
             Some(n) => format!("no replica named {n:?} in coordinator.toml"),
             None => "no [[replicas]] in coordinator.toml".into(),
-        });
+        }));
     }
     let mut out = Vec::new();
     for cfg in replicas {
@@ -218,18 +226,11 @@ pub(crate) async fn sync(
 }
 
 /// Every configured replica with its last sync and its lag.
-pub(crate) fn statuses(state: &State) -> Result<Vec<ReplicaStatus>, String> {
+pub(crate) fn statuses(state: &State) -> Result<Vec<ReplicaStatus>, OpError> {
     let mut out = Vec::new();
     for cfg in state.replicas() {
-        let mut s = state
-            .catalog
-            .replica_status(&cfg.name)
-            .map_err(|e| e.to_string())?
-            .unwrap_or_default();
-        let sent: HashSet<_> = state
-            .catalog
-            .replicated(&cfg.name)
-            .map_err(|e| e.to_string())?;
+        let mut s = state.catalog.replica_status(&cfg.name)?.unwrap_or_default();
+        let sent: HashSet<_> = state.catalog.replicated(&cfg.name)?;
         let lagging: Vec<SnapshotRecord> = wanted(state, &cfg)?
             .into_iter()
             .filter(|r| !sent.contains(&r.id))
@@ -363,16 +364,26 @@ mod tests {
 
     #[test]
     fn bad_tables_are_refused_naming_the_key() {
-        let e = replica("schedule = \"every day\"").validate().unwrap_err();
+        let e = replica("schedule = \"every day\"")
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("key `schedule`"), "{e}");
-        let e = replica("agents = [\"[\"]").validate().unwrap_err();
+        let e = replica("agents = [\"[\"]")
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("key `agents`"), "{e}");
         let mut r = replica("");
         r.address = "vault".into();
-        assert!(r.validate().unwrap_err().contains("key `address`"));
+        assert!(r
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("key `address`"));
         r = replica("");
         r.name = "bad/name".into();
-        assert!(r.validate().unwrap_err().contains("key `name`"));
+        assert!(r.validate().unwrap_err().to_string().contains("key `name`"));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use fleetvault_common::{ChunkId, Client, Credentials, SnapshotId, SnapshotRecord
 use tracing::{debug, info};
 
 use super::ReplicaConfig;
+use crate::error::OpError;
 use crate::State;
 
 /// Chunk streams in flight at once.
@@ -135,11 +136,11 @@ async fn send_all(
 }
 
 /// The distinct chunks of a snapshot, manifest first, each with its plaintext length.
-fn chunks_of(state: &State, rec: &SnapshotRecord) -> Result<Vec<(ChunkId, u32)>, String> {
+fn chunks_of(state: &State, rec: &SnapshotRecord) -> Result<Vec<(ChunkId, u32)>, OpError> {
     let root = rec
         .root
         .as_ref()
-        .ok_or_else(|| format!("snapshot {} has no manifest", rec.id))?;
+        .ok_or_else(|| OpError::Refused(format!("snapshot {} has no manifest", rec.id)))?;
     let (manifest, _) = crate::store::load_manifest(&state.store, rec.id, root)?;
     let mut seen = HashSet::new();
     Ok(root
@@ -167,7 +168,7 @@ async fn send_snapshot(
     let r = rec.clone();
     let chunks = tokio::task::spawn_blocking(move || chunks_of(&st, &r))
         .await?
-        .map_err(anyhow::Error::msg)?;
+        .map_err(|e| anyhow::Error::msg(e.to_string()))?;
     let mut missing: HashSet<ChunkId> = HashSet::new();
     for batch in chunks.chunks(MAX_MISSING_BATCH) {
         let ids = batch.iter().map(|(id, _)| *id).collect();
@@ -237,13 +238,12 @@ async fn put_group(
         ids.iter()
             .map(|cid| match st.store.get(cid) {
                 Ok(Some(env)) => Ok(env),
-                Ok(None) => Err(format!("chunk {cid} is missing from the store")),
-                Err(e) => Err(e.to_string()),
+                Ok(None) => Err(anyhow::anyhow!("chunk {cid} is missing from the store")),
+                Err(e) => Err(anyhow::Error::msg(e.to_string())),
             })
-            .collect::<Result<Vec<_>, String>>()
+            .collect::<anyhow::Result<Vec<_>>>()
     })
-    .await?
-    .map_err(anyhow::Error::msg)?;
+    .await??;
     if faults.corrupt.swap(false, Ordering::Relaxed) {
         if let Some(last) = envelopes.first_mut().and_then(|e| e.last_mut()) {
             *last ^= 0x55;

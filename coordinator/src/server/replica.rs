@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use super::session::{Backup, Failure, Session};
 use super::upload::check_fields;
 use crate::catalog::CatalogError;
+use crate::error::OpError;
 use crate::store::load_manifest;
 use crate::State;
 
@@ -44,9 +45,9 @@ impl Session {
                     let here = match st.catalog.get(id) {
                         Ok(r) => r.status == SnapshotStatus::Completed,
                         Err(CatalogError::NotFound(_)) => false,
-                        Err(e) => return Err(e.to_string()),
+                        Err(e) => return Err(e.into()),
                     };
-                    if here || st.catalog.is_tombstoned(id).map_err(|e| e.to_string())? {
+                    if here || st.catalog.is_tombstoned(id)? {
                         out.push(id);
                     }
                 }
@@ -62,8 +63,7 @@ impl Session {
         send: &mut quinn::SendStream,
     ) -> Result<(), Failure> {
         self.require(Role::Peer)?;
-        crate::catalog::Catalog::check_foreign_id(snapshot)
-            .map_err(|e| Failure::Reply(ErrorCode::BadRequest, e.to_string()))?;
+        crate::catalog::Catalog::check_foreign_id(snapshot)?;
         self.running.lock().expect("running lock").insert(
             snapshot,
             Backup {
@@ -107,32 +107,32 @@ impl Session {
             }
             Err(reason) => {
                 warn!(snapshot = %snapshot, %reason, "replicated snapshot refused");
-                Err(Failure::Reply(ErrorCode::BadRequest, reason))
+                Err(reason.into())
             }
         }
     }
 
     /// Checks a replicated record against what was uploaded and stores it.
-    fn replica_commit_blocking(&self, rec: SnapshotRecord) -> Result<SnapshotRecord, String> {
+    fn replica_commit_blocking(&self, rec: SnapshotRecord) -> Result<SnapshotRecord, OpError> {
         let id = rec.id;
         let catalog = &self.state.catalog;
         let store = &self.state.store;
         if rec.status != SnapshotStatus::Completed {
-            return Err(format!(
+            return Err(OpError::Refused(format!(
                 "snapshot {id} is {}, not completed",
                 rec.status.name()
-            ));
+            )));
         }
-        crate::catalog::Catalog::check_foreign_id(id).map_err(|e| e.to_string())?;
+        crate::catalog::Catalog::check_foreign_id(id)?;
         fleetvault_certs::validate_name(&rec.agent)
-            .map_err(|e| format!("snapshot {id}: agent name: {e}"))?;
+            .map_err(|e| OpError::Refused(format!("snapshot {id}: agent name: {e}")))?;
         if rec.source.is_empty() || rec.source.len() > 128 || rec.source.contains(['/', '\0']) {
-            return Err(format!(
+            return Err(OpError::Refused(format!(
                 "snapshot {id}: invalid source name {:?}",
                 rec.source
-            ));
+            )));
         }
-        if catalog.is_tombstoned(id).map_err(|e| e.to_string())? {
+        if catalog.is_tombstoned(id)? {
             return Ok(rec);
         }
         match catalog.get(id) {
@@ -145,54 +145,48 @@ impl Session {
                 return if same == existing {
                     Ok(existing)
                 } else {
-                    Err(format!(
+                    Err(OpError::Refused(format!(
                         "snapshot id {id} is already used here by another snapshot ({}/{})",
                         existing.agent, existing.source
-                    ))
+                    )))
                 };
             }
             Ok(existing) => {
-                return Err(format!(
+                return Err(OpError::Refused(format!(
                     "snapshot id {id} is already used here by a {} snapshot of {}",
                     existing.status.name(),
                     existing.agent
-                ))
+                )))
             }
             Err(CatalogError::NotFound(_)) => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         }
         let root = rec
             .root
             .as_ref()
-            .ok_or_else(|| format!("snapshot {id} has no manifest"))?;
+            .ok_or_else(|| OpError::Refused(format!("snapshot {id} has no manifest")))?;
         // As an agent's commit: the manifest's chunks proven before they are read.
         let mut seen = std::collections::HashMap::new();
         self.check_chunks(id, root.chunks.iter(), &mut seen)?;
-        let (manifest, _) = load_manifest(store, id, root)?;
+        let (manifest, _) = load_manifest(store, id, root).map_err(OpError::BadUpload)?;
         let data_chunks = manifest.data_chunks().count() as u64;
         if data_chunks != rec.chunks || manifest.logical_len() != rec.logical_bytes {
-            return Err(format!(
+            return Err(OpError::Refused(format!(
                 "snapshot {id}: the record says {} chunks and {} bytes, its manifest {data_chunks} and {}",
                 rec.chunks,
                 rec.logical_bytes,
                 manifest.logical_len()
-            ));
+            )));
         }
         self.check_chunks(id, manifest.data_chunks(), &mut seen)?;
         check_fields(id, &manifest, rec.checksum)?;
         // Parts come before their bundle (oldest first); those not sent here may be absent.
         crate::bundle::check_commit(&self.state, &rec, &manifest, true)?;
         let owner = self.owner();
-        store.write_record(&rec).map_err(|e| e.to_string())?;
-        catalog
-            .add_refs(&rec.agent, seen.keys())
-            .map_err(|e| e.to_string())?;
-        catalog
-            .add_refs(&owner, seen.keys())
-            .map_err(|e| e.to_string())?;
-        catalog
-            .adopt(&rec, self.name())
-            .map_err(|e| e.to_string())?;
+        store.write_record(&rec)?;
+        catalog.add_refs(&rec.agent, seen.keys())?;
+        catalog.add_refs(&owner, seen.keys())?;
+        catalog.adopt(&rec, self.name())?;
         Ok(rec)
     }
 }
@@ -200,17 +194,15 @@ impl Session {
 /// Makes this coordinator a primary: every peer certificate issued here is moved to
 /// `tls/peers/retired/` (a lost primary that comes back can no longer add snapshots).
 /// Returns the retired peer names and the agents whose snapshots are here.
-pub(super) fn promote(state: &State) -> Result<(Vec<String>, Vec<String>), String> {
+pub(super) fn promote(state: &State) -> Result<(Vec<String>, Vec<String>), OpError> {
     let dir = state.root.join("tls").join("peers");
     let retired_dir = dir.join("retired");
     let mut retired = Vec::new();
     if dir.is_dir() {
-        std::fs::create_dir_all(&retired_dir)
-            .map_err(|e| format!("creating {}: {e}", retired_dir.display()))?;
-        let entries =
-            std::fs::read_dir(&dir).map_err(|e| format!("listing {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&retired_dir).map_err(io_err("creating", &retired_dir))?;
+        let entries = std::fs::read_dir(&dir).map_err(io_err("listing", &dir))?;
         for entry in entries {
-            let path = entry.map_err(|e| e.to_string())?.path();
+            let path = entry.map_err(io_err("listing", &dir))?.path();
             let Some(name) = path
                 .file_name()
                 .and_then(|n| n.to_str())
@@ -219,16 +211,14 @@ pub(super) fn promote(state: &State) -> Result<(Vec<String>, Vec<String>), Strin
                 continue;
             };
             let to = retired_dir.join(format!("{name}.{}.pem", crate::clock::now_ms()));
-            fleetvault_common::durable::rename(&path, &to)
-                .map_err(|e| format!("retiring {}: {e}", path.display()))?;
+            fleetvault_common::durable::rename(&path, &to).map_err(io_err("retiring", &path))?;
             retired.push(name.to_owned());
         }
     }
     retired.sort();
     let mut agents: Vec<String> = state
         .catalog
-        .list(&Default::default())
-        .map_err(|e| e.to_string())?
+        .list(&Default::default())?
         .into_iter()
         .filter(|r| r.status == SnapshotStatus::Completed)
         .map(|r| r.agent)
@@ -237,4 +227,10 @@ pub(super) fn promote(state: &State) -> Result<(Vec<String>, Vec<String>), Strin
     agents.dedup();
     info!(retired = ?retired, "promoted to primary");
     Ok((retired, agents))
+}
+
+/// An I/O error of `op` on `path`.
+fn io_err(op: &'static str, path: &std::path::Path) -> impl FnOnce(std::io::Error) -> OpError {
+    let path = path.to_owned();
+    move |source| OpError::Io { op, path, source }
 }

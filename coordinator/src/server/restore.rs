@@ -59,7 +59,7 @@ impl Session {
             tokio::task::spawn_blocking(move || load_manifest(&this.state.store, snapshot, &root2))
                 .await
                 .map_err(|e| Failure::Reply(ErrorCode::Internal, e.to_string()))?
-                .map_err(|e| Failure::Reply(ErrorCode::Internal, e))?;
+                .map_err(|e| Failure::from(crate::error::OpError::from(e)))?;
         write_frame(send, &Response::Reading(rec)).await?;
         for (c, envelope) in root.chunks.iter().zip(envelopes) {
             write_frame(send, &Response::Chunk { id: c.id, envelope }).await?;

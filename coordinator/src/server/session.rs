@@ -18,15 +18,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::error::OpError;
 use crate::State;
 
 /// Why a request stream ended without success.
+#[derive(Debug, thiserror::Error)]
 pub(crate) enum Failure {
     /// Tell the caller, keep the connection.
+    #[error("{1}")]
     Reply(ErrorCode, String),
     /// The peer broke the protocol: close the whole connection with the reason.
+    #[error("{0}")]
     Protocol(String),
     /// The stream or connection is gone; nothing to tell.
+    #[error("agent gone")]
     Gone,
 }
 
@@ -39,14 +44,16 @@ impl From<FrameError> for Failure {
     }
 }
 
+/// An operation's error goes back with the code [`OpError::wire_code`] picks.
+impl From<OpError> for Failure {
+    fn from(e: OpError) -> Self {
+        Failure::Reply(e.wire_code(), e.to_string())
+    }
+}
+
 impl From<crate::catalog::CatalogError> for Failure {
     fn from(e: crate::catalog::CatalogError) -> Self {
-        match e {
-            crate::catalog::CatalogError::NotFound(_) => {
-                Failure::Reply(ErrorCode::NotFound, e.to_string())
-            }
-            other => Failure::Reply(ErrorCode::Internal, other.to_string()),
-        }
+        OpError::from(e).into()
     }
 }
 
@@ -94,19 +101,12 @@ impl Session {
     /// Runs blocking catalog or store work off the reactor; its error goes back to the caller.
     pub(super) async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce() -> Result<T, String> + Send + 'static,
+        f: impl FnOnce() -> Result<T, OpError> + Send + 'static,
     ) -> Result<T, Failure> {
         tokio::task::spawn_blocking(f)
             .await
             .map_err(|e| Failure::Reply(ErrorCode::Internal, e.to_string()))?
-            .map_err(|e| {
-                let code = if e.contains("not found") {
-                    ErrorCode::NotFound
-                } else {
-                    ErrorCode::BadRequest
-                };
-                Failure::Reply(code, e)
-            })
+            .map_err(Failure::from)
     }
 
     /// Refuses a request about a snapshot that is not a backup this connection is running.
@@ -146,7 +146,7 @@ impl Session {
     async fn restore_grants(&self, snapshot: SnapshotId) -> Result<Vec<SnapshotId>, Failure> {
         let st = self.state.clone();
         self.blocking(move || {
-            let rec = st.catalog.get(snapshot).map_err(|e| e.to_string())?;
+            let rec = st.catalog.get(snapshot)?;
             let mut ids = crate::bundle::parts(&st, &rec)?;
             ids.push(snapshot);
             Ok(ids)
@@ -170,9 +170,9 @@ impl Session {
 
     /// A request refused because it is over a size limit: logged with the identity, answered
     /// with the reason.
-    pub(super) fn over_limit(&self, reason: String) -> Failure {
+    pub(super) fn over_limit(&self, reason: crate::limits::LimitError) -> Failure {
         warn!(peer = %self.identity, %reason, "request refused: over a limit");
-        Failure::Reply(ErrorCode::BadRequest, reason)
+        OpError::from(reason).into()
     }
 
     /// Refuses a request that this role may not make.
@@ -233,7 +233,7 @@ fn count_connection(
         Ok(slot) => Some(slot),
         Err(reason) => {
             warn!(peer = %identity, remote = %conn.remote_address(), %reason, "connection refused");
-            conn.close(close::LIMIT_REACHED.into(), reason.as_bytes());
+            conn.close(close::LIMIT_REACHED.into(), reason.to_string().as_bytes());
             None
         }
     }
@@ -333,11 +333,7 @@ async fn serve(
         }
     }
     state.live.remove(session.name(), conn.stable_id());
-    state
-        .pins
-        .lock()
-        .expect("pins lock")
-        .release(conn.stable_id());
+    state.pins.release(conn.stable_id());
 }
 
 /// How often a connected agent's certificate is checked against its name's record again.
@@ -706,7 +702,7 @@ impl Session {
                         }
                     }
                 }
-                .map_err(|e| Failure::Reply(ErrorCode::NotFound, e))?;
+                .map_err(Failure::from)?;
                 Ok(write_frame(send, &Response::Replicated(reports)).await?)
             }
             Request::ListReplicas => {

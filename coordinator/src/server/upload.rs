@@ -20,7 +20,10 @@ use fleetvault_common::{ChunkId, ChunkRef, Manifest, SnapshotId, SnapshotRecord,
 use tracing::{info, warn};
 
 use super::session::{Backup, Failure, Session};
+use crate::catalog::CatalogError;
 use crate::clock;
+use crate::error::OpError;
+use crate::limits::LimitError;
 use crate::store::{load_manifest, PutOutcome, StoreError};
 
 /// Bytes of sealed chunks collected before they are written as one durable batch.
@@ -36,18 +39,18 @@ pub(crate) fn check_fields(
     snapshot: SnapshotId,
     manifest: &Manifest,
     checksum: Option<[u8; 32]>,
-) -> Result<(), String> {
+) -> Result<(), OpError> {
     manifest
         .check_sizes()
-        .map_err(|e| format!("snapshot {snapshot}: manifest: {e}"))?;
+        .map_err(|e| OpError::Refused(format!("snapshot {snapshot}: manifest: {e}")))?;
     let agrees = match manifest {
         Manifest::Stream(s) => checksum == Some(s.checksum),
         Manifest::Tree(_) => checksum.is_none(),
     };
     if !agrees {
-        return Err(format!(
+        return Err(OpError::Refused(format!(
             "snapshot {snapshot}: the stated checksum is not the manifest's"
-        ));
+        )));
     }
     Ok(())
 }
@@ -57,11 +60,7 @@ impl Session {
     /// referenced by completed snapshots, what it aborted may go.
     pub(super) fn release_pins(&self) {
         if self.running.lock().expect("running lock").is_empty() {
-            self.state
-                .pins
-                .lock()
-                .expect("pins lock")
-                .release(self.conn.stable_id());
+            self.state.pins.release(self.conn.stable_id());
         }
     }
 
@@ -72,22 +71,19 @@ impl Session {
     /// the pins lock: a collection that reads the registered parents after this either listed
     /// the parent as completed or runs while it was committed (its pins still held).
     fn parent_for(&self, source: &str) -> Result<Option<SnapshotRecord>, Failure> {
-        let mut pins = self.state.pins.lock().expect("pins lock");
+        let mut pins = self.state.pins.lock();
         let parent = self.state.catalog.last_completed(self.name(), source)?;
         if let Some((id, root)) = parent.as_ref().and_then(|p| Some((p.id, p.root.clone()?))) {
-            let parents = pins.parents.entry(self.conn.stable_id()).or_default();
-            if !parents.iter().any(|(known, _)| *known == id) {
-                parents.push((id, root));
-            }
+            pins.pin_parent(self.conn.stable_id(), id, root);
         }
         Ok(parent)
     }
 
-    pub(super) fn owns(&self, id: &ChunkId) -> Result<bool, Failure> {
+    pub(super) fn owns(&self, id: &ChunkId) -> Result<bool, CatalogError> {
         if self.uploaded.lock().expect("uploaded lock").contains(id) {
             return Ok(true);
         }
-        Ok(self.state.catalog.has_ref(&self.owner(), id)?)
+        self.state.catalog.has_ref(&self.owner(), id)
     }
 
     pub(super) async fn missing(
@@ -107,13 +103,12 @@ impl Session {
             let mut out = Vec::new();
             // Under the pins lock: a chunk answered "present" is pinned before a garbage
             // collection can look at it, and one being deleted is not answered "present".
-            let mut pins = this.state.pins.lock().expect("pins lock");
-            let pinned = pins.by_conn.entry(this.conn.stable_id()).or_default();
+            let mut pins = this.state.pins.lock();
             for id in ids {
                 // A chunk counts as present only if this agent has proven it holds it: the
                 // answer is not an oracle for what other hosts store.
                 if this.state.store.contains(&id) && this.owns(&id)? {
-                    pinned.insert(id);
+                    pins.pin(this.conn.stable_id(), id);
                 } else {
                     out.push(id);
                 }
@@ -199,12 +194,7 @@ impl Session {
         // (its mtime may predate the collection's reference time).
         self.state
             .pins
-            .lock()
-            .expect("pins lock")
-            .by_conn
-            .entry(self.conn.stable_id())
-            .or_default()
-            .extend(ids.iter().copied());
+            .pin_all(self.conn.stable_id(), ids.iter().copied());
         let (fresh, outcome) = tokio::task::spawn_blocking(move || {
             let fresh = this.fresh(&batch)?;
             Ok::<_, Failure>((fresh, this.state.store.put_batch(&batch)))
@@ -213,13 +203,13 @@ impl Session {
         .map_err(internal)??;
         let outcome = match outcome {
             Ok(o) => o,
-            Err(e @ StoreError::BadChunk { .. }) => {
-                warn!(snapshot = %snapshot, error = %e, "refused a chunk");
-                return Err(Failure::Reply(ErrorCode::HashMismatch, e.to_string()));
-            }
             Err(e) => {
-                warn!(snapshot = %snapshot, error = %e, "cannot store chunks");
-                return Err(internal(e));
+                if matches!(e, StoreError::BadChunk { .. }) {
+                    warn!(snapshot = %snapshot, error = %e, "refused a chunk");
+                } else {
+                    warn!(snapshot = %snapshot, error = %e, "cannot store chunks");
+                }
+                return Err(OpError::from(e).into());
             }
         };
         if self.identity.role == Role::Peer {
@@ -293,7 +283,7 @@ impl Session {
             id,
             self.name(),
             &b.source,
-            &b.kind,
+            b.kind.as_str(),
             b.chunker,
             clock::now_ms(),
             SnapshotStatus::Running,
@@ -319,17 +309,14 @@ impl Session {
 
     /// The limits a `Begin` must respect: kind, job and tags bounded, and a bounded number
     /// of backups in progress on this connection.
-    fn check_begin(&self, b: &Begin) -> Result<(), String> {
+    fn check_begin(&self, b: &Begin) -> Result<(), LimitError> {
         use crate::limits;
         limits::check_name("snapshot kind", &b.kind, true)?;
         limits::check_name("job name", b.job.as_deref().unwrap_or_default(), false)?;
         limits::check_tags(&b.tags)?;
         let running = self.running.lock().expect("running lock").len();
         if running >= limits::MAX_RUNNING_PER_CONNECTION {
-            return Err(format!(
-                "{running} backups in progress on this connection, the limit is {}",
-                limits::MAX_RUNNING_PER_CONNECTION
-            ));
+            return Err(LimitError::Running(running));
         }
         Ok(())
     }
@@ -362,9 +349,9 @@ impl Session {
             Err(reason) => {
                 warn!(snapshot = %snapshot, %reason, "commit refused");
                 if backup.is_some() {
-                    self.state.catalog.fail(snapshot, &reason)?;
+                    self.state.catalog.fail(snapshot, &reason.to_string())?;
                 }
-                Err(Failure::Reply(ErrorCode::BadRequest, reason))
+                Err(reason.into())
             }
         }
     }
@@ -381,7 +368,7 @@ impl Session {
         snapshot: SnapshotId,
         refs: impl Iterator<Item = &'a ChunkRef>,
         seen: &mut HashMap<ChunkId, u32>,
-    ) -> Result<(), String> {
+    ) -> Result<(), OpError> {
         for r in refs {
             let len = match seen.get(&r.id) {
                 Some(len) => *len,
@@ -391,52 +378,53 @@ impl Session {
                     // connection's pins are released, after the catalog says `completed`.
                     // Chunks reused from a parent without a `Missing` are otherwise unpinned
                     // (rule 9).
-                    let mut pins = self.state.pins.lock().expect("pins lock");
+                    let mut pins = self.state.pins.lock();
                     let not_uploaded = || {
-                        format!(
+                        OpError::Refused(format!(
                             "snapshot {snapshot} refers to chunk {} that was not uploaded",
                             r.id
-                        )
+                        ))
                     };
-                    if !self.owns(&r.id).map_err(|_| "catalog error".to_string())? {
+                    if !self.owns(&r.id)? {
                         return Err(not_uploaded());
                     }
                     let len = self
                         .state
                         .store
                         .plaintext_len(&r.id)
-                        .map_err(|e| format!("snapshot {snapshot}: {e}"))?
+                        .map_err(|e| StoreError::Read {
+                            snapshot,
+                            source: Box::new(e),
+                        })?
                         .ok_or_else(not_uploaded)?;
-                    pins.by_conn
-                        .entry(self.conn.stable_id())
-                        .or_default()
-                        .insert(r.id);
+                    pins.pin(self.conn.stable_id(), r.id);
                     seen.insert(r.id, len);
                     len
                 }
             };
             if r.len != len {
-                return Err(format!(
+                return Err(OpError::Refused(format!(
                     "snapshot {snapshot}: the manifest says chunk {} holds {} bytes; it holds {len}",
                     r.id, r.len
-                ));
+                )));
             }
         }
         Ok(())
     }
 
     /// Checks and records a commit; returns the completed record or why it was refused.
-    fn commit_blocking(&self, c: Commit) -> Result<SnapshotRecord, String> {
+    fn commit_blocking(&self, c: Commit) -> Result<SnapshotRecord, OpError> {
         let store = &self.state.store;
         // The manifest's own chunks are proven before anything of them is read.
         let mut seen = HashMap::new();
         self.check_chunks(c.snapshot, c.root.chunks.iter(), &mut seen)?;
-        let (manifest, _) = load_manifest(store, c.snapshot, &c.root)?;
+        let (manifest, _) =
+            load_manifest(store, c.snapshot, &c.root).map_err(OpError::BadUpload)?;
         self.check_chunks(c.snapshot, manifest.data_chunks(), &mut seen)?;
         check_fields(c.snapshot, &manifest, c.checksum)?;
         let chunks = manifest.data_chunks().count() as u64;
         let catalog = &self.state.catalog;
-        let mut rec = catalog.get(c.snapshot).map_err(|e| e.to_string())?;
+        let mut rec = catalog.get(c.snapshot)?;
         crate::bundle::check_commit(&self.state, &rec, &manifest, false)?;
         {
             let running = self.running.lock().expect("running lock");
@@ -453,10 +441,8 @@ impl Session {
         rec.warnings = c.warnings;
         rec.ended_ms = Some(clock::now_ms());
         rec.status = SnapshotStatus::Completed;
-        catalog
-            .add_refs(self.name(), seen.keys())
-            .map_err(|e| e.to_string())?;
-        store.write_record(&rec).map_err(|e| e.to_string())?;
+        catalog.add_refs(self.name(), seen.keys())?;
+        store.write_record(&rec)?;
         if let Some(fault) = crate::fault::switch!("FLEETVAULT_FAULT_COMMIT_CRASH") {
             fault.crash("dying between the store record and the catalog");
         }
@@ -464,7 +450,7 @@ impl Session {
             // The commit is refused, so its record goes too: a record left behind would make
             // start-up reconciliation complete a snapshot whose chunks may be collected first.
             let _ = store.remove_record(rec.id);
-            return Err(e.to_string());
+            return Err(e.into());
         }
         Ok(rec)
     }

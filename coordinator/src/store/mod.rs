@@ -53,6 +53,53 @@ pub(crate) enum StoreError {
     /// A snapshot record file is damaged.
     #[error("snapshot record {0} is damaged")]
     BadRecord(PathBuf),
+    /// A stream read whole (a manifest, a bundle index) is larger than [`read::MAX_MANIFEST_LEN`].
+    #[error(
+        "snapshot {snapshot}: {what} of {len} bytes is too large (limit {} MiB)",
+        read::MAX_MANIFEST_LEN >> 20
+    )]
+    StreamTooLarge {
+        snapshot: SnapshotId,
+        what: &'static str,
+        len: u64,
+    },
+    /// A chunk of a snapshot (its stream read whole, or one its commit references) cannot be
+    /// read.
+    #[error("snapshot {snapshot}: {source}")]
+    Read {
+        snapshot: SnapshotId,
+        #[source]
+        source: Box<StoreError>,
+    },
+    /// A chunk of a stream read whole is not in the store.
+    #[error("snapshot {snapshot}: {what} chunk {id} is missing")]
+    StreamChunkMissing {
+        snapshot: SnapshotId,
+        what: &'static str,
+        id: ChunkId,
+    },
+    /// A chunk of a stream read whole fails its verification.
+    #[error("snapshot {snapshot}: {what} chunk {id} is damaged: {source}")]
+    StreamChunkDamaged {
+        snapshot: SnapshotId,
+        what: &'static str,
+        id: ChunkId,
+        #[source]
+        source: Box<EnvelopeError>,
+    },
+    /// A stream's length or checksum is not what its description states.
+    #[error("snapshot {snapshot}: {what} checksum does not match")]
+    StreamChecksum {
+        snapshot: SnapshotId,
+        what: &'static str,
+    },
+    /// A manifest's bytes do not decode.
+    #[error("snapshot {snapshot}: {source}")]
+    BadManifest {
+        snapshot: SnapshotId,
+        #[source]
+        source: fleetvault_common::ManifestError,
+    },
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {

@@ -5,7 +5,7 @@
 use fleetvault_common::chunk;
 use fleetvault_common::{Manifest, SnapshotId, StreamManifest};
 
-use super::ChunkStore;
+use super::{ChunkStore, StoreError};
 
 /// Largest encoded manifest or bundle index a commit may reference. The coordinator reads it
 /// whole at the commit and again at every garbage collection, verification and restore, and
@@ -19,31 +19,41 @@ pub(crate) fn read_stream(
     store: &ChunkStore,
     snapshot: SnapshotId,
     stream: &StreamManifest,
-    what: &str,
-) -> Result<(Vec<u8>, Vec<Vec<u8>>), String> {
+    what: &'static str,
+) -> Result<(Vec<u8>, Vec<Vec<u8>>), StoreError> {
     if stream.len > MAX_MANIFEST_LEN {
-        return Err(format!(
-            "snapshot {snapshot}: {what} of {} bytes is too large (limit {} MiB)",
-            stream.len,
-            MAX_MANIFEST_LEN >> 20
-        ));
+        return Err(StoreError::StreamTooLarge {
+            snapshot,
+            what,
+            len: stream.len,
+        });
     }
     let mut bytes = Vec::with_capacity(stream.len as usize);
     let mut envelopes = Vec::with_capacity(stream.chunks.len());
     for c in &stream.chunks {
         let env = store
             .get(&c.id)
-            .map_err(|e| format!("snapshot {snapshot}: {e}"))?
-            .ok_or_else(|| format!("snapshot {snapshot}: {what} chunk {} is missing", c.id))?;
-        let plain = chunk::open_verified(&env, &c.id)
-            .map_err(|e| format!("snapshot {snapshot}: {what} chunk {} is damaged: {e}", c.id))?;
+            .map_err(|e| StoreError::Read {
+                snapshot,
+                source: Box::new(e),
+            })?
+            .ok_or(StoreError::StreamChunkMissing {
+                snapshot,
+                what,
+                id: c.id,
+            })?;
+        let plain =
+            chunk::open_verified(&env, &c.id).map_err(|source| StoreError::StreamChunkDamaged {
+                snapshot,
+                what,
+                id: c.id,
+                source: Box::new(source),
+            })?;
         bytes.extend_from_slice(&plain);
         envelopes.push(env);
     }
     if bytes.len() as u64 != stream.len || *blake3::hash(&bytes).as_bytes() != stream.checksum {
-        return Err(format!(
-            "snapshot {snapshot}: {what} checksum does not match"
-        ));
+        return Err(StoreError::StreamChecksum { snapshot, what });
     }
     Ok((bytes, envelopes))
 }
@@ -53,8 +63,9 @@ pub(crate) fn load_manifest(
     store: &ChunkStore,
     snapshot: SnapshotId,
     root: &StreamManifest,
-) -> Result<(Manifest, Vec<Vec<u8>>), String> {
+) -> Result<(Manifest, Vec<Vec<u8>>), StoreError> {
     let (bytes, envelopes) = read_stream(store, snapshot, root, "manifest")?;
-    let manifest = Manifest::decode(&bytes).map_err(|e| format!("snapshot {snapshot}: {e}"))?;
+    let manifest =
+        Manifest::decode(&bytes).map_err(|source| StoreError::BadManifest { snapshot, source })?;
     Ok((manifest, envelopes))
 }
