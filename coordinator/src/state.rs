@@ -8,9 +8,9 @@ use fleetvault_common::protocol::{AgentInfo, LastBackup};
 
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::CoordinatorConfig;
+use crate::config::{PeerConfig, ReplicaConfig};
 use crate::pins::Pins;
 use crate::push::LiveAgents;
-use crate::replicate::{PeerConfig, ReplicaConfig};
 use crate::store::ChunkStore;
 
 /// The coordinator's shared state.
@@ -19,7 +19,7 @@ pub(crate) struct State {
     pub(crate) catalog: Catalog,
     pub(crate) live: LiveAgents,
     /// The `[[jobs]]` of `coordinator.toml`, replaced on SIGHUP.
-    pub(crate) jobs: std::sync::RwLock<Vec<crate::jobs::JobConfig>>,
+    pub(crate) jobs: std::sync::RwLock<Vec<crate::config::JobConfig>>,
     /// What garbage collection keeps for running backups (docs/architecture.md rule 9).
     pub(crate) pins: Pins,
     /// Held by the garbage collection that runs: one at a time, operator's or scheduled
@@ -162,7 +162,7 @@ impl State {
     }
 
     /// The jobs now configured.
-    pub(crate) fn jobs(&self) -> Vec<crate::jobs::JobConfig> {
+    pub(crate) fn jobs(&self) -> Vec<crate::config::JobConfig> {
         self.jobs.read().expect("jobs lock").clone()
     }
 }

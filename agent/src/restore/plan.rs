@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use fleetvault_common::protocol::{Progress, ReadPart, RestoreOptions};
-use fleetvault_common::{Client, JobReport, SnapshotId, SnapshotRecord};
+use fleetvault_common::{Client, JobReport, SnapshotId, SnapshotKind, SnapshotRecord};
 
 use super::bundle::{database_target, read_index, rewrite, BundleRestore, RestoreReport};
 use super::{run, Target};
@@ -83,7 +83,7 @@ pub(crate) async fn run_into(
     progress: impl Fn(Progress) + Send + Sync + 'static,
 ) -> anyhow::Result<JobReport> {
     let (rec, _manifest, _) = open_read(&client, snapshot, ReadPart::Manifest).await?;
-    if rec.kind == bundle::KIND {
+    if rec.kind == SnapshotKind::Bundle {
         return restore_bundle(client, config, snapshot, options).await;
     }
     run_into_plain(client, config, rec, options, progress).await
@@ -98,7 +98,7 @@ pub(crate) async fn run_into_plain(
     progress: impl Fn(Progress) + Send + Sync + 'static,
 ) -> anyhow::Result<JobReport> {
     let snapshot = rec.id;
-    if rec.kind == bundle::KIND {
+    if rec.kind == SnapshotKind::Bundle {
         bail!("snapshot {snapshot} is a bundle: it cannot be a part of another");
     }
     if let Some(t) = &options.target {
@@ -109,7 +109,7 @@ pub(crate) async fn run_into_plain(
         };
         return run(client, snapshot, target, progress).await;
     }
-    if rec.kind == "files" {
+    if rec.kind == SnapshotKind::Files {
         bail!("a files snapshot needs --target DIR");
     }
     let name = options.source.clone().unwrap_or_else(|| rec.source.clone());
@@ -127,7 +127,7 @@ pub(crate) async fn run_into_plain(
         SourceKind::Command {
             restore_command, ..
         } => {
-            if rec.kind != "command" {
+            if rec.kind != SnapshotKind::Command {
                 return Err(refuse_kinds());
             }
             let cmd = restore_command.clone().with_context(|| {
@@ -136,7 +136,7 @@ pub(crate) async fn run_into_plain(
             run(client, snapshot, Target::Command(cmd), progress).await
         }
         SourceKind::Database(db) => {
-            if rec.kind != db.engine.kind_name() {
+            if rec.kind.as_str() != db.engine.kind_name() {
                 return Err(refuse_kinds());
             }
             let target_db = options

@@ -13,32 +13,7 @@
 //! - A policy with no rule set keeps everything. Snapshots that are not completed (running,
 //!   failed) are never decided here.
 
-use serde::{Deserialize, Serialize};
-
-/// A job's `[jobs.retention]` table.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct Policy {
-    #[serde(default)]
-    pub(crate) keep_last: u32,
-    #[serde(default)]
-    pub(crate) keep_hourly: u32,
-    #[serde(default)]
-    pub(crate) keep_daily: u32,
-    #[serde(default)]
-    pub(crate) keep_weekly: u32,
-    #[serde(default)]
-    pub(crate) keep_monthly: u32,
-    #[serde(default)]
-    pub(crate) keep_yearly: u32,
-}
-
-impl Policy {
-    /// Whether no rule is set (everything is kept).
-    pub(crate) fn is_empty(&self) -> bool {
-        *self == Policy::default()
-    }
-}
+use crate::config::Policy;
 
 /// One snapshot as retention sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -6,8 +6,8 @@ use fleetvault_common::{ChunkerParams, SnapshotRecord, SnapshotStatus};
 use tracing::{info, warn};
 
 use crate::catalog::CatalogError;
+use crate::config::JobConfig;
 use crate::jobs::snapshots::forget;
-use crate::jobs::JobConfig;
 use crate::State;
 
 /// Records a run that could not start (agent offline): listed `failed` with the reason.

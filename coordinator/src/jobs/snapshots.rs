@@ -8,9 +8,9 @@ use fleetvault_common::{SnapshotId, SnapshotRecord, SnapshotStatus};
 use tracing::info;
 
 use crate::catalog::CatalogError;
+use crate::config::{JobConfig, Policy};
 use crate::error::OpError;
 use crate::jobs::retention::{apply, Candidate};
-use crate::jobs::{JobConfig, Policy};
 use crate::State;
 
 /// Applies `job`'s retention to its completed snapshots, per agent and source; deletes

@@ -155,7 +155,7 @@ impl Session {
     }
 
     /// The configured job called `name`.
-    fn job(&self, name: &str) -> Result<crate::jobs::JobConfig, Failure> {
+    fn job(&self, name: &str) -> Result<crate::config::JobConfig, Failure> {
         self.state
             .jobs()
             .into_iter()

@@ -10,6 +10,12 @@
 //! DIR/catalog/           sled catalog (see catalog/)
 //! ```
 
+mod jobs;
+mod replicas;
+
+pub(crate) use jobs::{globs, next_due, parse_schedule, JobConfig, Policy, ScheduleError};
+pub(crate) use replicas::{PeerConfig, ReplicaConfig};
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -46,13 +52,13 @@ pub(crate) struct CoordinatorConfig {
     pub(crate) job_timeout_secs: Option<u64>,
     /// Scheduled backups (`[[jobs]]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub(crate) jobs: Vec<crate::jobs::JobConfig>,
+    pub(crate) jobs: Vec<JobConfig>,
     /// Where this coordinator sends its snapshots (`[[replicas]]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub(crate) replicas: Vec<crate::replicate::ReplicaConfig>,
+    pub(crate) replicas: Vec<ReplicaConfig>,
     /// Primaries that may send snapshots here (`[[peers]]`), with their retention.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub(crate) peers: Vec<crate::replicate::PeerConfig>,
+    pub(crate) peers: Vec<PeerConfig>,
 }
 
 impl CoordinatorConfig {
@@ -274,7 +280,7 @@ pub(crate) enum ConfigError {
     Schedule {
         key: &'static str,
         #[source]
-        source: crate::jobs::ScheduleError,
+        source: ScheduleError,
     },
     /// `key` is empty.
     #[error("key `{0}` is empty")]
@@ -323,7 +329,7 @@ impl CoordinatorConfig {
             ("verify_schedule", &self.verify_schedule),
         ] {
             if let Some(s) = value {
-                top(crate::jobs::parse_schedule(s)
+                top(parse_schedule(s)
                     .map(drop)
                     .map_err(|source| ConfigError::Schedule { key, source }))?;
             }
