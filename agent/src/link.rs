@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetvault_common::protocol::frame::{read_frame, write_frame};
-use fleetvault_common::protocol::{Push, PushReply, Request, Response, RestoreOptions};
+use fleetvault_common::protocol::{Push, PushReply, RestoreOptions};
 use fleetvault_common::{Client, JobReport, SnapshotId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -38,14 +38,11 @@ pub(crate) async fn run(config: AgentConfig, shutdown: CancellationToken) -> any
                 continue;
             }
         };
-        match client
-            .call(&Request::Register {
-                sources: config.source_infos(),
-            })
-            .await
-        {
-            Ok(Response::Ok) => {}
-            Ok(other) => warn!(reply = ?other, "unexpected reply to Register"),
+        match client.register(config.source_infos()).await {
+            Ok(()) => {}
+            Err(e @ fleetvault_common::ClientError::Unexpected { .. }) => {
+                warn!(error = %e, "registering with the coordinator")
+            }
             Err(e) => {
                 warn!(error = %e, "registering with the coordinator failed");
                 continue;

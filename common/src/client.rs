@@ -14,6 +14,9 @@ use crate::protocol::frame::{read_frame, read_frame_or_chunk, write_frame, Frame
 use crate::protocol::{close, ErrorCode, Hello, HelloReply, Request, Response, PROTOCOL_VERSION};
 use crate::transport::{self, Credentials};
 
+mod exchanges;
+pub use exchanges::{ReadItem, ReadStream, SnapshotRead};
+
 /// How long resolving the coordinator's address and the QUIC handshake may take together.
 /// Nothing answers a QUIC packet sent to a closed UDP port, so without this limit a coordinator
 /// that is down would cost the whole idle timeout.
@@ -47,12 +50,25 @@ pub enum ClientError {
         /// Its text.
         message: String,
     },
-    /// The coordinator answered something unexpected.
-    #[error("unexpected reply from coordinator: {0}")]
-    Unexpected(String),
+    /// The coordinator answered a request with a reply of the wrong kind.
+    #[error("unexpected reply from coordinator to {request}: {reply}")]
+    Unexpected {
+        /// The request's kind ([`Request::kind`]).
+        request: &'static str,
+        /// The reply's kind ([`Response::kind`]).
+        reply: &'static str,
+    },
 }
 
 impl ClientError {
+    /// `reply` is not an answer to `request`.
+    pub fn unexpected(request: &Request, reply: &Response) -> Self {
+        ClientError::Unexpected {
+            request: request.kind(),
+            reply: reply.kind(),
+        }
+    }
+
     /// The exit code this error calls for, when it is not a plain failure:
     /// [`EXIT_UNREACHABLE`] (10) or [`EXIT_REFUSED`] (11).
     ///
@@ -73,6 +89,21 @@ fn lost(conn: &quinn::Connection, what: impl std::fmt::Display) -> ClientError {
     match conn.close_reason() {
         Some(reason) => ClientError::Lost(transport::describe_connection_error(&reason)),
         None => ClientError::Lost(what.to_string()),
+    }
+}
+
+/// A read reply as the caller sees it: a `Response::Error` becomes [`ClientError::Remote`],
+/// a stream that ends early or breaks is [`ClientError::Lost`].
+fn settle(
+    conn: &quinn::Connection,
+    frame: Result<Option<Response>, FrameError>,
+) -> Result<Response, ClientError> {
+    match frame {
+        Ok(Some(Response::Error { code, message })) => Err(ClientError::Remote { code, message }),
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err(lost(conn, "stream ended without a reply")),
+        Err(FrameError::Io(e)) => Err(lost(conn, e)),
+        Err(e) => Err(ClientError::Frame(e)),
     }
 }
 
@@ -272,15 +303,7 @@ impl Client {
 
     /// A read reply as the caller sees it.
     fn settle(&self, frame: Result<Option<Response>, FrameError>) -> Result<Response, ClientError> {
-        match frame {
-            Ok(Some(Response::Error { code, message })) => {
-                Err(ClientError::Remote { code, message })
-            }
-            Ok(Some(r)) => Ok(r),
-            Ok(None) => Err(self.lost("stream ended without a reply")),
-            Err(FrameError::Io(e)) => Err(self.lost(e)),
-            Err(e) => Err(ClientError::Frame(e)),
-        }
+        settle(&self.conn, frame)
     }
 
     /// One request, one reply.

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use fleetvault_common::protocol::{Begin, Progress, Request, Response, RestoreOptions};
+use fleetvault_common::protocol::{Begin, Progress, RestoreOptions};
 use fleetvault_common::{Client, JobReport, SnapshotId};
 use serde::{Deserialize, Serialize};
 
@@ -271,12 +271,8 @@ async fn record_failed(client: &Client, bundle: &BundleConfig, reason: &str) {
         job: None,
         tags: vec![KIND.into()],
     };
-    if let Ok(Response::Begun { snapshot, .. }) = client.call(&Request::Begin(begin)).await {
-        let abort = Request::Abort {
-            snapshot,
-            reason: reason.to_owned(),
-        };
-        if let Err(e) = client.call(&abort).await {
+    if let Ok((snapshot, _)) = client.begin(begin).await {
+        if let Err(e) = client.abort(snapshot, reason.to_owned()).await {
             tracing::warn!(error = %e, "cannot record the failed bundle");
         }
     }

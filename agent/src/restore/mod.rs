@@ -17,9 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use fleetvault_common::chunk;
-use fleetvault_common::protocol::{Progress, ReadPart, Request, Response, RestoreOptions};
-use fleetvault_common::{Client, JobReport, Manifest, SnapshotId, SnapshotRecord};
+use fleetvault_common::protocol::{Progress, ReadPart, RestoreOptions};
+use fleetvault_common::{Client, JobReport, Manifest, SnapshotId, SnapshotRead, SnapshotRecord};
 use tokio::sync::mpsc;
 
 use crate::config::{AgentConfig, SourceConfig, SourceKind};
@@ -54,55 +53,15 @@ pub(crate) enum Target {
 /// peak memory, to 160-190 MB on a 1 GiB dump).
 const QUEUE: usize = 8;
 
-/// Opens a `Read` stream and returns the record and the verified, decoded manifest.
-async fn open_read(
-    client: &Client,
-    snapshot: SnapshotId,
-    part: ReadPart,
-) -> anyhow::Result<(SnapshotRecord, Manifest, quinn::RecvStream)> {
-    let (mut send, mut recv) = client.open(&Request::Read { snapshot, part }).await?;
-    let _ = send.finish();
-    let rec = match client.reply(&mut recv).await? {
-        Response::Reading(rec) => rec,
-        other => bail!("unexpected reply to Read: {other:?}"),
-    };
-    let root = rec
-        .root
-        .clone()
-        .with_context(|| format!("snapshot {snapshot} has no manifest"))?;
-    let mut bytes = Vec::with_capacity(root.len as usize);
-    for c in &root.chunks {
-        match client.reply(&mut recv).await? {
-            Response::Chunk { id, envelope } if id == c.id => {
-                let plain = chunk::open_verified(&envelope, &c.id).map_err(|e| {
-                    anyhow!(
-                        "snapshot {snapshot}: manifest chunk {} is damaged: {e}",
-                        c.id
-                    )
-                })?;
-                bytes.extend_from_slice(&plain);
-            }
-            Response::ChunkMissing { id } => {
-                bail!("snapshot {snapshot}: manifest chunk {id} is missing on the coordinator")
-            }
-            other => bail!("snapshot {snapshot}: unexpected frame in the manifest: {other:?}"),
-        }
-    }
-    if bytes.len() as u64 != root.len || *blake3::hash(&bytes).as_bytes() != root.checksum {
-        bail!("snapshot {snapshot}: manifest checksum does not match");
-    }
-    let manifest =
-        Manifest::decode(&bytes).with_context(|| format!("snapshot {snapshot}: bad manifest"))?;
-    Ok((rec, manifest, recv))
-}
-
 /// Reads a snapshot's record (and checks its manifest).
 pub(crate) async fn read_record(
     client: &Client,
     snapshot: SnapshotId,
 ) -> anyhow::Result<SnapshotRecord> {
-    let (rec, _, _) = open_read(client, snapshot, ReadPart::Manifest).await?;
-    Ok(rec)
+    Ok(client
+        .read_snapshot(snapshot, ReadPart::Manifest)
+        .await?
+        .record)
 }
 
 /// Reads only a snapshot's manifest (for unchanged-file detection).
@@ -110,8 +69,10 @@ pub(crate) async fn read_manifest(
     client: &Client,
     snapshot: SnapshotId,
 ) -> anyhow::Result<Manifest> {
-    let (_, manifest, _) = open_read(client, snapshot, ReadPart::Manifest).await?;
-    Ok(manifest)
+    Ok(client
+        .read_snapshot(snapshot, ReadPart::Manifest)
+        .await?
+        .manifest)
 }
 
 /// Restores `snapshot` into `target`; `progress` is called about twice a second.
@@ -130,11 +91,14 @@ pub(crate) async fn run(
         Target::Relocated { dir, .. } => Some(dir.display().to_string()),
         Target::InPlace { .. } => Some("/".into()),
     };
-    let (rec, manifest, mut recv) = open_read(&client, snapshot, ReadPart::All).await?;
+    let SnapshotRead {
+        record: rec,
+        manifest,
+        mut chunks,
+    } = client.read_snapshot(snapshot, ReadPart::All).await?;
     let total = manifest.logical_len();
     let (tx, rx) = mpsc::channel(QUEUE);
-    let fetch_client = client.clone();
-    let fetch = tokio::spawn(async move { reassemble::fetch(&fetch_client, &mut recv, tx).await });
+    let fetch = tokio::spawn(async move { reassemble::fetch(&mut chunks, tx).await });
     let written = Arc::new(AtomicU64::new(0));
     let ticker_written = written.clone();
     let ticker = tokio::spawn(async move {
@@ -350,7 +314,7 @@ pub(crate) async fn run_into(
     options: &RestoreOptions,
     progress: impl Fn(Progress) + Send + Sync + 'static,
 ) -> anyhow::Result<JobReport> {
-    let (rec, _manifest, _) = open_read(&client, snapshot, ReadPart::Manifest).await?;
+    let rec = read_record(&client, snapshot).await?;
     if rec.kind == crate::bundle::KIND {
         return restore_bundle(client, config, snapshot, options).await;
     }

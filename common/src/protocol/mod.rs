@@ -613,6 +613,70 @@ impl frame::WithChunks for Response {
     const CHUNK_TAG: u8 = 7;
 }
 
+impl Request {
+    /// The variant's name, for messages about an exchange.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Missing { .. } => "Missing",
+            Request::PutChunks { .. } => "PutChunks",
+            Request::Chunk { .. } => "Chunk",
+            Request::Begin(..) => "Begin",
+            Request::Commit(..) => "Commit",
+            Request::Abort { .. } => "Abort",
+            Request::Read { .. } => "Read",
+            Request::ListSnapshots(..) => "ListSnapshots",
+            Request::ListAgents => "ListAgents",
+            Request::Register { .. } => "Register",
+            Request::PushBackup { .. } => "PushBackup",
+            Request::PushRestore { .. } => "PushRestore",
+            Request::Describe { .. } => "Describe",
+            Request::PushRestoreInto { .. } => "PushRestoreInto",
+            Request::RunJob { .. } => "RunJob",
+            Request::Protect { .. } => "Protect",
+            Request::Delete { .. } => "Delete",
+            Request::Forget { .. } => "Forget",
+            Request::Gc => "Gc",
+            Request::Verify { .. } => "Verify",
+            Request::ReplicaHave { .. } => "ReplicaHave",
+            Request::ReplicaBegin { .. } => "ReplicaBegin",
+            Request::ReplicaCommit { .. } => "ReplicaCommit",
+            Request::Replicate { .. } => "Replicate",
+            Request::ListReplicas => "ListReplicas",
+            Request::Promote => "Promote",
+        }
+    }
+}
+
+impl Response {
+    /// The variant's name, for naming an unexpected reply without its (possibly large) content.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Response::Error { .. } => "Error",
+            Response::Ok => "Ok",
+            Response::Missing { .. } => "Missing",
+            Response::Stored { .. } => "Stored",
+            Response::Begun { .. } => "Begun",
+            Response::Committed(..) => "Committed",
+            Response::Reading(..) => "Reading",
+            Response::Chunk { .. } => "Chunk",
+            Response::ChunkMissing { .. } => "ChunkMissing",
+            Response::End => "End",
+            Response::Snapshots(..) => "Snapshots",
+            Response::Agents(..) => "Agents",
+            Response::Progress(..) => "Progress",
+            Response::JobDone(..) => "JobDone",
+            Response::Reports(..) => "Reports",
+            Response::Retention(..) => "Retention",
+            Response::GcDone(..) => "GcDone",
+            Response::Verified(..) => "Verified",
+            Response::ReplicaHave { .. } => "ReplicaHave",
+            Response::Replicated(..) => "Replicated",
+            Response::Replicas(..) => "Replicas",
+            Response::Promoted { .. } => "Promoted",
+        }
+    }
+}
+
 /// Work the coordinator pushes to a live agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Push {
