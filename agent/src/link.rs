@@ -128,14 +128,7 @@ async fn serve_push(
                 let source = config.source(source)?;
                 crate::backup::run(client.clone(), source, job.clone(), progress).await
             }
-            Push::Restore { snapshot, target } => {
-                let options = RestoreOptions {
-                    target: target.clone(),
-                    ..RestoreOptions::default()
-                };
-                pushed_restore(&client, &config, *snapshot, &options, progress).await
-            }
-            Push::RestoreInto { snapshot, options } => {
+            Push::Restore { snapshot, options } => {
                 pushed_restore(&client, &config, *snapshot, options, progress).await
             }
         }
@@ -157,9 +150,7 @@ async fn serve_push(
                 status: "failed".into(),
                 error: Some(format!("{e:#}")),
                 snapshot_id: match &push {
-                    Push::Restore { snapshot, .. } | Push::RestoreInto { snapshot, .. } => {
-                        snapshot.to_string()
-                    }
+                    Push::Restore { snapshot, .. } => snapshot.to_string(),
                     Push::Backup { .. } => {
                         fleetvault_common::exit::find::<fleetvault_common::exit::FailedRecord>(&e)
                             .map(|f| f.snapshot_id.clone())
@@ -168,8 +159,7 @@ async fn serve_push(
                 },
                 source: match &push {
                     Push::Backup { source, .. } => source.clone(),
-                    Push::RestoreInto { options, .. } => options.source.clone().unwrap_or_default(),
-                    Push::Restore { .. } => String::new(),
+                    Push::Restore { options, .. } => options.source.clone().unwrap_or_default(),
                 },
                 agent: client.identity().trim_start_matches("agent/").to_owned(),
                 ..JobReport::default()

@@ -163,6 +163,7 @@ pub struct Client {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
     identity: String,
+    protocol: u32,
 }
 
 impl Client {
@@ -193,7 +194,11 @@ impl Client {
                 )))
             }
         };
-        Self::handshake(creds, resolved, address, server_name, software, deadline).await
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            software: software.to_owned(),
+        };
+        Self::handshake(creds, resolved, address, server_name, hello, deadline).await
     }
 
     /// Connects to a resolved address (errors name it), checks the protocol version and
@@ -205,16 +210,25 @@ impl Client {
         server_name: &str,
         software: &str,
     ) -> Result<Self, ClientError> {
+        Self::connect_speaking(creds, addr, server_name, software, PROTOCOL_VERSION).await
+    }
+
+    /// [`Client::connect`] saying `protocol` in the hello instead of [`PROTOCOL_VERSION`]:
+    /// how tests play an older (or newer) peer. Only the hello is of that version: the
+    /// caller sends what that version sends.
+    pub async fn connect_speaking(
+        creds: &Credentials,
+        addr: SocketAddr,
+        server_name: &str,
+        software: &str,
+        protocol: u32,
+    ) -> Result<Self, ClientError> {
         let deadline = Instant::now() + CONNECT_TIMEOUT;
-        Self::handshake(
-            creds,
-            addr,
-            &addr.to_string(),
-            server_name,
-            software,
-            deadline,
-        )
-        .await
+        let hello = Hello {
+            protocol,
+            software: software.to_owned(),
+        };
+        Self::handshake(creds, addr, &addr.to_string(), server_name, hello, deadline).await
     }
 
     async fn handshake(
@@ -222,7 +236,7 @@ impl Client {
         addr: SocketAddr,
         display: &str,
         server_name: &str,
-        software: &str,
+        hello: Hello,
         deadline: Instant,
     ) -> Result<Self, ClientError> {
         let endpoint =
@@ -237,25 +251,29 @@ impl Client {
         };
         let failed = |e: &dyn std::fmt::Display| hello_failed(&conn, display, e);
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| failed(&e))?;
-        let hello = Hello {
-            protocol: PROTOCOL_VERSION,
-            software: software.to_owned(),
-        };
         write_frame(&mut send, &hello)
             .await
             .map_err(|e| failed(&e))?;
         let reply: Option<HelloReply> = read_frame(&mut recv).await.map_err(|e| failed(&e))?;
         match reply {
-            Some(HelloReply::Welcome { identity, .. }) => Ok(Self {
+            Some(HelloReply::Welcome {
+                identity, protocol, ..
+            }) => Ok(Self {
                 endpoint,
                 conn,
                 identity,
+                protocol,
             }),
             Some(HelloReply::Refused { reason }) => Err(ClientError::Refused(format!(
                 "coordinator {display} refused the connection: {reason}"
             ))),
             None => Err(failed(&"connection closed")),
         }
+    }
+
+    /// The protocol version spoken on this connection (the coordinator's answer to ours).
+    pub fn protocol(&self) -> u32 {
+        self.protocol
     }
 
     /// The identity the coordinator sees (`agent/NAME`).

@@ -245,23 +245,10 @@ impl Client {
         options: RestoreOptions,
         on_progress: impl FnMut(Progress),
     ) -> Result<JobReport, ClientError> {
-        // The plain form stays the original request, so older agents keep working with it.
-        let plain = options.source.is_none()
-            && options.database.is_none()
-            && !options.replace
-            && !options.no_safety_snapshot;
-        let req = if plain {
-            Request::PushRestore {
-                snapshot,
-                agent,
-                target: options.target,
-            }
-        } else {
-            Request::PushRestoreInto {
-                snapshot,
-                agent,
-                options,
-            }
+        let req = Request::PushRestore {
+            snapshot,
+            agent,
+            options,
         };
         self.follow(req, on_progress, job_done).await
     }
