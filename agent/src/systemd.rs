@@ -14,11 +14,10 @@
 //! A `command` source's `restore_command` writes wherever it writes: the drop-in names such
 //! sources in a comment, for the operator to add their paths.
 
-use std::io::Write;
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use fleetvault_common::durable;
 
 use crate::config::{AgentConfig, Engine, SourceKind};
 
@@ -134,37 +133,13 @@ pub(crate) fn run(config_path: &Path, write: Option<&Path>) -> anyhow::Result<()
     Ok(())
 }
 
-/// Temporary file, write, fsync, rename over `path`, fsync the directory (architecture rule 7).
+/// Creates `path`'s directory, then writes it durably (architecture rule 7).
 fn write_durably(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use rustix::fs::{openat, renameat, Mode, OFlags, CWD};
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} is not a file name", path.display()))?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let dirfd = openat(
-        CWD,
-        dir,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(std::io::Error::from)
-    .with_context(|| format!("opening {}", dir.display()))?;
-    let (mut file, tmp) = crate::sink::durable::create_temp(dirfd.as_fd(), 0o644)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    let written = file
-        .write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .and_then(|()| Ok(renameat(&dirfd, &tmp, &dirfd, name)?))
-        .and_then(|()| Ok(rustix::fs::fsync(&dirfd)?));
-    if let Err(e) = written {
-        let _ = rustix::fs::unlinkat(&dirfd, &tmp, rustix::fs::AtFlags::empty());
-        return Err(e).with_context(|| format!("writing {}", path.display()));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    Ok(())
+    durable::write_file(path, bytes, 0o644, durable::Replace::Yes)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ mod chunker;
 pub mod cli;
 mod client;
 mod config;
+pub mod durable;
 pub mod exit;
 mod id;
 mod manifest;

@@ -12,10 +12,10 @@
 
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context};
+use fleetvault_common::durable::{NewFile, Replace};
 use fleetvault_common::protocol::ReadPart;
 use fleetvault_common::{
     chunk, ChunkRef, Client, EntryKind, Manifest, ReadItem, ReadStream, SnapshotId,
@@ -129,19 +129,19 @@ impl Read for Checked<'_> {
 /// The tar archive a tree (or a bundle) is written into.
 type Tar = tar::Builder<Out>;
 
-/// Where the bytes go: a new file (fsynced at the end) or stdout.
+/// Where the bytes go: a new file (under its name only once whole and durable) or stdout.
 pub(crate) enum Out {
-    File(io::BufWriter<std::fs::File>),
+    File(io::BufWriter<NewFile>, Replace),
     Stdout(io::BufWriter<io::Stdout>),
 }
 
 impl Out {
-    /// Everything written and durable (a file) or handed on (stdout).
+    /// Everything written and durable under its name (a file) or handed on (stdout).
     fn finish(self) -> anyhow::Result<()> {
         match self {
-            Out::File(w) => {
+            Out::File(w, replace) => {
                 let file = w.into_inner().map_err(|e| e.into_error())?;
-                file.sync_all()?;
+                file.commit(replace)?;
             }
             Out::Stdout(mut w) => w.flush()?,
         }
@@ -153,14 +153,14 @@ impl Write for Out {
     #[allow(clippy::disallowed_methods)] // delegating `Write` itself: callers use write_all
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            Out::File(w) => w.write(buf),
+            Out::File(w, _) => w.write(buf),
             Out::Stdout(w) => w.write(buf),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         match self {
-            Out::File(w) => w.flush(),
+            Out::File(w, _) => w.flush(),
             Out::Stdout(w) => w.flush(),
         }
     }
@@ -298,41 +298,13 @@ pub(crate) async fn download(
             out.display()
         );
     }
-    let tmp = out.with_file_name(format!(
-        ".{}.fleetvault-download",
-        out.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ));
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    let result = write_all(client, snapshot, Out::File(io::BufWriter::new(file)), &bar).await;
+    // Created 0600 whatever the umask: a snapshot may hold secrets.
+    let file = NewFile::create(out, 0o600)?;
+    let replace = if force { Replace::Yes } else { Replace::No };
+    let out = Out::File(io::BufWriter::new(file), replace);
+    let written = write_all(client, snapshot, out, &bar).await;
     bar.finish_and_clear();
-    let written = match result {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-    };
-    if force {
-        #[allow(clippy::disallowed_methods)] // temp, fsync, rename: the file appears whole
-        std::fs::rename(&tmp, out).with_context(|| format!("renaming into {}", out.display()))?;
-    } else {
-        // link(2) never replaces: a file that appeared meanwhile is not overwritten.
-        let linked = std::fs::hard_link(&tmp, out);
-        let _ = std::fs::remove_file(&tmp);
-        linked.with_context(|| format!("creating {}", out.display()))?;
-    }
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        crate::store::sync_dir(dir).with_context(|| format!("syncing {}", dir.display()))?;
-    }
-    Ok(written)
+    written
 }
 
 /// A bundle snapshot's index (its parts with their own status, its hooks), as its agent

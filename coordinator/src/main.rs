@@ -13,10 +13,10 @@ mod limits;
 mod push;
 mod reconcile;
 mod replicate;
-mod serve;
 mod server;
 mod state;
 mod store;
+mod tasks;
 #[cfg(test)]
 mod testing;
 
@@ -328,7 +328,7 @@ fn dispatch(command: Command, json: bool) -> anyhow::Result<ExitCode> {
             server_name,
             advertise,
         } => cli::init(&dir.path(), &listen, &server_name, advertise, json),
-        Command::Serve { dir } => serve::serve(&dir.path()),
+        Command::Serve { dir } => server::serve(&dir.path()),
         Command::IssueAgent {
             name,
             dir,

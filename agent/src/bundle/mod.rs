@@ -574,22 +574,11 @@ fn rewrite(
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let out = profiles::rewrite_config(profile, &text, &old_db, new_db, old_root, new_root)?;
-    // A short temporary name beside it (the file's own name may be up to 255 bytes).
-    let tmp = path.with_file_name(crate::sink::durable::temp_name());
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, out.as_bytes()))
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    let perms = std::fs::metadata(&path)?.permissions();
-    std::fs::set_permissions(&tmp, perms)?;
-    #[allow(clippy::disallowed_methods)] // replacing one config file atomically, not a chunk
-    let renamed = std::fs::rename(&tmp, &path);
-    if renamed.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    renamed.with_context(|| format!("replacing {}", path.display()))?;
+    // Replaced whole and durably, keeping the file's mode (it may hold secrets).
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path)?.permissions());
+    let replace = fleetvault_common::durable::Replace::Yes;
+    fleetvault_common::durable::write_file(&path, out.as_bytes(), mode & 0o7777, replace)
+        .with_context(|| format!("replacing {}", path.display()))?;
     Ok(Some(path.display().to_string()))
 }
 

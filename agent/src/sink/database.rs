@@ -114,7 +114,7 @@ pub(crate) fn restore(
             super::postgres::restore(&r.db, r.format, manifest, reasm, written, &r.tag, rt)
         }
         Engine::Mysql => super::mysql::restore(&r.db, r.replace, manifest, reasm, written),
-        Engine::Sqlite => super::sqlite::restore(&r.db, manifest, reasm, written, &r.tag),
+        Engine::Sqlite => super::sqlite::restore(&r.db, manifest, reasm, written),
         Engine::Mongodb => {
             super::mongodb::restore(&r.db, &r.from_database, r.replace, manifest, reasm, written)
         }

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicU64;
 
 use anyhow::{anyhow, Context};
-use fleetvault_common::Manifest;
+use fleetvault_common::{durable, Manifest};
 
 use super::database::{feed_tool, TargetState};
 use crate::restore::Reassembler;
@@ -58,7 +58,6 @@ pub(crate) fn restore(
     manifest: &Manifest,
     reasm: &mut Reassembler,
     written: &AtomicU64,
-    tag: &str,
 ) -> anyhow::Result<()> {
     let Manifest::Stream(stream) = manifest else {
         return Err(anyhow!("a SQLite snapshot holds one stream"));
@@ -69,29 +68,21 @@ pub(crate) fn restore(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = target
+    target
         .file_name()
         .with_context(|| format!("{} is not a file path", target.display()))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".fleetvault-{tag}"));
-    let tmp = dir.join(tmp_name);
-    let _ = std::fs::remove_file(&tmp);
+    // sqlite3 loads into a new file beside the target (a 0-byte file is an empty database),
+    // which replaces the target only once whole and durable; 0644 as sqlite3 would create it.
+    let tmp = durable::NewFile::create(&target, 0o644)?;
     // -safe: the dump may come from another (compromised) host; safe mode refuses the dot
     // commands and SQL functions that run programs or touch other files (.shell, .system,
     // .output, .load, ATTACH, writefile(), …) and stops at the first one.
     let mut cmd = Command::new("sqlite3");
-    cmd.args(["-safe", "-bail"]).arg(&tmp);
+    cmd.args(["-safe", "-bail"]).arg(tmp.temp_path());
     let child =
         ShellCommand::spawn_command("sqlite3", "sqlite3", cmd, Stdio::piped(), Stdio::null())
             .map_err(|e| anyhow!(e))?;
-    let loaded = feed_tool(child, |stdin| reasm.stream(stream, stdin, written)).and_then(|()| {
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .with_context(|| format!("syncing {}", tmp.display()))
-    });
-    if let Err(e) = loaded {
-        let _ = std::fs::remove_file(&tmp);
+    if let Err(e) = feed_tool(child, |stdin| reasm.stream(stream, stdin, written)) {
         return Err(e.context(format!(
             "restore into {} failed; it was not touched",
             target.display()
@@ -103,11 +94,7 @@ pub(crate) fn restore(
         p.push(suffix);
         let _ = std::fs::remove_file(PathBuf::from(p));
     }
-    #[allow(clippy::disallowed_methods)] // temp, fsync, rename: the target is replaced whole
-    std::fs::rename(&tmp, &target)
-        .with_context(|| format!("renaming into {}", target.display()))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+    tmp.commit(durable::Replace::Yes)
+        .with_context(|| format!("replacing {}", target.display()))?;
     Ok(())
 }

@@ -2,13 +2,13 @@
 //! `rebuild-catalog`, and the private, durable file writes they share.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use fleetvault_certs::{Ca, Role};
+use fleetvault_common::durable::{write_file, Replace};
 use fleetvault_common::exit::UsageError;
 use fleetvault_common::report;
 
@@ -17,63 +17,6 @@ use crate::config::{CoordinatorConfig, DataDir};
 use crate::store::ChunkStore;
 
 use super::print_json;
-
-/// Writes `bytes` to `path` with exactly `mode` (whatever the umask), replacing nothing
-/// unless `overwrite`.
-///
-/// The bytes go to a new temp file beside `path` (created with `O_EXCL | O_NOFOLLOW`), which
-/// is fsynced and then renamed over `path` (or hard-linked to it when nothing may be
-/// replaced), and the directory is fsynced. So an existing file's mode is never kept, a
-/// symlink at `path` is replaced and never followed, and a crash leaves either the old file or
-/// the new one under `path`, never a partial one.
-pub(crate) fn write_file(
-    path: &Path,
-    bytes: &[u8],
-    mode: u32,
-    overwrite: bool,
-) -> anyhow::Result<()> {
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} names no file", path.display()))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut nonce = [0u8; 8];
-    getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("generating a temp name: {e}"))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        hex::encode(nonce)
-    ));
-    let written = (|| -> anyhow::Result<()> {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        // The umask may have taken bits away: the mode is exactly the one asked.
-        f.set_permissions(fs::Permissions::from_mode(mode))
-            .and_then(|_| f.write_all(bytes))
-            .and_then(|_| f.sync_all())
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        if overwrite {
-            #[allow(clippy::disallowed_methods)] // a credential or config file, not a chunk
-            fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
-        } else {
-            // link(2) never replaces: an existing file (or symlink) at `path` is an error.
-            fs::hard_link(&tmp, path).with_context(|| format!("creating {}", path.display()))?;
-            fs::remove_file(&tmp).with_context(|| format!("removing {}", tmp.display()))
-        }
-    })();
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    written?;
-    crate::store::sync_dir(dir).with_context(|| format!("writing {}", path.display()))
-}
 
 /// Creates `dir` (and its parents) private to this user.
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
@@ -144,38 +87,48 @@ pub(crate) fn init(
     let operator = ca
         .issue(Role::Operator, "admin", &[])
         .context("issuing the operator certificate")?;
-    write_file(&dir.tls("ca.pem"), ca.cert_pem().as_bytes(), 0o644, false)?;
-    write_file(&dir.tls("ca.key"), ca.key_pem().as_bytes(), 0o600, false)?;
+    write_file(
+        &dir.tls("ca.pem"),
+        ca.cert_pem().as_bytes(),
+        0o644,
+        Replace::No,
+    )?;
+    write_file(
+        &dir.tls("ca.key"),
+        ca.key_pem().as_bytes(),
+        0o600,
+        Replace::No,
+    )?;
     write_file(
         &dir.tls("coordinator.pem"),
         server.cert_pem.as_bytes(),
         0o644,
-        false,
+        Replace::No,
     )?;
     write_file(
         &dir.tls("coordinator.key"),
         server.key_pem.as_bytes(),
         0o600,
-        false,
+        Replace::No,
     )?;
     write_file(
         &dir.tls("operator.pem"),
         operator.cert_pem.as_bytes(),
         0o644,
-        false,
+        Replace::No,
     )?;
     write_file(
         &dir.tls("operator.key"),
         operator.key_pem.as_bytes(),
         0o600,
-        false,
+        Replace::No,
     )?;
     ChunkStore::open(&dir.store()).context("creating the chunk store")?;
     let text = format!(
         "# fleetvault coordinator configuration (written by `fleetvault-coordinator init`)\n{}",
         toml::to_string(&cfg).context("encoding coordinator.toml")?
     );
-    write_file(&dir.config_path(), text.as_bytes(), 0o644, false)?;
+    write_file(&dir.config_path(), text.as_bytes(), 0o644, Replace::No)?;
     if json {
         print_json(&serde_json::json!({
             "status": "completed",
@@ -240,14 +193,24 @@ pub(crate) fn issue_agent(
             .context("the new certificate has no PEM block")?;
     let record =
         crate::issued::AgentRecord::new(name, &der, &cert.serial_hex, crate::clock::now_ms());
-    write_file(&out.join("ca.pem"), ca.cert_pem().as_bytes(), 0o644, true)?;
+    write_file(
+        &out.join("ca.pem"),
+        ca.cert_pem().as_bytes(),
+        0o644,
+        Replace::Yes,
+    )?;
     write_file(
         &out.join("agent.pem"),
         cert.cert_pem.as_bytes(),
         0o644,
-        true,
+        Replace::Yes,
     )?;
-    write_file(&out.join("agent.key"), cert.key_pem.as_bytes(), 0o600, true)?;
+    write_file(
+        &out.join("agent.key"),
+        cert.key_pem.as_bytes(),
+        0o600,
+        Replace::Yes,
+    )?;
     let text = format!(
         r#"# fleetvault agent configuration for agent "{name}", issued by the coordinator.
 # Certificate serial {serial}. Paths are relative to this file.
@@ -276,7 +239,7 @@ key = "agent.key"
         serial = cert.serial_hex,
         server_name = cfg.server_name,
     );
-    write_file(&toml_path, text.as_bytes(), 0o600, true)?;
+    write_file(&toml_path, text.as_bytes(), 0o600, Replace::Yes)?;
     // Last: the new certificate is accepted (and the earlier ones refused, by a running
     // coordinator within seconds) only once everything for it is written.
     write_file(
@@ -286,7 +249,7 @@ key = "agent.key"
             .context("encoding the certificate record")?
             .as_bytes(),
         0o600,
-        true,
+        Replace::Yes,
     )?;
     if json {
         print_json(&serde_json::json!({
@@ -333,8 +296,7 @@ pub(crate) fn rebuild_catalog(root: &Path, json: bool) -> anyhow::Result<ExitCod
             )
         })?);
         let aside = root.join(format!("catalog.old-{}", crate::clock::now_ms()));
-        #[allow(clippy::disallowed_methods)] // moving a whole directory aside, not a chunk
-        fs::rename(&catalog_path, &aside)
+        fleetvault_common::durable::rename(&catalog_path, &aside)
             .with_context(|| format!("moving {} aside", catalog_path.display()))?;
         kept = Some(aside);
     }
@@ -401,9 +363,24 @@ pub(crate) fn issue_peer(
     let cert = ca
         .issue(Role::Peer, name, &[])
         .with_context(|| format!("issuing a peer certificate for {name}"))?;
-    write_file(&out.join("ca.pem"), ca.cert_pem().as_bytes(), 0o644, true)?;
-    write_file(&out.join("peer.pem"), cert.cert_pem.as_bytes(), 0o644, true)?;
-    write_file(&out.join("peer.key"), cert.key_pem.as_bytes(), 0o600, true)?;
+    write_file(
+        &out.join("ca.pem"),
+        ca.cert_pem().as_bytes(),
+        0o644,
+        Replace::Yes,
+    )?;
+    write_file(
+        &out.join("peer.pem"),
+        cert.cert_pem.as_bytes(),
+        0o644,
+        Replace::Yes,
+    )?;
+    write_file(
+        &out.join("peer.key"),
+        cert.key_pem.as_bytes(),
+        0o600,
+        Replace::Yes,
+    )?;
     let text = format!(
         r#"# Append to the primary's coordinator.toml, after copying this directory to
 # PRIMARY_DATA_DIR/replicas/{replica}/ (paths are relative to the primary's data dir).
@@ -423,9 +400,14 @@ agents = ["*"]
         address = cfg.dial_address()?,
         server_name = cfg.server_name,
     );
-    write_file(&out.join("replica.toml"), text.as_bytes(), 0o644, true)?;
+    write_file(
+        &out.join("replica.toml"),
+        text.as_bytes(),
+        0o644,
+        Replace::Yes,
+    )?;
     // Last: the certificate is accepted only once everything for it is written.
-    write_file(&allow, cert.cert_pem.as_bytes(), 0o644, true)?;
+    write_file(&allow, cert.cert_pem.as_bytes(), 0o644, Replace::Yes)?;
     if json {
         print_json(&serde_json::json!({
             "status": "completed",

@@ -11,11 +11,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use super::{parse_schedule, run};
+use crate::tasks::Tasks;
 use crate::State;
 
 /// What a schedule starts.
@@ -42,13 +41,9 @@ fn entries(state: &State) -> Vec<(Entry, String)> {
     out
 }
 
-/// Runs until `token` is cancelled; spawned runs are tracked by `tracker`.
-pub(crate) async fn run(
-    state: Arc<State>,
-    token: CancellationToken,
-    reload: Arc<Notify>,
-    tracker: TaskTracker,
-) {
+/// Runs until `tasks` is stopped; the runs it starts are tasks of `tasks` too.
+pub(crate) async fn run(state: Arc<State>, reload: Arc<Notify>, tasks: Tasks) {
+    let token = tasks.token().clone();
     let start = crate::clock::now_utc();
     let mut last: HashMap<Entry, DateTime<Utc>> = HashMap::new();
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
@@ -82,8 +77,8 @@ pub(crate) async fn run(
         }
         last.insert(entry.clone(), due);
         match entry {
-            Entry::Gc => start_gc(&state, &tracker),
-            Entry::Verify => start_verify(&state, &tracker),
+            Entry::Gc => start_gc(&state, &tasks),
+            Entry::Verify => start_verify(&state, &tasks),
             Entry::Job(name) => {
                 let Some(job) = state.jobs().into_iter().find(|j| j.name == name) else {
                     continue;
@@ -94,7 +89,7 @@ pub(crate) async fn run(
                 }
                 info!(job = %name, due = %due, "starting scheduled job");
                 let (st, running) = (state.clone(), running.clone());
-                tracker.spawn(async move {
+                tasks.spawn(format!("job {name}"), async move {
                     run::run_job(st, job).await;
                     running.lock().expect("running lock").remove(&name);
                 });
@@ -104,10 +99,10 @@ pub(crate) async fn run(
 }
 
 /// A scheduled garbage collection, off the reactor, with the `gc_min_age_secs` now in force.
-fn start_gc(state: &Arc<State>, tracker: &TaskTracker) {
+fn start_gc(state: &Arc<State>, tasks: &Tasks) {
     let min_age = Duration::from_secs(state.gc_min_age_secs());
     let st = state.clone();
-    tracker.spawn(async move {
+    tasks.spawn("scheduled garbage collection", async move {
         match tokio::task::spawn_blocking(move || super::gc::collect(&st, min_age)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) if e == super::gc::ALREADY_RUNNING => {
@@ -121,9 +116,9 @@ fn start_gc(state: &Arc<State>, tracker: &TaskTracker) {
 
 /// A scheduled verification of every completed snapshot, off the reactor; damaged snapshots
 /// are tagged as the operator's `verify` tags them.
-fn start_verify(state: &Arc<State>, tracker: &TaskTracker) {
+fn start_verify(state: &Arc<State>, tasks: &Tasks) {
     let st = state.clone();
-    tracker.spawn(async move {
+    tasks.spawn("scheduled verification", async move {
         match tokio::task::spawn_blocking(move || super::verify::verify_scheduled(&st)).await {
             Ok(None) => {
                 info!("a verification is already running (started by an operator); skipping this occurrence")

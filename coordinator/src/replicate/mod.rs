@@ -29,11 +29,10 @@ use chrono::{DateTime, TimeZone, Utc};
 use fleetvault_common::protocol::{ReplicaReport, ReplicaStatus, SnapshotFilter};
 use fleetvault_common::SnapshotRecord;
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::jobs::{globs, parse_schedule, Policy};
+use crate::tasks::Tasks;
 use crate::State;
 
 /// The longest wait between retries of a failing sync.
@@ -252,8 +251,10 @@ fn utc(ms: u64) -> DateTime<Utc> {
 }
 
 /// Runs each replica's sync at its cron times and retries failed ones with backoff, until
-/// `token` is cancelled. Woken by `State::replica_wake` when the configuration changes.
-pub(crate) async fn scheduler(state: Arc<State>, token: CancellationToken, tracker: TaskTracker) {
+/// `tasks` is stopped; the syncs are tasks of `tasks` too. Woken by `State::replica_wake` when
+/// the configuration changes.
+pub(crate) async fn scheduler(state: Arc<State>, tasks: Tasks) {
+    let token = tasks.token().clone();
     let start = crate::clock::now_utc();
     let mut last: std::collections::HashMap<String, DateTime<Utc>> = Default::default();
     let busy: Arc<std::sync::Mutex<HashSet<String>>> = Arc::default();
@@ -299,7 +300,7 @@ pub(crate) async fn scheduler(state: Arc<State>, token: CancellationToken, track
         busy.lock().expect("busy lock").insert(cfg.name.clone());
         info!(replica = %cfg.name, "starting scheduled replica sync");
         let (st, busy) = (state.clone(), busy.clone());
-        tracker.spawn(async move {
+        tasks.spawn(format!("replica sync {}", cfg.name), async move {
             sync(st.clone(), &cfg, Arc::default()).await;
             busy.lock().expect("busy lock").remove(&cfg.name);
             st.replica_wake.notify_one();

@@ -219,11 +219,10 @@ pub(super) fn promote(state: &State) -> Result<(Vec<String>, Vec<String>), Strin
                 continue;
             };
             let to = retired_dir.join(format!("{name}.{}.pem", crate::clock::now_ms()));
-            #[allow(clippy::disallowed_methods)] // a certificate file, not a chunk
-            std::fs::rename(&path, &to).map_err(|e| format!("retiring {}: {e}", path.display()))?;
+            fleetvault_common::durable::rename(&path, &to)
+                .map_err(|e| format!("retiring {}: {e}", path.display()))?;
             retired.push(name.to_owned());
         }
-        crate::store::sync_dir(&dir).map_err(|e| e.to_string())?;
     }
     retired.sort();
     let mut agents: Vec<String> = state
