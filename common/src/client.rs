@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::time::{timeout_at, Instant};
 
 use crate::exit::{REFUSED as EXIT_REFUSED, UNREACHABLE as EXIT_UNREACHABLE};
-use crate::protocol::frame::{read_frame, read_frame_or_chunk, write_frame, FrameError, Incoming};
+use crate::protocol::frame::{read_frame, write_frame, FrameError};
 use crate::protocol::{close, ErrorCode, Hello, HelloReply, Request, Response, PROTOCOL_VERSION};
 use crate::transport::{self, Credentials};
 
@@ -302,21 +302,6 @@ impl Client {
     /// and a stream that ends early is an error.
     pub async fn reply(&self, recv: &mut quinn::RecvStream) -> Result<Response, ClientError> {
         self.settle(read_frame::<Response, _>(recv).await)
-    }
-
-    /// [`Client::reply`] for a stream of chunks: a chunk's envelope stays in the buffer its
-    /// frame was read into.
-    pub async fn reply_or_chunk(
-        &self,
-        recv: &mut quinn::RecvStream,
-    ) -> Result<Incoming<Response>, ClientError> {
-        let frame = match read_frame_or_chunk::<Response, _>(recv).await {
-            Ok(Some(Incoming::Message(m))) => Ok(Some(m)),
-            Ok(Some(chunk)) => return Ok(chunk),
-            Ok(None) => Ok(None),
-            Err(e) => Err(e),
-        };
-        self.settle(frame).map(Incoming::Message)
     }
 
     /// A read reply as the caller sees it.
