@@ -433,34 +433,9 @@ pub fn count_bar(unit: &str) -> indicatif::ProgressBar {
     bar
 }
 
-/// `1.5 GiB`, `312 KiB`, `12 B`.
+/// `1.50 GiB`, `312.00 KiB`, `12 B` (indicatif's binary units), as a table cell.
 pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
-/// The civil date (year, month, day) of a day number (days since 1970-01-01), by Howard
-/// Hinnant's days-from-civil inverse.
-pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
+    indicatif::HumanBytes(n).to_string()
 }
 
 fn utc(ms: u64) -> chrono::DateTime<chrono::Utc> {
@@ -487,7 +462,7 @@ mod tests {
         assert_eq!(format_time(0), "1970-01-01 00:00:00");
         assert_eq!(format_time(1_795_392_000_000), "2026-11-23 00:00:00");
         assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(3 << 20), "3.0 MiB");
+        assert_eq!(human_bytes(3 << 20), "3.00 MiB");
         assert_eq!(rfc3339(1_795_392_000_000), "2026-11-23T00:00:00Z");
         assert_eq!(plural(1, "chunk", "chunks"), "1 chunk");
         assert_eq!(plural(4, "chunk", "chunks"), "4 chunks");

@@ -62,42 +62,25 @@ impl<Id> Decision<Id> {
     }
 }
 
-use fleetvault_common::report::civil_from_days as civil;
-
-/// ISO 8601 week of a day number: (ISO year, week).
-fn iso_week(days: i64) -> (i64, u32) {
-    // 1970-01-01 was a Thursday; ISO weekday 1 = Monday.
-    let weekday = (days + 3).rem_euclid(7) + 1;
-    // The Thursday of this week decides the ISO year.
-    let thursday = days - weekday + 4;
-    let (year, _, _) = civil(thursday);
-    let jan1 = days_from_civil(year, 1, 1);
-    ((year), ((thursday - jan1) / 7 + 1) as u32)
-}
-
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The period keys of a time for each bucketed rule.
+/// The period keys of a time for each bucketed rule (hour, day, ISO week, month, year; UTC).
 fn buckets(time_ms: u64) -> [i64; 5] {
+    use chrono::Datelike;
     let secs = (time_ms / 1000) as i64;
-    let days = secs.div_euclid(86_400);
-    let (y, m, _) = civil(days);
-    let (wy, w) = iso_week(days);
+    let date = utc_date(time_ms);
+    let week = date.iso_week();
     [
         secs.div_euclid(3600),
-        days,
-        wy * 100 + i64::from(w),
-        y * 100 + i64::from(m),
-        y,
+        secs.div_euclid(86_400),
+        i64::from(week.year()) * 100 + i64::from(week.week()),
+        i64::from(date.year()) * 100 + i64::from(date.month()),
+        i64::from(date.year()),
     ]
+}
+
+fn utc_date(time_ms: u64) -> chrono::NaiveDate {
+    chrono::DateTime::from_timestamp_millis(i64::try_from(time_ms).unwrap_or(i64::MAX))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC)
+        .date_naive()
 }
 
 /// Applies `policy`; returns one decision per candidate, newest first.
@@ -144,6 +127,7 @@ pub(crate) fn apply<Id: Copy>(policy: &Policy, candidates: &[Candidate<Id>]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::Datelike;
 
     const HOUR: u64 = 3_600_000;
     const DAY: u64 = 24 * HOUR;
@@ -174,14 +158,21 @@ mod tests {
     }
 
     #[test]
-    fn calendar_helpers_match_known_dates() {
-        assert_eq!(civil(0), (1970, 1, 1));
-        assert_eq!(days_from_civil(2024, 2, 29), 19_782);
-        assert_eq!(civil(19_782), (2024, 2, 29));
+    fn buckets_use_iso_weeks_and_calendar_months() {
+        let at = |y, m, d| {
+            let date = chrono::NaiveDate::from_ymd_opt(y, m, d).unwrap();
+            date.and_hms_opt(12, 0, 0)
+                .unwrap()
+                .and_utc()
+                .timestamp_millis() as u64
+        };
+        assert_eq!(buckets(at(2024, 2, 29))[1], 19_782);
+        assert_eq!(buckets(at(2024, 2, 29))[3], 202_402);
         // 2021-01-03 is in ISO week 53 of 2020; 2024-12-30 in week 1 of 2025.
-        assert_eq!(iso_week(days_from_civil(2021, 1, 3)), (2020, 53));
-        assert_eq!(iso_week(days_from_civil(2024, 12, 30)), (2025, 1));
-        assert_eq!(iso_week(days_from_civil(2026, 12, 1)), (2026, 49));
+        assert_eq!(buckets(at(2021, 1, 3))[2], 202_053);
+        assert_eq!(buckets(at(2024, 12, 30))[2], 202_501);
+        assert_eq!(buckets(at(2024, 12, 30))[4], 2024);
+        assert_eq!(buckets(at(2026, 12, 1))[2], 202_649);
     }
 
     #[test]
@@ -236,8 +227,12 @@ mod tests {
             .map(|d| times[d.id])
             .collect();
         for t in &yearly[1..] {
-            let (y, m, d) = civil((*t / 1000 / 86_400) as i64);
-            assert_eq!((m, d), (12, 31), "yearly snapshot on {y}-{m}-{d}");
+            let date = utc_date(*t);
+            assert_eq!(
+                (date.month(), date.day()),
+                (12, 31),
+                "yearly snapshot on {date}"
+            );
         }
         assert!(keep.len() < 7 + 4 + 12 + 3);
     }
