@@ -161,7 +161,10 @@ async fn serve_push(
                     Push::Backup { source, .. } => source.clone(),
                     Push::Restore { options, .. } => options.source.clone().unwrap_or_default(),
                 },
-                agent: client.identity().trim_start_matches("agent/").to_owned(),
+                agent: client
+                    .agent_name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default(),
                 ..JobReport::default()
             }
         }

@@ -13,6 +13,7 @@ use crate::exit::{REFUSED as EXIT_REFUSED, UNREACHABLE as EXIT_UNREACHABLE};
 use crate::protocol::frame::{read_frame, write_frame, FrameError};
 use crate::protocol::{close, ErrorCode, Hello, HelloReply, Request, Response, PROTOCOL_VERSION};
 use crate::transport::{self, Credentials};
+use crate::AgentName;
 
 mod exchanges;
 pub use exchanges::{ReadItem, ReadStream, SnapshotRead};
@@ -163,6 +164,8 @@ pub struct Client {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
     identity: String,
+    /// The name in `identity` when it is an agent's, parsed once at the hello.
+    agent: Option<AgentName>,
     protocol: u32,
 }
 
@@ -261,6 +264,9 @@ impl Client {
             }) => Ok(Self {
                 endpoint,
                 conn,
+                agent: identity
+                    .strip_prefix("agent/")
+                    .and_then(|name| name.parse().ok()),
                 identity,
                 protocol,
             }),
@@ -279,6 +285,12 @@ impl Client {
     /// The identity the coordinator sees (`agent/NAME`).
     pub fn identity(&self) -> &str {
         &self.identity
+    }
+
+    /// Our agent name, when the coordinator sees us as an agent ([`Client::identity`] is
+    /// `agent/NAME`).
+    pub fn agent_name(&self) -> Option<&AgentName> {
+        self.agent.as_ref()
     }
 
     /// The underlying connection (for accepting pushed work).

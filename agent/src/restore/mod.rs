@@ -289,7 +289,10 @@ async fn restore_bundle(
     Ok(JobReport {
         snapshot_id: snapshot.to_string(),
         status: "completed".into(),
-        agent: client.identity().trim_start_matches("agent/").to_owned(),
+        agent: client
+            .agent_name()
+            .map(|n| n.to_string())
+            .unwrap_or_default(),
         source: r.bundle.clone(),
         bytes_written: 0,
         duration_ms: started.elapsed().as_millis() as u64,
