@@ -3,7 +3,10 @@
 mod backup;
 mod bundle;
 mod config;
+mod db;
 mod link;
+mod pipe;
+mod process;
 mod restore;
 mod sink;
 mod source;
@@ -349,7 +352,7 @@ async fn dispatch(command: Command, json: bool) -> anyhow::Result<ExitCode> {
             let bundle = if rec.kind == bundle::KIND
                 && rec.status == fleetvault_common::SnapshotStatus::Completed
             {
-                let index = bundle::read_index(client.clone(), id).await?;
+                let index = restore::read_index(client.clone(), id).await?;
                 Some(serde_json::to_value(&index)?)
             } else {
                 None

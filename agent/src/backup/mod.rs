@@ -8,8 +8,9 @@
 //! sent only after every upload was acknowledged as durable. Any failure aborts the snapshot
 //! on the coordinator (it ends `failed` with the reason), and a dropped connection does the
 //! same on the coordinator's side.
+//!
+//! May import `config`, `pipe`, `process`, `db` and `source`; never `restore` or `bundle`.
 
-mod chunking;
 mod upload;
 
 use std::io::Read;
@@ -25,9 +26,9 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::config::{SourceConfig, SourceKind};
-use crate::source::command::ShellCommand;
+use crate::pipe::Batcher;
+use crate::process::ShellCommand;
 use crate::source::files::{self, FilesSpec};
-pub(crate) use chunking::Batcher;
 use upload::UploadStats;
 
 /// Batches queued between chunking and upload.
@@ -136,7 +137,7 @@ async fn run_inner(
     if let SourceKind::Database(db) = &source.kind {
         // Tools present, server reachable, credentials right: checked before any data flows,
         // and what was found is recorded in the snapshot.
-        let info = crate::source::database::probe(db)
+        let info = crate::db::probe(db)
             .await
             .with_context(|| format!("{} source {}", db.engine.kind_name(), source.name))?;
         let db_type = db.engine.kind_name().to_owned();
@@ -146,7 +147,7 @@ async fn run_inner(
     }
     let parent_tree = match (&source.kind, parent) {
         (SourceKind::Files { .. }, Some(p)) => {
-            match crate::restore::read_manifest(client, p.id).await {
+            match crate::pipe::read::read_manifest(client, p.id).await {
                 Ok(Manifest::Tree(t)) => Some(t),
                 Ok(Manifest::Stream(_)) => None,
                 Err(e) => {
@@ -257,7 +258,7 @@ fn chunk_source(
         SourceKind::Database(db) => {
             // A blocking thread of the runtime: the client library's futures run on it.
             let rt = tokio::runtime::Handle::current();
-            let (manifest, checksum) = crate::source::database::backup(db, &mut batcher, &rt)?;
+            let (manifest, checksum) = crate::db::backup(db, &mut batcher, &rt)?;
             (manifest, checksum, Vec::new(), 0)
         }
         SourceKind::Files { paths, exclude } => {

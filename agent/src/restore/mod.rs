@@ -7,8 +7,14 @@
 //! coordinator ══Read══▶ fetch (async frames, chunks opened in parallel) ══bounded channel══▶
 //!     Reassembler (in order) ──▶ Sink
 //! ```
+//!
+//! This file restores one snapshot into a [`Target`]; [`plan`] decides what a restore does
+//! (and runs a bundle's parts), [`bundle`] holds what a bundle restore needs besides. May
+//! import `config`, `pipe`, `process`, `db`, `sink`, `bundle` and (the plan's safety
+//! snapshot) `backup`.
 
-mod reassemble;
+mod bundle;
+mod plan;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -17,16 +23,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use fleetvault_common::protocol::{Progress, ReadPart, RestoreOptions};
-use fleetvault_common::{Client, JobReport, Manifest, SnapshotId, SnapshotRead, SnapshotRecord};
+use fleetvault_common::protocol::{Progress, ReadPart};
+use fleetvault_common::{Client, JobReport, Manifest, SnapshotId, SnapshotRead};
 use tokio::sync::mpsc;
 
-use crate::config::{AgentConfig, SourceConfig, SourceKind};
-use crate::sink::database::{self as db_sink, DbRestore};
+use crate::db::{self, DbRestore};
+use crate::pipe::{self, Reassembler};
+use crate::process::ShellCommand;
 use crate::sink::durable::NewFile;
 use crate::sink::files as files_sink;
-use crate::source::command::ShellCommand;
-pub(crate) use reassemble::Reassembler;
+pub(crate) use bundle::read_index;
+pub(crate) use plan::run_into;
 
 /// Where a restore goes.
 #[derive(Debug, Clone)]
@@ -53,28 +60,6 @@ pub(crate) enum Target {
 /// peak memory, to 160-190 MB on a 1 GiB dump).
 const QUEUE: usize = 8;
 
-/// Reads a snapshot's record (and checks its manifest).
-pub(crate) async fn read_record(
-    client: &Client,
-    snapshot: SnapshotId,
-) -> anyhow::Result<SnapshotRecord> {
-    Ok(client
-        .read_snapshot(snapshot, ReadPart::Manifest)
-        .await?
-        .record)
-}
-
-/// Reads only a snapshot's manifest (for unchanged-file detection).
-pub(crate) async fn read_manifest(
-    client: &Client,
-    snapshot: SnapshotId,
-) -> anyhow::Result<Manifest> {
-    Ok(client
-        .read_snapshot(snapshot, ReadPart::Manifest)
-        .await?
-        .manifest)
-}
-
 /// Restores `snapshot` into `target`; `progress` is called about twice a second.
 pub(crate) async fn run(
     client: Arc<Client>,
@@ -98,7 +83,7 @@ pub(crate) async fn run(
     } = client.read_snapshot(snapshot, ReadPart::All).await?;
     let total = manifest.logical_len();
     let (tx, rx) = mpsc::channel(QUEUE);
-    let fetch = tokio::spawn(async move { reassemble::fetch(&mut chunks, tx).await });
+    let fetch = tokio::spawn(async move { pipe::fetch(&mut chunks, tx).await });
     let written = Arc::new(AtomicU64::new(0));
     let ticker_written = written.clone();
     let ticker = tokio::spawn(async move {
@@ -212,7 +197,7 @@ fn write_sink(
         }
         (_, Target::Database(r)) => {
             let rt = tokio::runtime::Handle::current();
-            db_sink::restore(r, manifest, reasm, written, &rt).map(|()| None)
+            db::restore(r, manifest, reasm, written, &rt).map(|()| None)
         }
         (Manifest::Tree(_), _) => bail!("a files snapshot needs a target directory (--target DIR)"),
         (Manifest::Stream(_), Target::Relocated { .. }) => {
@@ -257,205 +242,5 @@ fn write_sink(
                 }
             }
         }
-    }
-}
-
-/// A bundle snapshot restored behind its hooks; `options.target` is the new root of a clone
-/// or a move. Parts and hooks are reported in the warnings, one line each.
-async fn restore_bundle(
-    client: Arc<Client>,
-    config: &AgentConfig,
-    snapshot: SnapshotId,
-    options: &RestoreOptions,
-) -> anyhow::Result<JobReport> {
-    let started = Instant::now();
-    let how = crate::bundle::BundleRestore {
-        root: options.target.as_ref().map(PathBuf::from),
-        database: options.database.clone(),
-        replace: options.replace,
-    };
-    let r = crate::bundle::restore(client.clone(), config, snapshot, &how).await?;
-    let mut lines = r.parts.clone();
-    lines.extend(r.hooks.iter().filter(|h| !h.ok()).map(|h| h.failure()));
-    if let Some(c) = &r.config_rewritten {
-        lines.push(format!("configuration rewritten: {c}"));
-    }
-    if let Some(e) = &r.error {
-        bail!(
-            "restore of bundle {} (snapshot {snapshot}) failed: {e}",
-            r.bundle
-        );
-    }
-    Ok(JobReport {
-        snapshot_id: snapshot.to_string(),
-        status: "completed".into(),
-        agent: client
-            .agent_name()
-            .map(|n| n.to_string())
-            .unwrap_or_default(),
-        source: r.bundle.clone(),
-        bytes_written: 0,
-        duration_ms: started.elapsed().as_millis() as u64,
-        warnings: lines,
-        restored_to: Some(match &how.root {
-            Some(root) => format!("bundle {} under {}", r.bundle, root.display()),
-            None => format!("bundle {}", r.bundle),
-        }),
-        ..JobReport::default()
-    })
-}
-
-/// Restores `snapshot` into one of this agent's sources (or to `options.target`): the
-/// snapshot's own source by default, or `options.source`. Everything is checked before
-/// anything is touched: the kinds match, the target database is empty (or `--replace`), the
-/// server is not older than the dump's. A replace first takes a safety snapshot of what is
-/// there, and a failure says where things stand and how to get it back.
-pub(crate) async fn run_into(
-    client: Arc<Client>,
-    config: &AgentConfig,
-    snapshot: SnapshotId,
-    options: &RestoreOptions,
-    progress: impl Fn(Progress) + Send + Sync + 'static,
-) -> anyhow::Result<JobReport> {
-    let rec = read_record(&client, snapshot).await?;
-    if rec.kind == crate::bundle::KIND {
-        return restore_bundle(client, config, snapshot, options).await;
-    }
-    run_into_plain(client, config, rec, options, progress).await
-}
-
-/// [`run_into`] of a snapshot that is not a bundle (`rec` is its record).
-pub(crate) async fn run_into_plain(
-    client: Arc<Client>,
-    config: &AgentConfig,
-    rec: SnapshotRecord,
-    options: &RestoreOptions,
-    progress: impl Fn(Progress) + Send + Sync + 'static,
-) -> anyhow::Result<JobReport> {
-    let snapshot = rec.id;
-    if rec.kind == crate::bundle::KIND {
-        bail!("snapshot {snapshot} is a bundle: it cannot be a part of another");
-    }
-    if let Some(t) = &options.target {
-        let target = if t == "-" {
-            Target::Stdout
-        } else {
-            Target::Path(t.into())
-        };
-        return run(client, snapshot, target, progress).await;
-    }
-    if rec.kind == "files" {
-        bail!("a files snapshot needs --target DIR");
-    }
-    let name = options.source.clone().unwrap_or_else(|| rec.source.clone());
-    let source = config.source(&name)?;
-    let refuse_kinds = || {
-        anyhow::anyhow!(
-            "snapshot {snapshot} is a {} snapshot and source {name} is {}: restoring across kinds is refused (nothing was touched)",
-            rec.kind,
-            source.kind_name()
-        )
-    };
-    match &source.kind {
-        SourceKind::Files { .. } => bail!("a files snapshot needs --target DIR"),
-        SourceKind::Inline { .. } => bail!("source {name} cannot be restored into"),
-        SourceKind::Command {
-            restore_command, ..
-        } => {
-            if rec.kind != "command" {
-                return Err(refuse_kinds());
-            }
-            let cmd = restore_command.clone().with_context(|| {
-                format!("source {name} has no restore_command; give --target FILE or --target -")
-            })?;
-            run(client, snapshot, Target::Command(cmd), progress).await
-        }
-        SourceKind::Database(db) => {
-            if rec.kind != db.engine.kind_name() {
-                return Err(refuse_kinds());
-            }
-            let target_db = options
-                .database
-                .clone()
-                .unwrap_or_else(|| db.database.clone());
-            let target = db.with_database(&target_db);
-            let state = db_sink::inspect(&target)
-                .await
-                .with_context(|| format!("inspecting the restore target {target_db:?}"))?;
-            if db.engine == crate::config::Engine::Postgres {
-                crate::sink::postgres::check_versions(
-                    rec.db_version.as_deref(),
-                    state.server_version.as_deref(),
-                )?;
-            }
-            if state.exists && !state.empty && !options.replace {
-                bail!(
-                    "database {target_db:?} exists and is not empty: add --replace to replace it (a safety snapshot is taken first) or restore under another name with --database NEWNAME"
-                );
-            }
-            let needs_safety = options.replace
-                && !options.no_safety_snapshot
-                && state.exists
-                && (!state.empty || db.engine == crate::config::Engine::Mongodb);
-            let progress = Arc::new(progress);
-            let safety = if needs_safety {
-                let safety_source = SourceConfig {
-                    kind: SourceKind::Database(target.clone()),
-                    ..source.clone()
-                };
-                let p = progress.clone();
-                let report = crate::backup::run_tagged(
-                    client.clone(),
-                    &safety_source,
-                    None,
-                    vec![format!("safety-snapshot-before-restore:{snapshot}")],
-                    move |x| p(x),
-                )
-                .await
-                .with_context(|| {
-                    format!("taking the safety snapshot of {target_db:?} (nothing was touched)")
-                })?;
-                tracing::info!(safety = %report.snapshot_id, "safety snapshot taken");
-                eprintln!("safety snapshot of {target_db:?}: {}", report.snapshot_id);
-                Some(report.snapshot_id)
-            } else {
-                None
-            };
-            let format = pg_format_of(&rec);
-            let plan = DbRestore {
-                db: target,
-                format,
-                replace: options.replace,
-                from_database: rec.database.clone().unwrap_or_else(|| db.database.clone()),
-                tag: snapshot.to_string(),
-            };
-            let p = progress.clone();
-            match run(client, snapshot, Target::Database(Box::new(plan)), move |x| p(x)).await {
-                Ok(mut report) => {
-                    report.safety_snapshot_id = safety;
-                    Ok(report)
-                }
-                Err(e) => Err(match safety {
-                    Some(id) => e.context(format!(
-                        "the safety snapshot {id} holds {target_db:?} as it was: `fleetvault-agent restore {id} --replace` brings it back"
-                    )),
-                    None => e,
-                }),
-            }
-        }
-    }
-}
-
-/// The PostgreSQL dump format a snapshot was taken with (recorded as a tag).
-fn pg_format_of(rec: &SnapshotRecord) -> crate::config::PgFormat {
-    use crate::config::PgFormat;
-    let tag = rec
-        .tags
-        .iter()
-        .find_map(|t| t.strip_prefix(crate::backup::PG_FORMAT_TAG));
-    match tag {
-        Some("tables") => PgFormat::Tables,
-        Some("custom") => PgFormat::Custom,
-        _ => PgFormat::Plain,
     }
 }

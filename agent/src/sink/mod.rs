@@ -1,13 +1,9 @@
-//! Sinks: where restored bytes go. A stream goes to a command's stdin, a file or stdout; a
-//! file tree is recreated under a target directory; a database dump is loaded by its own
-//! tools (`postgres`, `mysql`, `sqlite`, `mongodb`).
+//! Sinks that are not databases (those are in `db`): a file tree recreated under a target
+//! directory ([`files`]), written directly ([`direct`]) and synced in the background
+//! ([`durable`], which also names a stream restored into a file only when it is whole).
+//!
+//! May import `config` and `pipe`.
 
-pub(crate) mod database;
 pub(crate) mod direct;
 pub(crate) mod durable;
 pub(crate) mod files;
-pub(crate) mod mongodb;
-pub(crate) mod mysql;
-pub(crate) mod postgres;
-pub(crate) mod restricted;
-pub(crate) mod sqlite;

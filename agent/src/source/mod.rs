@@ -1,10 +1,6 @@
-//! Sources: where backup bytes come from. Each yields one byte stream (`command`, most
-//! databases) or a tree of streams (`files`, PostgreSQL's `tables` format).
+//! Sources that are not databases (those are in `db`): file trees ([`files`]), walked into a
+//! tree of streams. A `command` source runs through `process::ShellCommand`.
+//!
+//! May import `config` and `pipe`.
 
-pub(crate) mod command;
-pub(crate) mod database;
 pub(crate) mod files;
-pub(crate) mod mongodb;
-pub(crate) mod mysql;
-pub(crate) mod postgres;
-pub(crate) mod sqlite;

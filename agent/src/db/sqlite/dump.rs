@@ -1,4 +1,4 @@
-//! The `sqlite` source: `sqlite3 PATH .dump`, a consistent copy of a live database (the dump
+//! The SQLite dump: `sqlite3 PATH .dump`, a consistent copy of a live database (the dump
 //! runs inside one read transaction, so writers that commit meanwhile are either wholly in or
 //! wholly out), never a raw copy of a file being written. SQL text in rowid order
 //! deduplicates well from one day to the next.
@@ -8,10 +8,9 @@ use std::process::Command;
 use anyhow::bail;
 use fleetvault_common::Manifest;
 
-use super::database::{dump_tool, require_tool, DbInfo, DbSource};
-use crate::backup::Batcher;
-
-const PACKAGE: &str = "the SQLite shell (Debian: sqlite3)";
+use super::PACKAGE;
+use crate::db::{dump_tool, require_tool, DbInfo, DbSource};
+use crate::pipe::Batcher;
 
 /// Checks the tool and the database file before a backup.
 pub(crate) fn probe(db: &DbSource) -> anyhow::Result<DbInfo> {

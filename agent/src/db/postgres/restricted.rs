@@ -36,7 +36,7 @@ pub(crate) fn require_restrict() -> anyhow::Result<()> {
     static VERSION: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
     let version = VERSION
         .get_or_init(|| {
-            crate::source::database::require_tool(
+            crate::db::require_tool(
                 "psql",
                 "the PostgreSQL client tools (Debian: postgresql-client)",
             )

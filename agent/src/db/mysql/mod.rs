@@ -1,16 +1,18 @@
-//! The `mysql` source (MySQL and MariaDB): one consistent, order-stable stream from
-//! `mariadb-dump` (or `mysqldump`): `--single-transaction --order-by-primary`, with routines,
-//! triggers and events, and without `CREATE DATABASE`/`USE`, so that it restores under any
-//! name. Credentials go in a private option file (`--defaults-extra-file`), never in argv.
+//! MySQL and MariaDB: the client tools with the source's credentials in a private option file
+//! (`--defaults-extra-file`), never in argv; shared by the dump ([`dump`]) and the restore
+//! ([`restore`]).
+//!
+//! May import `config`, `pipe`, `process` and `db`.
+
+pub(crate) mod dump;
+pub(crate) mod restore;
 
 use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{anyhow, bail, Context};
-use fleetvault_common::Manifest;
 
-use super::database::{dump_tool, require_tool, secret_dir, write_secret, DbInfo, DbSource};
-use crate::backup::Batcher;
+use crate::db::{require_tool, secret_dir, write_secret, DbSource};
 
 /// A MariaDB/MySQL client tool with the source's credentials in a private option file.
 pub(crate) struct MyTool {
@@ -135,42 +137,6 @@ fn option_value(what: &str, value: &str) -> anyhow::Result<String> {
 /// `` `name` `` with embedded backticks doubled.
 pub(crate) fn quote_ident(name: &str) -> String {
     format!("`{}`", name.replace('`', "``"))
-}
-
-/// Checks the tools, the server and the database before a backup.
-pub(crate) async fn probe(db: &DbSource) -> anyhow::Result<DbInfo> {
-    dump_program()?;
-    let tool = MyTool::new(db)?;
-    let version = tool
-        .query(Some(&db.database), "SELECT VERSION()")
-        .with_context(|| format!("connecting to MySQL/MariaDB database {:?}", db.database))?;
-    Ok(DbInfo {
-        db_version: Some(version.trim().to_owned()),
-        database: db.database.clone(),
-    })
-}
-
-/// Dumps `db` as one stream (blocking).
-pub(crate) fn backup(
-    db: &DbSource,
-    batcher: &mut Batcher,
-) -> anyhow::Result<(Manifest, Option<[u8; 32]>)> {
-    let tool = MyTool::new(db)?;
-    let program = dump_program()?;
-    let mut cmd = tool.command(program);
-    let args = [
-        "--single-transaction",
-        "--order-by-primary",
-        "--routines",
-        "--triggers",
-        "--events",
-        "--hex-blob",
-        "--skip-dump-date",
-        "--no-tablespaces",
-    ];
-    cmd.args(args).arg("--").arg(&db.database);
-    let shown = format!("{program} {} {}", args.join(" "), db.database);
-    dump_tool("mariadb-dump", &shown, cmd, batcher)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The chunking stage: runs on a blocking thread, cuts streams into chunks, hashes them, and
 //! hands batches to the uploader through a bounded channel (so memory never tracks the size
-//! of the backup: when the network is slower than the source, this stage waits).
+//! of the backup: when the network is slower than the source, this stage waits). Used by
+//! `backup` and by every database dump.
 
 use std::collections::HashSet;
 use std::io::{self, Read};

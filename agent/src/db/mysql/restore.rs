@@ -1,4 +1,4 @@
-//! The `mysql` sink: a dump piped into the `mariadb` client, in the target database.
+//! The MySQL/MariaDB restore: a dump piped into the `mariadb` client, in the target database.
 //!
 //! MariaDB cannot rename a database, so a replace drops and recreates the target, then
 //! restores (the safety snapshot taken before is the way back); a restore into a database
@@ -10,11 +10,10 @@ use std::sync::atomic::AtomicU64;
 use anyhow::{anyhow, bail, Context};
 use fleetvault_common::Manifest;
 
-use super::database::{feed_tool, TargetState};
-use crate::restore::Reassembler;
-use crate::source::command::ShellCommand;
-use crate::source::database::DbSource;
-use crate::source::mysql::{client_program, quote_ident, MyTool};
+use super::{client_program, quote_ident, MyTool};
+use crate::db::{DbSource, TargetState};
+use crate::pipe::Reassembler;
+use crate::process::{feed_tool, ShellCommand};
 
 fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''"))

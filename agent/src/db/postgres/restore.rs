@@ -1,4 +1,4 @@
-//! The `postgres` sink: restores a `plain`, `custom` or `tables` dump into a database.
+//! The PostgreSQL restore: restores a `plain`, `custom` or `tables` dump into a database.
 //!
 //! A restore never writes into a database that holds data: it creates a fresh one (from
 //! `template0`) under a temporary name when the target exists, restores there, and only after
@@ -20,13 +20,11 @@ use fleetvault_common::{Manifest, StreamManifest, TreeManifest};
 use futures_util::SinkExt;
 use tokio::runtime::Handle;
 
-use crate::restore::Reassembler;
-use crate::source::command::ShellCommand;
-use crate::source::database::{major_version, DbSource, PgFormat};
-use crate::source::postgres::{self as pg, pg_error, quote_ident, DumpMeta, PgSettings};
-
-use super::database::{feed_tool, TargetState};
 use super::restricted::{require_restrict, Restricted};
+use super::{self as pg, pg_error, quote_ident, DumpMeta, PgSettings};
+use crate::db::{major_version, DbSource, PgFormat, TargetState};
+use crate::pipe::Reassembler;
+use crate::process::{feed_tool, ShellCommand};
 
 /// The maintenance database used to create, rename and drop databases.
 const MAINTENANCE_DB: &str = "postgres";
@@ -371,7 +369,7 @@ fn restore_custom_parallel(
     reasm: &mut Reassembler,
     written: &AtomicU64,
 ) -> anyhow::Result<()> {
-    let dir = crate::source::database::secret_dir()?;
+    let dir = crate::db::secret_dir()?;
     let path = dir.path().join("dump.pgcustom");
     let mut f =
         std::fs::File::create_new(&path).with_context(|| format!("creating {}", path.display()))?;

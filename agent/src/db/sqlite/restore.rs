@@ -1,4 +1,4 @@
-//! The `sqlite` sink: the dump is loaded into a new file beside the target, synced, and
+//! The SQLite restore: the dump is loaded into a new file beside the target, synced, and
 //! renamed over it only when the load succeeded, so a failed restore leaves the target as it
 //! was. Stop the application first: a replaced database file must not be open elsewhere.
 
@@ -9,10 +9,9 @@ use std::sync::atomic::AtomicU64;
 use anyhow::{anyhow, Context};
 use fleetvault_common::{durable, Manifest};
 
-use super::database::{feed_tool, TargetState};
-use crate::restore::Reassembler;
-use crate::source::command::ShellCommand;
-use crate::source::database::DbSource;
+use crate::db::{DbSource, TargetState};
+use crate::pipe::Reassembler;
+use crate::process::{feed_tool, ShellCommand};
 
 /// Whether the target file exists and holds any table.
 pub(crate) fn inspect(db: &DbSource) -> anyhow::Result<TargetState> {

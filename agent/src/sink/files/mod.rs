@@ -1,4 +1,6 @@
-//! The `files` sink: recreates a [`TreeManifest`] under a target directory.
+//! The `files` sink: recreates a [`TreeManifest`] under a target directory. This file walks
+//! the tree in order; [`check`] refuses a hostile manifest first, [`dirs`] opens directories
+//! without following symlinks, [`file`] writes one regular file.
 //!
 //! Safety first: before anything is written, every entry's path is checked (no empty path,
 //! no `.`/`..` component, not absolute, no NUL, never below an entry that is a symlink), and an
@@ -26,23 +28,34 @@
 //! failed restore puts back the mode and owner of every existing directory it touched.
 //!
 //! The data chunks arrive in manifest order, so every file entry consumes its chunks in turn.
+//!
+//! The unit tests below (half of this file) restore whole trees through [`restore_tree`], so
+//! they cover `check`, `dirs` and `file` together and stay here.
 
 use std::collections::HashSet;
-use std::ffi::{OsStr, OsString};
-use std::fs::{self, File};
-use std::io::{self, Write};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ffi::OsStr;
+use std::fs;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use fleetvault_common::{ChunkRef, EntryKind, TreeEntry, TreeManifest};
-use rustix::fs::{AtFlags, Gid, Mode, OFlags, Timespec, Timestamps, Uid};
+use rustix::fs::{AtFlags, Gid, Mode, OFlags, Uid};
 use rustix::io::Errno;
 
-use super::direct::{self, DirectWriter, Staging};
-use super::durable::{self, Syncer};
+use super::direct::Staging;
+use super::durable::Syncer;
+
+mod check;
+mod dirs;
+mod file;
+
+use check::check_paths;
+pub(crate) use check::check_within;
+use dirs::{is_dir, open_dir, Dirs};
+use file::{finish_file, ignore_eperm, owner, restore_file, times};
 
 /// Threads syncing and finishing written files, and files waiting for them.
 const SYNC_THREADS: usize = 4;
@@ -50,51 +63,6 @@ const SYNC_QUEUE: usize = 64;
 
 /// Fetches the verified plaintext of the next chunk, which must be the one given.
 pub(crate) type NextChunk<'a> = dyn FnMut(&ChunkRef) -> io::Result<bytes::Bytes> + 'a;
-
-/// Refuses `tree` unless every entry lies inside one of `paths` (absolute paths, as a files
-/// source is configured): what an in-place restore of a files source may write. Checked before
-/// anything is written; the error names the first entry outside.
-pub(crate) fn check_within(tree: &TreeManifest, paths: &[PathBuf]) -> anyhow::Result<()> {
-    let mut allowed = Vec::with_capacity(paths.len());
-    for p in paths {
-        let mut bytes: Vec<u8> = Vec::new();
-        for c in p.components() {
-            match c {
-                Component::RootDir | Component::CurDir => {}
-                Component::Normal(n) => {
-                    if !bytes.is_empty() {
-                        bytes.push(b'/');
-                    }
-                    bytes.extend_from_slice(n.as_bytes());
-                }
-                _ => bail!(
-                    "configured path {} is not a plain absolute path: cannot tell what a restore may write",
-                    p.display()
-                ),
-            }
-        }
-        allowed.push(bytes);
-    }
-    for e in &tree.entries {
-        let inside = allowed.iter().any(|a| {
-            a.is_empty()
-                || (e.path.starts_with(a)
-                    && (e.path.len() == a.len() || e.path.get(a.len()) == Some(&b'/')))
-        });
-        if !inside {
-            bail!(
-                "refusing snapshot entry /{}: it is outside the paths this source is configured with here ({}); nothing was written",
-                String::from_utf8_lossy(&e.path),
-                paths
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
-    }
-    Ok(())
-}
 
 /// Restores `tree` under `target` (created if missing); `written` is told about every block of
 /// file bytes written.
@@ -316,279 +284,6 @@ fn set_dir_meta(
             dest.display()
         ),
         Err(e) => Err(io::Error::from(e)).with_context(|| format!("opening {}", dest.display())),
-    }
-}
-
-fn is_dir(st_mode: u32) -> bool {
-    rustix::fs::FileType::from_raw_mode(st_mode) == rustix::fs::FileType::Directory
-}
-
-/// Open handles of the directories from the target down to the one entries go into now (a
-/// manifest comes depth first, so consecutive entries share most of them).
-struct Dirs {
-    target: PathBuf,
-    root: Arc<OwnedFd>,
-    chain: Vec<(OsString, Arc<OwnedFd>)>,
-}
-
-impl Dirs {
-    /// The target itself (the operator's path: a symlink there is followed).
-    fn open(target: &Path) -> anyhow::Result<Self> {
-        let root = rustix::fs::openat(
-            rustix::fs::CWD,
-            target,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(io::Error::from)
-        .with_context(|| format!("opening restore target {}", target.display()))?;
-        Ok(Self {
-            target: target.to_owned(),
-            root: Arc::new(root),
-            chain: Vec::new(),
-        })
-    }
-
-    /// `rel` under the target, for messages.
-    fn shown(&self, rel: &Path) -> PathBuf {
-        self.target.join(rel)
-    }
-
-    /// The directory `rel` below the target, each component opened without following a
-    /// symlink; missing ones are created when `create`, and anything but a directory refused.
-    fn dir(&mut self, rel: &Path, create: bool) -> anyhow::Result<Arc<OwnedFd>> {
-        let comps: Vec<&OsStr> = rel.iter().collect();
-        let same = self
-            .chain
-            .iter()
-            .zip(&comps)
-            .take_while(|((n, _), c)| n.as_os_str() == **c)
-            .count();
-        self.chain.truncate(same);
-        for (i, c) in comps.iter().enumerate().skip(same) {
-            let parent = self.chain.last().map_or(&self.root, |(_, fd)| fd).clone();
-            let shown = self.target.join(comps[..=i].iter().collect::<PathBuf>());
-            let fd = match open_dir(parent.as_fd(), c, OFlags::PATH, &shown) {
-                Err(e) if create && is_not_found(&e) => {
-                    match rustix::fs::mkdirat(&*parent, *c, Mode::from(0o777)) {
-                        Ok(()) | Err(Errno::EXIST) => {}
-                        Err(e) => {
-                            return Err(io::Error::from(e))
-                                .with_context(|| format!("creating directory {}", shown.display()))
-                        }
-                    }
-                    open_dir(parent.as_fd(), c, OFlags::PATH, &shown)?
-                }
-                other => other?,
-            };
-            self.chain.push((c.to_os_string(), Arc::new(fd)));
-        }
-        Ok(self.chain.last().map_or(&self.root, |(_, fd)| fd).clone())
-    }
-}
-
-fn is_not_found(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<io::Error>()
-        .is_some_and(|e| e.kind() == io::ErrorKind::NotFound)
-}
-
-/// Opens directory `name` in `parent` without following a symlink (`how`: `PATH` to walk
-/// through, `RDONLY` to change it); a symlink or anything else is refused.
-fn open_dir(
-    parent: BorrowedFd<'_>,
-    name: &OsStr,
-    how: OFlags,
-    shown: &Path,
-) -> anyhow::Result<OwnedFd> {
-    let flags = how | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    match rustix::fs::openat(parent, name, flags, Mode::empty()) {
-        Ok(fd) => Ok(fd),
-        Err(Errno::LOOP | Errno::NOTDIR) => bail!(
-            "refusing to restore below {}: it is not a directory (a symlink would lead outside the target)",
-            shown.display()
-        ),
-        Err(e) => Err(anyhow::Error::new(io::Error::from(e)))
-            .with_context(|| format!("opening directory {}", shown.display())),
-    }
-}
-
-/// Checks every entry's path and returns them as relative paths, or refuses the manifest.
-fn check_paths(tree: &TreeManifest) -> anyhow::Result<Vec<PathBuf>> {
-    let mut links: HashSet<&[u8]> = HashSet::new();
-    let mut out = Vec::with_capacity(tree.entries.len());
-    for e in &tree.entries {
-        let shown = String::from_utf8_lossy(&e.path);
-        let refuse = |why: &str| anyhow::anyhow!("refusing snapshot entry {shown:?}: {why}");
-        if e.path.is_empty() {
-            return Err(refuse("empty path"));
-        }
-        if e.path.contains(&0) {
-            return Err(refuse("NUL byte in path"));
-        }
-        if e.path[0] == b'/' {
-            return Err(refuse("absolute path"));
-        }
-        let path = Path::new(OsStr::from_bytes(&e.path));
-        let mut rel = PathBuf::new();
-        for c in path.components() {
-            match c {
-                Component::Normal(n) => rel.push(n),
-                _ => return Err(refuse("path has a `.` or `..` component")),
-            }
-        }
-        // `Path::components` silently drops `.` and repeated slashes; refuse them too.
-        if e.path
-            .split(|&b| b == b'/')
-            .any(|c| c.is_empty() || c == b".")
-        {
-            return Err(refuse("path has an empty or `.` component"));
-        }
-        for (i, &b) in e.path.iter().enumerate() {
-            if b == b'/' && links.contains(&e.path[..i]) {
-                return Err(refuse("path goes through a symlink of the snapshot"));
-            }
-        }
-        if e.kind == EntryKind::Symlink {
-            links.insert(&e.path);
-        }
-        out.push(rel);
-    }
-    Ok(out)
-}
-
-/// Writes a file's content under a fresh temporary name in `parent` (large files with
-/// `O_DIRECT` where the filesystem allows it); returns the open file and that name (the caller
-/// finishes and renames it).
-fn restore_file(
-    parent: &OwnedFd,
-    name: &OsStr,
-    dest: &Path,
-    entry: &TreeEntry,
-    next: &mut NextChunk<'_>,
-    written: &mut dyn FnMut(u64),
-    staging: &mut Staging,
-) -> anyhow::Result<(File, OsString)> {
-    if rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
-        bail!(
-            "cannot restore {}: it already exists (restore into an empty directory)",
-            dest.display()
-        );
-    }
-    let (created, tmp) = durable::create_temp(parent.as_fd(), 0o600)
-        .with_context(|| format!("creating a temporary file for {}", dest.display()))?;
-    let result = fill_file(created, parent, &tmp, dest, entry, next, written, staging);
-    if result.is_err() {
-        let _ = rustix::fs::unlinkat(parent, tmp.as_os_str(), AtFlags::empty());
-    }
-    result.map(|f| (f, tmp))
-}
-
-/// Writes a file's chunks into `created` (the file `tmp` in `parent`), directly when it is
-/// large and the filesystem allows it; returns the handle to finish.
-#[allow(clippy::too_many_arguments)]
-fn fill_file(
-    mut created: File,
-    parent: &OwnedFd,
-    tmp: &OsStr,
-    dest: &Path,
-    entry: &TreeEntry,
-    next: &mut NextChunk<'_>,
-    written: &mut dyn FnMut(u64),
-    staging: &mut Staging,
-) -> anyhow::Result<File> {
-    let direct = if entry.size >= direct::DIRECT_MIN {
-        direct::reopen_direct(parent.as_fd(), tmp, &created)
-            .with_context(|| format!("opening {} for direct writes", dest.display()))?
-    } else {
-        None
-    };
-    let Some(mut d) = direct else {
-        write_chunks(&mut created, entry, next, written, dest)?;
-        return Ok(created);
-    };
-    let mut w = DirectWriter::new(&mut d, staging);
-    write_chunks(&mut w, entry, next, written, dest)?;
-    w.finish()
-        .with_context(|| format!("writing {}", dest.display()))?;
-    Ok(d)
-}
-
-/// Owner, mode and mtime on the open file, then sync, then the rename to its name in
-/// `parent` (never replacing anything): it appears under its real name only whole.
-fn finish_file(
-    f: File,
-    parent: &OwnedFd,
-    tmp: &OsStr,
-    name: &OsStr,
-    entry: &TreeEntry,
-    dest: &Path,
-) -> anyhow::Result<()> {
-    let (uid, gid) = owner(entry);
-    // The owner before the mode: a chown clears the set-id bits the mode may carry.
-    ignore_eperm(rustix::fs::fchown(&f, uid, gid))
-        .with_context(|| format!("setting owner of {}", dest.display()))?;
-    rustix::fs::fchmod(&f, Mode::from(entry.mode))
-        .map_err(io::Error::from)
-        .with_context(|| format!("setting mode of {}", dest.display()))?;
-    rustix::fs::futimens(&f, &times(entry))
-        .map_err(io::Error::from)
-        .with_context(|| format!("setting mtime of {}", dest.display()))?;
-    f.sync_all()
-        .with_context(|| format!("syncing {}", dest.display()))?;
-    drop(f);
-    durable::rename_new(parent.as_fd(), tmp, name)
-        .with_context(|| format!("renaming into {}", dest.display()))
-}
-
-fn write_chunks(
-    f: &mut dyn Write,
-    entry: &TreeEntry,
-    next: &mut NextChunk<'_>,
-    written: &mut dyn FnMut(u64),
-    dest: &Path,
-) -> anyhow::Result<()> {
-    let mut len = 0u64;
-    for c in &entry.chunks {
-        let plain = next(c).with_context(|| format!("restoring {}", dest.display()))?;
-        f.write_all(&plain)
-            .with_context(|| format!("writing {}", dest.display()))?;
-        len += plain.len() as u64;
-        written(plain.len() as u64);
-    }
-    if len != entry.size {
-        bail!(
-            "restoring {}: {len} bytes of chunks where the snapshot says {}",
-            dest.display(),
-            entry.size
-        );
-    }
-    Ok(())
-}
-
-fn times(entry: &TreeEntry) -> Timestamps {
-    let t = Timespec {
-        tv_sec: entry.mtime,
-        tv_nsec: i64::from(entry.mtime_nsec.min(999_999_999)) as _,
-    };
-    Timestamps {
-        last_access: t,
-        last_modification: t,
-    }
-}
-
-/// The entry's owner (an id of -1, which no file has, is left unchanged).
-fn owner(entry: &TreeEntry) -> (Option<Uid>, Option<Gid>) {
-    (
-        (entry.uid != u32::MAX).then(|| Uid::from_raw(entry.uid)),
-        (entry.gid != u32::MAX).then(|| Gid::from_raw(entry.gid)),
-    )
-}
-
-/// An owner change this process may not make (not root) leaves the restoring user's.
-fn ignore_eperm(r: rustix::io::Result<()>) -> io::Result<()> {
-    match r {
-        Ok(()) | Err(Errno::PERM) => Ok(()),
-        Err(e) => Err(e.into()),
     }
 }
 

@@ -1,4 +1,4 @@
-//! The `mongodb` sink: `mongorestore --archive` from stdin, renaming the namespaces to the
+//! The MongoDB restore: `mongorestore --archive` from stdin, renaming the namespaces to the
 //! target database, with `--drop` for a replace (collections in the archive replace theirs).
 //! Without a replace, a target database that holds any collection is refused: mongorestore
 //! would merge the snapshot into it.
@@ -10,11 +10,10 @@ use std::sync::atomic::AtomicU64;
 use anyhow::{anyhow, bail, Context};
 use fleetvault_common::Manifest;
 
-use super::database::{feed_tool, TargetState};
-use crate::restore::Reassembler;
-use crate::source::command::ShellCommand;
-use crate::source::database::{require_tool, DbSource};
-use crate::source::mongodb::{MongoTool, PACKAGE};
+use super::{MongoTool, PACKAGE};
+use crate::db::{require_tool, DbSource, TargetState};
+use crate::pipe::Reassembler;
+use crate::process::{feed_tool, ShellCommand};
 
 /// The first bytes of a mongodump archive (0x8199e26d, little-endian).
 const ARCHIVE_MAGIC: [u8; 4] = [0x6d, 0xe2, 0x99, 0x81];
