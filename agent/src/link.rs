@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetvault_common::protocol::frame::{read_frame, write_frame};
-use fleetvault_common::protocol::{Push, PushReply, Request, Response, RestoreOptions};
+use fleetvault_common::protocol::{Push, PushReply, RestoreOptions};
 use fleetvault_common::{Client, JobReport, SnapshotId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -38,14 +38,11 @@ pub(crate) async fn run(config: AgentConfig, shutdown: CancellationToken) -> any
                 continue;
             }
         };
-        match client
-            .call(&Request::Register {
-                sources: config.source_infos(),
-            })
-            .await
-        {
-            Ok(Response::Ok) => {}
-            Ok(other) => warn!(reply = ?other, "unexpected reply to Register"),
+        match client.register(config.source_infos()).await {
+            Ok(()) => {}
+            Err(e @ fleetvault_common::ClientError::Unexpected { .. }) => {
+                warn!(error = %e, "registering with the coordinator")
+            }
             Err(e) => {
                 warn!(error = %e, "registering with the coordinator failed");
                 continue;
@@ -131,14 +128,7 @@ async fn serve_push(
                 let source = config.source(source)?;
                 crate::backup::run(client.clone(), source, job.clone(), progress).await
             }
-            Push::Restore { snapshot, target } => {
-                let options = RestoreOptions {
-                    target: target.clone(),
-                    ..RestoreOptions::default()
-                };
-                pushed_restore(&client, &config, *snapshot, &options, progress).await
-            }
-            Push::RestoreInto { snapshot, options } => {
+            Push::Restore { snapshot, options } => {
                 pushed_restore(&client, &config, *snapshot, options, progress).await
             }
         }
@@ -160,9 +150,7 @@ async fn serve_push(
                 status: "failed".into(),
                 error: Some(format!("{e:#}")),
                 snapshot_id: match &push {
-                    Push::Restore { snapshot, .. } | Push::RestoreInto { snapshot, .. } => {
-                        snapshot.to_string()
-                    }
+                    Push::Restore { snapshot, .. } => snapshot.to_string(),
                     Push::Backup { .. } => {
                         fleetvault_common::exit::find::<fleetvault_common::exit::FailedRecord>(&e)
                             .map(|f| f.snapshot_id.clone())
@@ -171,10 +159,12 @@ async fn serve_push(
                 },
                 source: match &push {
                     Push::Backup { source, .. } => source.clone(),
-                    Push::RestoreInto { options, .. } => options.source.clone().unwrap_or_default(),
-                    Push::Restore { .. } => String::new(),
+                    Push::Restore { options, .. } => options.source.clone().unwrap_or_default(),
                 },
-                agent: client.identity().trim_start_matches("agent/").to_owned(),
+                agent: client
+                    .agent_name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default(),
                 ..JobReport::default()
             }
         }

@@ -16,10 +16,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fleetvault_common::exit::{self, FailedRecord, UsageError};
-use fleetvault_common::protocol::{Request, Response, RestoreOptions};
+use fleetvault_common::protocol::RestoreOptions;
 use fleetvault_common::{report, Client, Credentials};
 
 use config::AgentConfig;
@@ -273,13 +273,7 @@ async fn dispatch(command: Command, json: bool) -> anyhow::Result<ExitCode> {
         Command::Snapshots { config } => {
             let config = config.load()?;
             let client = connect(&config, &config.credentials()?).await?;
-            let list = match client
-                .call(&Request::ListSnapshots(Default::default()))
-                .await?
-            {
-                Response::Snapshots(l) => l,
-                other => bail!("unexpected reply {other:?}"),
-            };
+            let list = client.list_snapshots(Default::default()).await?;
             client.close().await;
             if json {
                 let v: Vec<_> = list.iter().map(report::snapshot_json).collect();
@@ -350,13 +344,7 @@ async fn dispatch(command: Command, json: bool) -> anyhow::Result<ExitCode> {
             let id =
                 fleetvault_common::select::resolve(&client, &snapshot_id, None, source.as_deref())
                     .await?;
-            let list = match client
-                .call(&Request::ListSnapshots(Default::default()))
-                .await?
-            {
-                Response::Snapshots(l) => l,
-                other => bail!("unexpected reply {other:?}"),
-            };
+            let list = client.list_snapshots(Default::default()).await?;
             let rec = list
                 .into_iter()
                 .find(|r| r.id == id)

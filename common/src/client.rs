@@ -10,9 +10,13 @@ use std::time::Duration;
 use tokio::time::{timeout_at, Instant};
 
 use crate::exit::{REFUSED as EXIT_REFUSED, UNREACHABLE as EXIT_UNREACHABLE};
-use crate::protocol::frame::{read_frame, read_frame_or_chunk, write_frame, FrameError, Incoming};
+use crate::protocol::frame::{read_frame, write_frame, FrameError};
 use crate::protocol::{close, ErrorCode, Hello, HelloReply, Request, Response, PROTOCOL_VERSION};
 use crate::transport::{self, Credentials};
+use crate::AgentName;
+
+mod exchanges;
+pub use exchanges::{ReadItem, ReadStream, SnapshotRead};
 
 /// How long resolving the coordinator's address and the QUIC handshake may take together.
 /// Nothing answers a QUIC packet sent to a closed UDP port, so without this limit a coordinator
@@ -47,12 +51,25 @@ pub enum ClientError {
         /// Its text.
         message: String,
     },
-    /// The coordinator answered something unexpected.
-    #[error("unexpected reply from coordinator: {0}")]
-    Unexpected(String),
+    /// The coordinator answered a request with a reply of the wrong kind.
+    #[error("unexpected reply from coordinator to {request}: {reply}")]
+    Unexpected {
+        /// The request's kind ([`Request::kind`]).
+        request: &'static str,
+        /// The reply's kind ([`Response::kind`]).
+        reply: &'static str,
+    },
 }
 
 impl ClientError {
+    /// `reply` is not an answer to `request`.
+    pub fn unexpected(request: &Request, reply: &Response) -> Self {
+        ClientError::Unexpected {
+            request: request.kind(),
+            reply: reply.kind(),
+        }
+    }
+
     /// The exit code this error calls for, when it is not a plain failure:
     /// [`EXIT_UNREACHABLE`] (10) or [`EXIT_REFUSED`] (11).
     ///
@@ -73,6 +90,21 @@ fn lost(conn: &quinn::Connection, what: impl std::fmt::Display) -> ClientError {
     match conn.close_reason() {
         Some(reason) => ClientError::Lost(transport::describe_connection_error(&reason)),
         None => ClientError::Lost(what.to_string()),
+    }
+}
+
+/// A read reply as the caller sees it: a `Response::Error` becomes [`ClientError::Remote`],
+/// a stream that ends early or breaks is [`ClientError::Lost`].
+fn settle(
+    conn: &quinn::Connection,
+    frame: Result<Option<Response>, FrameError>,
+) -> Result<Response, ClientError> {
+    match frame {
+        Ok(Some(Response::Error { code, message })) => Err(ClientError::Remote { code, message }),
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err(lost(conn, "stream ended without a reply")),
+        Err(FrameError::Io(e)) => Err(lost(conn, e)),
+        Err(e) => Err(ClientError::Frame(e)),
     }
 }
 
@@ -132,6 +164,9 @@ pub struct Client {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
     identity: String,
+    /// The name in `identity` when it is an agent's, parsed once at the hello.
+    agent: Option<AgentName>,
+    protocol: u32,
 }
 
 impl Client {
@@ -162,7 +197,11 @@ impl Client {
                 )))
             }
         };
-        Self::handshake(creds, resolved, address, server_name, software, deadline).await
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            software: software.to_owned(),
+        };
+        Self::handshake(creds, resolved, address, server_name, hello, deadline).await
     }
 
     /// Connects to a resolved address (errors name it), checks the protocol version and
@@ -174,16 +213,25 @@ impl Client {
         server_name: &str,
         software: &str,
     ) -> Result<Self, ClientError> {
+        Self::connect_speaking(creds, addr, server_name, software, PROTOCOL_VERSION).await
+    }
+
+    /// [`Client::connect`] saying `protocol` in the hello instead of [`PROTOCOL_VERSION`]:
+    /// how tests play an older (or newer) peer. Only the hello is of that version: the
+    /// caller sends what that version sends.
+    pub async fn connect_speaking(
+        creds: &Credentials,
+        addr: SocketAddr,
+        server_name: &str,
+        software: &str,
+        protocol: u32,
+    ) -> Result<Self, ClientError> {
         let deadline = Instant::now() + CONNECT_TIMEOUT;
-        Self::handshake(
-            creds,
-            addr,
-            &addr.to_string(),
-            server_name,
-            software,
-            deadline,
-        )
-        .await
+        let hello = Hello {
+            protocol,
+            software: software.to_owned(),
+        };
+        Self::handshake(creds, addr, &addr.to_string(), server_name, hello, deadline).await
     }
 
     async fn handshake(
@@ -191,7 +239,7 @@ impl Client {
         addr: SocketAddr,
         display: &str,
         server_name: &str,
-        software: &str,
+        hello: Hello,
         deadline: Instant,
     ) -> Result<Self, ClientError> {
         let endpoint =
@@ -206,19 +254,21 @@ impl Client {
         };
         let failed = |e: &dyn std::fmt::Display| hello_failed(&conn, display, e);
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| failed(&e))?;
-        let hello = Hello {
-            protocol: PROTOCOL_VERSION,
-            software: software.to_owned(),
-        };
         write_frame(&mut send, &hello)
             .await
             .map_err(|e| failed(&e))?;
         let reply: Option<HelloReply> = read_frame(&mut recv).await.map_err(|e| failed(&e))?;
         match reply {
-            Some(HelloReply::Welcome { identity, .. }) => Ok(Self {
+            Some(HelloReply::Welcome {
+                identity, protocol, ..
+            }) => Ok(Self {
                 endpoint,
                 conn,
+                agent: identity
+                    .strip_prefix("agent/")
+                    .and_then(|name| name.parse().ok()),
                 identity,
+                protocol,
             }),
             Some(HelloReply::Refused { reason }) => Err(ClientError::Refused(format!(
                 "coordinator {display} refused the connection: {reason}"
@@ -227,9 +277,20 @@ impl Client {
         }
     }
 
+    /// The protocol version spoken on this connection (the coordinator's answer to ours).
+    pub fn protocol(&self) -> u32 {
+        self.protocol
+    }
+
     /// The identity the coordinator sees (`agent/NAME`).
     pub fn identity(&self) -> &str {
         &self.identity
+    }
+
+    /// Our agent name, when the coordinator sees us as an agent ([`Client::identity`] is
+    /// `agent/NAME`).
+    pub fn agent_name(&self) -> Option<&AgentName> {
+        self.agent.as_ref()
     }
 
     /// The underlying connection (for accepting pushed work).
@@ -255,32 +316,9 @@ impl Client {
         self.settle(read_frame::<Response, _>(recv).await)
     }
 
-    /// [`Client::reply`] for a stream of chunks: a chunk's envelope stays in the buffer its
-    /// frame was read into.
-    pub async fn reply_or_chunk(
-        &self,
-        recv: &mut quinn::RecvStream,
-    ) -> Result<Incoming<Response>, ClientError> {
-        let frame = match read_frame_or_chunk::<Response, _>(recv).await {
-            Ok(Some(Incoming::Message(m))) => Ok(Some(m)),
-            Ok(Some(chunk)) => return Ok(chunk),
-            Ok(None) => Ok(None),
-            Err(e) => Err(e),
-        };
-        self.settle(frame).map(Incoming::Message)
-    }
-
     /// A read reply as the caller sees it.
     fn settle(&self, frame: Result<Option<Response>, FrameError>) -> Result<Response, ClientError> {
-        match frame {
-            Ok(Some(Response::Error { code, message })) => {
-                Err(ClientError::Remote { code, message })
-            }
-            Ok(Some(r)) => Ok(r),
-            Ok(None) => Err(self.lost("stream ended without a reply")),
-            Err(FrameError::Io(e)) => Err(self.lost(e)),
-            Err(e) => Err(ClientError::Frame(e)),
-        }
+        settle(&self.conn, frame)
     }
 
     /// One request, one reply.

@@ -102,6 +102,9 @@ impl<'de> Deserialize<'de> for AgentName {
 }
 
 /// A validated agent (host) name: 1 to 64 of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
+/// The client parses its own once, from the identity the coordinator names in the hello
+/// ([`crate::Client::agent_name`]); the coordinator reads peers' names from their
+/// certificates (`fleetvault_certs::Identity`).
 ///
 /// The same rule is applied to names in certificates (see `fleetvault-certs`), so a name read
 /// from a verified certificate can be used in paths and keys without escaping.

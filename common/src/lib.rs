@@ -32,7 +32,7 @@ pub mod select;
 mod transport;
 
 pub use chunker::{Chunk, Chunker, ChunkerParams};
-pub use client::{Client, ClientError, CONNECT_TIMEOUT};
+pub use client::{Client, ClientError, ReadItem, ReadStream, SnapshotRead, CONNECT_TIMEOUT};
 pub use config::parse_toml;
 pub use id::{AgentName, ChunkId, ParseIdError, SnapshotId};
 pub use kind::SnapshotKind;

@@ -3,7 +3,7 @@
 //! a source).
 
 use crate::exit::UsageError;
-use crate::protocol::{Request, Response, SnapshotFilter};
+use crate::protocol::SnapshotFilter;
 use crate::{Client, SnapshotId, SnapshotRecord};
 
 /// The fewest hex digits a prefix must have.
@@ -28,10 +28,7 @@ pub async fn resolve(
         status: None,
         job: None,
     };
-    let list = match client.call(&Request::ListSnapshots(filter)).await? {
-        Response::Snapshots(l) => l,
-        other => anyhow::bail!("unexpected reply {other:?}"),
-    };
+    let list = client.list_snapshots(filter).await?;
     pick(&query, &list, agent, source)
 }
 

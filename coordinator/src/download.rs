@@ -16,8 +16,10 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context};
 use fleetvault_common::durable::{NewFile, Replace};
-use fleetvault_common::protocol::{ReadPart, Request, Response};
-use fleetvault_common::{chunk, ChunkRef, Client, EntryKind, Manifest, SnapshotId};
+use fleetvault_common::protocol::ReadPart;
+use fleetvault_common::{
+    chunk, ChunkRef, Client, EntryKind, Manifest, ReadItem, ReadStream, SnapshotId,
+};
 use tokio::sync::mpsc;
 
 /// Chunks buffered between the network and the file.
@@ -26,7 +28,7 @@ const QUEUE: usize = 16;
 /// Verified chunk plaintext, in manifest order, from the network task.
 struct Chunks {
     snapshot: SnapshotId,
-    rx: mpsc::Receiver<Result<Response, String>>,
+    rx: mpsc::Receiver<Result<ReadItem, String>>,
     bar: indicatif::ProgressBar,
 }
 
@@ -34,7 +36,7 @@ impl Chunks {
     fn next(&mut self, expected: &ChunkRef) -> anyhow::Result<Vec<u8>> {
         let snapshot = self.snapshot;
         match self.rx.blocking_recv() {
-            Some(Ok(Response::Chunk { id, envelope })) if id == expected.id => {
+            Some(Ok(ReadItem::Chunk { id, envelope })) if id == expected.id => {
                 let plain = chunk::open_verified(&envelope, &id)
                     .map_err(|e| anyhow!("snapshot {snapshot}: chunk {id} is damaged: {e}"))?;
                 if plain.len() != expected.len as usize {
@@ -43,12 +45,17 @@ impl Chunks {
                 self.bar.inc(plain.len() as u64);
                 Ok(plain)
             }
-            Some(Ok(Response::ChunkMissing { id })) => {
+            Some(Ok(ReadItem::Missing(id))) => {
                 bail!("snapshot {snapshot}: chunk {id} is missing on the coordinator")
             }
-            Some(Ok(other)) => bail!("snapshot {snapshot}: unexpected frame {other:?}"),
+            Some(Ok(ReadItem::Chunk { id, .. })) => bail!(
+                "snapshot {snapshot}: chunk {id} arrived where {} was expected",
+                expected.id
+            ),
             Some(Err(e)) => bail!("snapshot {snapshot}: {e}"),
-            None => bail!("snapshot {snapshot}: the chunk stream ended early"),
+            Some(Ok(ReadItem::End)) | None => {
+                bail!("snapshot {snapshot}: the chunk stream ended early")
+            }
         }
     }
 }
@@ -164,56 +171,23 @@ impl Write for Out {
 async fn open(
     client: &Client,
     snapshot: SnapshotId,
-) -> anyhow::Result<(
-    fleetvault_common::SnapshotRecord,
-    Manifest,
-    quinn::RecvStream,
-)> {
-    let (mut send, mut recv) = client
-        .open(&Request::Read {
-            snapshot,
-            part: ReadPart::All,
-        })
-        .await?;
-    let _ = send.finish();
-    let rec = match client.reply(&mut recv).await? {
-        Response::Reading(r) => r,
-        other => bail!("unexpected reply {other:?}"),
-    };
-    let root = rec
-        .root
-        .clone()
-        .with_context(|| format!("snapshot {snapshot} has no manifest"))?;
-    let mut bytes = Vec::new();
-    for c in &root.chunks {
-        match client.reply(&mut recv).await? {
-            Response::Chunk { id, envelope } if id == c.id => bytes.extend(
-                chunk::open_verified(&envelope, &id)
-                    .map_err(|e| anyhow!("snapshot {snapshot}: manifest chunk {id}: {e}"))?,
-            ),
-            other => bail!("snapshot {snapshot}: unexpected frame in the manifest: {other:?}"),
-        }
-    }
-    if *blake3::hash(&bytes).as_bytes() != root.checksum {
-        bail!("snapshot {snapshot}: the manifest does not match its checksum");
-    }
-    let manifest = Manifest::decode(&bytes).with_context(|| format!("snapshot {snapshot}"))?;
-    Ok((rec, manifest, recv))
+) -> anyhow::Result<(fleetvault_common::SnapshotRecord, Manifest, ReadStream)> {
+    let read = client.read_snapshot(snapshot, ReadPart::All).await?;
+    Ok((read.record, read.manifest, read.chunks))
 }
 
 /// Runs `sink` on a blocking thread, fed with the data chunks arriving on `recv`.
 async fn with_chunks<T: Send + 'static>(
-    client: &Client,
     snapshot: SnapshotId,
-    mut recv: quinn::RecvStream,
+    mut chunks: ReadStream,
     bar: &indicatif::ProgressBar,
     sink: impl FnOnce(&mut Chunks) -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
     let (tx, rx) = mpsc::channel(QUEUE);
     let fetch = async {
         loop {
-            let item = client.reply(&mut recv).await.map_err(|e| e.to_string());
-            let end = matches!(item, Ok(Response::End) | Err(_));
+            let item = chunks.next().await.map_err(|e| e.to_string());
+            let end = matches!(item, Ok(ReadItem::End) | Err(_));
             if end || tx.send(item).await.is_err() {
                 break;
             }
@@ -344,7 +318,7 @@ pub(crate) async fn bundle_index(
         bail!("bundle {snapshot} is not a stream");
     };
     let bar = indicatif::ProgressBar::hidden();
-    let index = with_chunks(client, snapshot, recv, &bar, move |c| {
+    let index = with_chunks(snapshot, recv, &bar, move |c| {
         let mut buf = Vec::new();
         write_stream(&s, c, &mut buf)?;
         Ok(buf)
@@ -371,7 +345,7 @@ async fn write_all(
             bail!("bundle {snapshot} is not a stream");
         };
         let s = s.clone();
-        let index = with_chunks(client, snapshot, recv, bar, move |c| {
+        let index = with_chunks(snapshot, recv, bar, move |c| {
             let mut buf = Vec::new();
             write_stream(&s, c, &mut buf)?;
             Ok(buf)
@@ -405,7 +379,7 @@ async fn write_all(
                 Manifest::Stream(_) => std::path::PathBuf::from(format!("{name}.dump")),
                 Manifest::Tree(_) => std::path::PathBuf::from(name),
             };
-            let (t, n) = with_chunks(client, id, recv, bar, move |c| {
+            let (t, n) = with_chunks(id, recv, bar, move |c| {
                 let n = append(&mut tar, &m, &prefix, c)?;
                 Ok((tar, n))
             })
@@ -418,7 +392,7 @@ async fn write_all(
     }
     match manifest {
         Manifest::Stream(s) => {
-            let (w, n) = with_chunks(client, snapshot, recv, bar, move |c| {
+            let (w, n) = with_chunks(snapshot, recv, bar, move |c| {
                 let n = write_stream(&s, c, &mut w)?;
                 Ok((w, n))
             })
@@ -427,7 +401,7 @@ async fn write_all(
             Ok(n)
         }
         tree @ Manifest::Tree(_) => {
-            let (tar, n) = with_chunks(client, snapshot, recv, bar, move |c| {
+            let (tar, n) = with_chunks(snapshot, recv, bar, move |c| {
                 let mut tar = tar::Builder::new(w);
                 let n = append(&mut tar, &tree, Path::new(""), c)?;
                 Ok((tar, n))

@@ -16,6 +16,8 @@ use crate::server::Failure;
 
 struct LiveAgent {
     conn: quinn::Connection,
+    /// The protocol version its connection speaks: pushes take that version's shapes.
+    protocol: u32,
     sources: Vec<SourceInfo>,
     version: String,
     grants: HashSet<SnapshotId>,
@@ -60,12 +62,14 @@ impl LiveAgents {
         conn: quinn::Connection,
         sources: Vec<SourceInfo>,
         version: String,
+        protocol: u32,
     ) {
         let mut agents = self.agents.lock().expect("live lock");
         agents.insert(
             name.to_owned(),
             LiveAgent {
                 conn,
+                protocol,
                 sources,
                 version,
                 grants: HashSet::new(),
@@ -112,9 +116,14 @@ impl LiveAgents {
             .is_some_and(|a| a.grants.contains(&snapshot))
     }
 
-    fn conn(&self, agent: &str) -> Result<quinn::Connection, Failure> {
+    /// The agent's live link and the protocol version it speaks.
+    fn conn(&self, agent: &str) -> Result<Link, Failure> {
         let agents = self.agents.lock().expect("live lock");
-        agents.get(agent).map(|a| a.conn.clone()).ok_or_else(|| {
+        let link = |a: &LiveAgent| Link {
+            conn: a.conn.clone(),
+            protocol: a.protocol,
+        };
+        agents.get(agent).map(link).ok_or_else(|| {
             Failure::Reply(
                 ErrorCode::AgentOffline,
                 format!("agent {agent} is not connected (is `fleetvault-agent run` running?)"),
@@ -159,7 +168,7 @@ impl LiveAgents {
         exchange(agent, &conn, &push, None, self.job_timeout()).await
     }
 
-    /// Pushes a restore (`Push::Restore` or `Push::RestoreInto`) of `snapshot` to `agent`,
+    /// Pushes a restore (`Push::Restore`) of `snapshot` to `agent`,
     /// granting it read access to that snapshot for the job, and relays progress to `reply`.
     pub(crate) async fn push_restore(
         &self,
@@ -181,10 +190,16 @@ impl LiveAgents {
     }
 }
 
+/// A live agent's connection and the protocol version it speaks.
+struct Link {
+    conn: quinn::Connection,
+    protocol: u32,
+}
+
 /// Sends `push` on a new stream of the agent's connection and relays its replies.
 async fn relay(
     agent: &str,
-    conn: &quinn::Connection,
+    conn: &Link,
     push: &Push,
     reply: &mut quinn::SendStream,
     limit: std::time::Duration,
@@ -198,7 +213,7 @@ async fn relay(
 /// backup slot it holds, and it fails with the reason.
 async fn exchange(
     agent: &str,
-    conn: &quinn::Connection,
+    conn: &Link,
     push: &Push,
     reply: Option<&mut quinn::SendStream>,
     limit: std::time::Duration,
@@ -220,7 +235,7 @@ async fn exchange(
 /// Sends `push` and waits for the agent's result, forwarding progress to `reply` if given.
 async fn exchange_unbounded(
     agent: &str,
-    conn: &quinn::Connection,
+    link: &Link,
     push: &Push,
     mut reply: Option<&mut quinn::SendStream>,
 ) -> Result<JobReport, Failure> {
@@ -230,8 +245,9 @@ async fn exchange_unbounded(
             format!("agent {agent} disconnected during the job: {e}"),
         )
     };
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
-    write_frame(&mut send, push).await.map_err(|e| lost(&e))?;
+    let (mut send, mut recv) = link.conn.open_bi().await.map_err(|e| lost(&e))?;
+    let frame = push.frame_for(link.protocol);
+    write_frame(&mut send, &frame).await.map_err(|e| lost(&e))?;
     let _ = send.finish();
     loop {
         match read_frame::<PushReply, _>(&mut recv).await {

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use fleetvault_common::chunk::seal;
-use fleetvault_common::protocol::frame::{read_frame, write_frame};
+use fleetvault_common::protocol::frame::read_frame;
 use fleetvault_common::protocol::{close, Begin, ErrorCode, Request, Response};
 use fleetvault_common::{ChunkId, ChunkerParams, Client, ClientError, Credentials};
 use fleetvault_tests::{Agent, Coordinator};
@@ -59,23 +59,10 @@ fn forged_chunk_is_refused_and_malformed_frames_close_only_that_connection() -> 
             job: None,
             tags: Vec::new(),
         };
-        let Response::Begun { snapshot, .. } = client.call(&Request::Begin(begin)).await? else {
-            anyhow::bail!("no Begun");
-        };
+        let (snapshot, _) = client.begin(begin).await?;
         let claimed = ChunkId::of(b"what other hosts store");
-        let (mut send, mut recv) = client
-            .open(&Request::PutChunks { snapshot, count: 1 })
-            .await?;
-        write_frame(
-            &mut send,
-            &Request::Chunk {
-                id: claimed,
-                envelope: seal(b"something else entirely", 3),
-            },
-        )
-        .await?;
-        let _ = send.finish();
-        match client.reply(&mut recv).await {
+        let forged = vec![(claimed, seal(b"something else entirely", 3))];
+        match client.put_chunks(snapshot, forged).await {
             Err(ClientError::Remote { code, message }) => {
                 assert_eq!(code, ErrorCode::HashMismatch, "{message}");
                 assert!(message.contains(&claimed.to_hex()), "{message}");
@@ -83,12 +70,7 @@ fn forged_chunk_is_refused_and_malformed_frames_close_only_that_connection() -> 
             other => anyhow::bail!("forged chunk not refused: {other:?}"),
         }
         // The connection survives a refused chunk; the forged id was not stored.
-        let Response::Missing { ids } = client
-            .call(&Request::Missing { ids: vec![claimed] })
-            .await?
-        else {
-            anyhow::bail!("no Missing");
-        };
+        let ids = client.missing(vec![claimed]).await?;
         assert_eq!(ids, vec![claimed]);
         client.close().await;
 

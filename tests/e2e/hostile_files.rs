@@ -10,9 +10,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use fleetvault_common::chunk::{open_verified, seal};
-use fleetvault_common::protocol::frame::write_frame;
-use fleetvault_common::protocol::{Begin, Commit, ReadPart, Request, Response};
+use fleetvault_common::chunk::seal;
+use fleetvault_common::protocol::{Begin, Commit, ReadPart};
 use fleetvault_common::{
     ChunkId, ChunkRef, ChunkerParams, Client, Credentials, EntryKind, Manifest, SnapshotId,
     StreamManifest, TreeEntry, TreeManifest,
@@ -66,35 +65,17 @@ async fn commit(
         job: None,
         tags,
     };
-    let Response::Begun { snapshot, .. } = client.call(&Request::Begin(begin)).await? else {
-        anyhow::bail!("no Begun");
-    };
+    let (snapshot, _) = client.begin(begin).await?;
     let encoded = manifest.encode();
     let mut chunks: Vec<&[u8]> = data.to_vec();
     chunks.push(&encoded);
     chunks.sort();
     chunks.dedup();
-    let (mut send, mut recv) = client
-        .open(&Request::PutChunks {
-            snapshot,
-            count: chunks.len() as u32,
-        })
-        .await?;
-    for c in &chunks {
-        write_frame(
-            &mut send,
-            &Request::Chunk {
-                id: ChunkId::of(c),
-                envelope: seal(c, 3),
-            },
-        )
-        .await?;
-    }
-    let _ = send.finish();
-    match client.reply(&mut recv).await? {
-        Response::Stored { .. } => {}
-        other => anyhow::bail!("chunks not stored: {other:?}"),
-    }
+    let sealed = chunks
+        .iter()
+        .map(|c| (ChunkId::of(c), seal(c, 3)))
+        .collect();
+    client.put_chunks(snapshot, sealed).await?;
     let commit = Commit {
         snapshot,
         root: StreamManifest {
@@ -107,10 +88,7 @@ async fn commit(
         chunks: data.len() as u64,
         warnings: Vec::new(),
     };
-    match client.call(&Request::Commit(commit)).await? {
-        Response::Committed(rec) => Ok(rec.id),
-        other => anyhow::bail!("not committed: {other:?}"),
-    }
+    Ok(client.commit(commit).await?.id)
 }
 
 /// The manifest path of an absolute path (its bytes without the leading `/`).
@@ -345,27 +323,9 @@ fn a_stream_restore_that_fails_midway_leaves_nothing_under_the_target_name() -> 
     let snapshot: SnapshotId = id.parse()?;
     let last = runtime()?.block_on(async {
         let client = connect(&coordinator, &agent).await?;
-        let (mut send, mut recv) = client
-            .open(&Request::Read {
-                snapshot,
-                part: ReadPart::Manifest,
-            })
-            .await?;
-        let _ = send.finish();
-        let Response::Reading(rec) = client.reply(&mut recv).await? else {
-            anyhow::bail!("no Reading");
-        };
-        let root = rec.root.ok_or_else(|| anyhow::anyhow!("no manifest"))?;
-        let mut bytes = Vec::new();
-        for c in &root.chunks {
-            let Response::Chunk { id, envelope } = client.reply(&mut recv).await? else {
-                anyhow::bail!("no manifest chunk");
-            };
-            anyhow::ensure!(id == c.id, "manifest chunk out of order");
-            bytes.extend(open_verified(&envelope, &id)?);
-        }
+        let read = client.read_snapshot(snapshot, ReadPart::Manifest).await?;
         client.close().await;
-        let Manifest::Stream(stream) = Manifest::decode(&bytes)? else {
+        let Manifest::Stream(stream) = read.manifest else {
             anyhow::bail!("not a stream");
         };
         anyhow::ensure!(stream.chunks.len() > 2, "too few chunks: {stream:?}");

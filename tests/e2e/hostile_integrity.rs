@@ -16,7 +16,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use fleetvault_common::chunk::seal;
-use fleetvault_common::protocol::frame::write_frame;
 use fleetvault_common::protocol::{Begin, Commit, Request, Response};
 use fleetvault_common::{
     ChunkId, ChunkRef, ChunkerParams, Client, ClientError, Credentials, EntryKind, Manifest,
@@ -70,31 +69,16 @@ async fn begin(
         job: None,
         tags: Vec::new(),
     };
-    match client.call(&Request::Begin(begin)).await? {
-        Response::Begun { snapshot, parent } => Ok((snapshot, parent)),
-        other => anyhow::bail!("no Begun: {other:?}"),
-    }
+    Ok(client.begin(begin).await?)
 }
 
 async fn put(client: &Client, snapshot: SnapshotId, chunks: &[&[u8]]) -> anyhow::Result<()> {
-    let (mut send, mut recv) = client
-        .open(&Request::PutChunks {
-            snapshot,
-            count: chunks.len() as u32,
-        })
-        .await?;
-    for c in chunks {
-        let chunk = Request::Chunk {
-            id: ChunkId::of(c),
-            envelope: seal(c, 1),
-        };
-        write_frame(&mut send, &chunk).await?;
-    }
-    let _ = send.finish();
-    match client.reply(&mut recv).await? {
-        Response::Stored { .. } => Ok(()),
-        other => anyhow::bail!("no Stored: {other:?}"),
-    }
+    let sealed = chunks
+        .iter()
+        .map(|c| (ChunkId::of(c), seal(c, 1)))
+        .collect();
+    client.put_chunks(snapshot, sealed).await?;
+    Ok(())
 }
 
 /// Uploads a one-file tree manifest whose file is `data` (its chunk NOT uploaded here) and
@@ -347,7 +331,7 @@ fn peer_snapshot_ids_the_counter_cannot_pass_are_refused() -> anyhow::Result<()>
         let client = connect(&replica, &out, "peer").await?;
         let far = SnapshotId((u64::MAX >> 12) << 12);
         for id in [SnapshotId(u64::MAX), far] {
-            match client.call(&Request::ReplicaBegin { snapshot: id }).await {
+            match client.replica_begin(id).await {
                 Err(ClientError::Remote { message, .. }) => {
                     assert!(message.contains("out of range"), "{message}");
                     assert!(message.contains(&id.to_string()), "{message}");

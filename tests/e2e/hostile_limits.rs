@@ -9,7 +9,9 @@ use fleetvault_common::protocol::frame::{read_frame, write_frame};
 use fleetvault_common::protocol::{
     close, Begin, ErrorCode, ReadPart, Request, Response, SourceInfo,
 };
-use fleetvault_common::{ChunkId, ChunkerParams, Client, ClientError, Credentials, SnapshotId};
+use fleetvault_common::{
+    ChunkId, ChunkerParams, Client, ClientError, Credentials, ReadItem, SnapshotId,
+};
 use fleetvault_tests::report::snapshot_id;
 use fleetvault_tests::{bin, run, Agent, CommandSource, Coordinator, COMMAND_TIMEOUT};
 
@@ -243,7 +245,7 @@ fn a_pushed_job_past_its_deadline_frees_its_backup_slot() -> anyhow::Result<()> 
             name: "db".into(),
             kind: "command".into(),
         }];
-        client.call(&Request::Register { sources }).await?;
+        client.register(sources).await?;
         anyhow::Ok(client)
     })?;
     let conn = client.connection().clone();
@@ -313,19 +315,13 @@ fn retention_prunes_failed_runs_and_gc_prunes_chunk_refs() -> anyhow::Result<()>
     let id: SnapshotId = snapshot_id(&report)?.parse()?;
     let ids = rt.block_on(async {
         let client = connect(&coordinator, &evil).await?;
-        let (mut send, mut recv) = client
-            .open(&Request::Read {
-                snapshot: id,
-                part: ReadPart::All,
-            })
-            .await?;
-        let _ = send.finish();
+        let (_, mut chunks) = client.read(id, ReadPart::All).await?;
         let mut ids: Vec<ChunkId> = Vec::new();
         loop {
-            match client.reply(&mut recv).await? {
-                Response::Chunk { id, .. } => ids.push(id),
-                Response::End => break,
-                _ => {}
+            match chunks.next().await? {
+                ReadItem::Chunk { id, .. } => ids.push(id),
+                ReadItem::End => break,
+                ReadItem::Missing(_) => {}
             }
         }
         // 25 failed runs of one source under the job's name, 4 of another under no job.
@@ -341,17 +337,9 @@ fn retention_prunes_failed_runs_and_gc_prunes_chunk_refs() -> anyhow::Result<()>
             else {
                 anyhow::bail!("no Begun");
             };
-            let abort = Request::Abort {
-                snapshot,
-                reason: format!("run {i} failed"),
-            };
-            client.call(&abort).await?;
+            client.abort(snapshot, format!("run {i} failed")).await?;
         }
-        let Response::Missing { ids: missing } =
-            client.call(&Request::Missing { ids: ids.clone() }).await?
-        else {
-            anyhow::bail!("no Missing");
-        };
+        let missing = client.missing(ids.clone()).await?;
         assert!(missing.is_empty(), "the agent's own chunks are asked again");
         client.close().await;
         anyhow::Ok(ids)
@@ -383,11 +371,7 @@ fn retention_prunes_failed_runs_and_gc_prunes_chunk_refs() -> anyhow::Result<()>
     coordinator.cli(&["gc", "--json"])?.ensure_success()?;
     rt.block_on(async {
         let client = connect(&coordinator, &evil).await?;
-        let Response::Missing { ids: missing } =
-            client.call(&Request::Missing { ids: ids.clone() }).await?
-        else {
-            anyhow::bail!("no Missing");
-        };
+        let missing = client.missing(ids.clone()).await?;
         assert_eq!(
             missing.len(),
             ids.len(),

@@ -6,7 +6,6 @@
 //! collection.
 
 use fleetvault_common::chunk::seal;
-use fleetvault_common::protocol::frame::write_frame;
 use fleetvault_common::protocol::{Begin, Commit, ErrorCode, Request, Response};
 use fleetvault_common::{
     ChunkId, ChunkRef, ChunkerParams, Client, ClientError, Credentials, Manifest, SnapshotId,
@@ -63,28 +62,16 @@ async fn begin(client: &Client, source: &str, kind: &str) -> anyhow::Result<Snap
         job: None,
         tags: Vec::new(),
     };
-    match client.call(&Request::Begin(begin)).await? {
-        Response::Begun { snapshot, .. } => Ok(snapshot),
-        other => anyhow::bail!("no Begun: {other:?}"),
-    }
+    Ok(client.begin(begin).await?.0)
 }
 
 /// Uploads `chunks` (each its own content's chunk); returns what `Stored` says is new.
 async fn put(client: &Client, snapshot: SnapshotId, chunks: &[&[u8]]) -> anyhow::Result<u32> {
-    let count = chunks.len() as u32;
-    let (mut send, mut recv) = client.open(&Request::PutChunks { snapshot, count }).await?;
-    for c in chunks {
-        let chunk = Request::Chunk {
-            id: ChunkId::of(c),
-            envelope: seal(c, 3),
-        };
-        write_frame(&mut send, &chunk).await?;
-    }
-    let _ = send.finish();
-    match client.reply(&mut recv).await? {
-        Response::Stored { new } => Ok(new),
-        other => anyhow::bail!("no Stored: {other:?}"),
-    }
+    let sealed = chunks
+        .iter()
+        .map(|c| (ChunkId::of(c), seal(c, 3)))
+        .collect();
+    Ok(client.put_chunks(snapshot, sealed).await?)
 }
 
 async fn commit(

@@ -33,3 +33,4 @@ mod shutdown;
 mod sqlite;
 mod systemd_sandbox;
 mod unreachable;
+mod versions;

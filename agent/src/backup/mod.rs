@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
-use fleetvault_common::protocol::{Begin, Commit, Progress, Request, Response};
+use anyhow::{anyhow, Context};
+use fleetvault_common::protocol::{Begin, Commit, Progress};
 use fleetvault_common::{Client, JobReport, Manifest, SnapshotId, SnapshotRecord, TreeManifest};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -84,10 +84,7 @@ pub(crate) async fn run_tagged(
         job,
         tags,
     };
-    let (snapshot, parent) = match client.call(&Request::Begin(begin)).await? {
-        Response::Begun { snapshot, parent } => (snapshot, parent),
-        other => bail!("unexpected reply to Begin: {other:?}"),
-    };
+    let (snapshot, parent) = client.begin(begin).await?;
     let span = tracing::info_span!("backup", source = %source.name, snapshot = %snapshot);
     let _enter = span.enter();
     info!("backup started");
@@ -117,8 +114,7 @@ pub(crate) async fn run_tagged(
             let reason = format!("{e:#}");
             // info, not warn: a one-shot command prints the error itself, once.
             info!(snapshot = %snapshot, %reason, "backup failed");
-            let abort = Request::Abort { snapshot, reason };
-            if let Err(abort_err) = client.call(&abort).await {
+            if let Err(abort_err) = client.abort(snapshot, reason).await {
                 warn!(error = %abort_err, "cannot report the failure to the coordinator");
             }
             // The failed record's id travels with the error (`--json`, pushed reports).
@@ -144,16 +140,10 @@ async fn run_inner(
         let info = crate::db::probe(db)
             .await
             .with_context(|| format!("{} source {}", db.engine.kind_name(), source.name))?;
-        let describe = Request::Describe {
-            snapshot,
-            db_type: db.engine.kind_name().to_owned(),
-            db_version: info.db_version,
-            database: info.database,
-        };
-        match client.call(&describe).await? {
-            Response::Ok => {}
-            other => bail!("unexpected reply to Describe: {other:?}"),
-        }
+        let db_type = db.engine.kind_name().to_owned();
+        client
+            .describe(snapshot, db_type, info.db_version, info.database)
+            .await?;
     }
     let parent_tree = match (&source.kind, parent) {
         (SourceKind::Files { .. }, Some(p)) => {
@@ -225,10 +215,8 @@ async fn run_inner(
         chunks: chunked.chunks,
         warnings: chunked.warnings.clone(),
     };
-    match client.call(&Request::Commit(commit)).await? {
-        Response::Committed(rec) => Ok((rec, stats, chunked)),
-        other => Err(anyhow!("unexpected reply to Commit: {other:?}")),
-    }
+    let rec = client.commit(commit).await?;
+    Ok((rec, stats, chunked))
 }
 
 /// The blocking part: read the source through the chunker, then chunk the manifest.

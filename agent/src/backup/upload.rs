@@ -5,10 +5,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use fleetvault_common::chunk::seal;
-use fleetvault_common::protocol::frame::write_chunk_request;
-use fleetvault_common::protocol::{Request, Response};
 use fleetvault_common::{Chunk, Client, SnapshotId};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
@@ -63,10 +61,7 @@ async fn upload_batch(
     zstd_level: i32,
 ) -> anyhow::Result<()> {
     let ids = batch.iter().map(|c| c.id).collect();
-    let missing = match client.call(&Request::Missing { ids }).await? {
-        Response::Missing { ids } => ids,
-        other => bail!("unexpected reply to Missing: {other:?}"),
-    };
+    let missing = client.missing(ids).await?;
     if missing.is_empty() {
         return Ok(());
     }
@@ -83,26 +78,10 @@ async fn upload_batch(
     })
     .await
     .context("sealing task panicked")?;
-    let req = Request::PutChunks {
-        snapshot,
-        count: sealed.len() as u32,
-    };
     let count = sealed.len() as u64;
-    let (mut send, mut recv) = client.open(&req).await?;
-    let mut bytes = 0;
-    for (id, envelope) in sealed {
-        bytes += envelope.len() as u64;
-        write_chunk_request(&mut send, id, envelope)
-            .await
-            .map_err(|e| client.lost(e))?;
-    }
-    let _ = send.finish();
-    match client.reply(&mut recv).await? {
-        Response::Stored { .. } => {
-            stats.bytes_uploaded.fetch_add(bytes, Ordering::Relaxed);
-            stats.new_chunks.fetch_add(count, Ordering::Relaxed);
-            Ok(())
-        }
-        other => bail!("unexpected reply to PutChunks: {other:?}"),
-    }
+    let bytes = sealed.iter().map(|(_, e)| e.len() as u64).sum();
+    client.put_chunks(snapshot, sealed).await?;
+    stats.bytes_uploaded.fetch_add(bytes, Ordering::Relaxed);
+    stats.new_chunks.fetch_add(count, Ordering::Relaxed);
+    Ok(())
 }

@@ -21,7 +21,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use fleetvault_common::protocol::{Begin, Progress, Request, Response};
+use fleetvault_common::protocol::{Begin, Progress};
 use fleetvault_common::{Client, JobReport};
 use serde::{Deserialize, Serialize};
 
@@ -252,12 +252,8 @@ async fn record_failed(client: &Client, bundle: &BundleConfig, reason: &str) {
         job: None,
         tags: vec![KIND.into()],
     };
-    if let Ok(Response::Begun { snapshot, .. }) = client.call(&Request::Begin(begin)).await {
-        let abort = Request::Abort {
-            snapshot,
-            reason: reason.to_owned(),
-        };
-        if let Err(e) = client.call(&abort).await {
+    if let Ok((snapshot, _)) = client.begin(begin).await {
+        if let Err(e) = client.abort(snapshot, reason.to_owned()).await {
             tracing::warn!(error = %e, "cannot record the failed bundle");
         }
     }

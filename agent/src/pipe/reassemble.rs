@@ -11,9 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{anyhow, bail};
 use bytes::Bytes;
 use fleetvault_common::chunk::{self, EnvelopeError};
-use fleetvault_common::protocol::frame::Incoming;
-use fleetvault_common::protocol::Response;
-use fleetvault_common::{ChunkId, ChunkRef, Client, SnapshotId, StreamManifest};
+use fleetvault_common::{ChunkId, ChunkRef, ReadItem, ReadStream, SnapshotId, StreamManifest};
 use tokio::sync::{mpsc, oneshot};
 
 /// A frame of the restore stream as the reassembler receives it.
@@ -23,34 +21,29 @@ pub(crate) enum Fetched {
         id: ChunkId,
         opened: oneshot::Receiver<Result<Bytes, EnvelopeError>>,
     },
-    /// Any other frame.
-    Frame(Box<Response>),
+    /// A chunk the coordinator does not have.
+    Missing(ChunkId),
+    /// The end of the stream.
+    End,
 }
 
 /// Reads the restore stream's frames into `tx` until `End` or an error, starting each chunk's
 /// verification as it arrives. The channel's bound limits the chunks opened at once.
-pub(crate) async fn fetch(
-    client: &Client,
-    recv: &mut quinn::RecvStream,
-    tx: mpsc::Sender<Result<Fetched, String>>,
-) {
+pub(crate) async fn fetch(chunks: &mut ReadStream, tx: mpsc::Sender<Result<Fetched, String>>) {
     loop {
-        let item = match client.reply_or_chunk(recv).await {
-            Ok(Incoming::Chunk { id, envelope }) => {
+        let item = match chunks.next().await {
+            Ok(ReadItem::Chunk { id, envelope }) => {
                 let (done, opened) = oneshot::channel();
                 tokio::task::spawn_blocking(move || {
                     let _ = done.send(chunk::open_verified_shared(envelope, &id));
                 });
                 Ok(Fetched::Chunk { id, opened })
             }
-            Ok(Incoming::Message(frame)) => Ok(Fetched::Frame(Box::new(frame))),
+            Ok(ReadItem::Missing(id)) => Ok(Fetched::Missing(id)),
+            Ok(ReadItem::End) => Ok(Fetched::End),
             Err(e) => Err(e.to_string()),
         };
-        let end = match &item {
-            Ok(Fetched::Frame(frame)) => matches!(**frame, Response::End),
-            Ok(Fetched::Chunk { .. }) => false,
-            Err(_) => true,
-        };
+        let end = matches!(item, Ok(Fetched::End) | Err(_));
         if tx.send(item).await.is_err() || end {
             break;
         }
@@ -103,12 +96,10 @@ impl Reassembler {
                     expected.id
                 )
             }
-            Fetched::Frame(frame) => match *frame {
-                Response::ChunkMissing { id } => {
-                    bail!("snapshot {snapshot}: chunk {id} is missing on the coordinator")
-                }
-                other => bail!("snapshot {snapshot}: unexpected frame {other:?}"),
-            },
+            Fetched::Missing(id) => {
+                bail!("snapshot {snapshot}: chunk {id} is missing on the coordinator")
+            }
+            Fetched::End => bail!("snapshot {snapshot}: the chunk stream ended early"),
         }
     }
 
@@ -151,13 +142,9 @@ impl Reassembler {
     /// Checks that the coordinator ended the stream where the manifest ends.
     pub(crate) fn finish(mut self) -> anyhow::Result<()> {
         match self.recv()? {
-            Fetched::Frame(frame) if matches!(*frame, Response::End) => Ok(()),
-            Fetched::Chunk { id, .. } => bail!(
+            Fetched::End => Ok(()),
+            Fetched::Chunk { id, .. } | Fetched::Missing(id) => bail!(
                 "snapshot {}: chunk {id} arrived after the last chunk",
-                self.snapshot
-            ),
-            Fetched::Frame(other) => bail!(
-                "snapshot {}: unexpected frame after the last chunk: {other:?}",
                 self.snapshot
             ),
         }

@@ -24,11 +24,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use fleetvault_common::protocol::{Progress, ReadPart};
-use fleetvault_common::{Client, JobReport, Manifest, SnapshotId};
+use fleetvault_common::{Client, JobReport, Manifest, SnapshotId, SnapshotRead};
 use tokio::sync::mpsc;
 
 use crate::db::{self, DbRestore};
-use crate::pipe::read::open_read;
 use crate::pipe::{self, Reassembler};
 use crate::process::ShellCommand;
 use crate::sink::durable::NewFile;
@@ -77,11 +76,14 @@ pub(crate) async fn run(
         Target::Relocated { dir, .. } => Some(dir.display().to_string()),
         Target::InPlace { .. } => Some("/".into()),
     };
-    let (rec, manifest, mut recv) = open_read(&client, snapshot, ReadPart::All).await?;
+    let SnapshotRead {
+        record: rec,
+        manifest,
+        mut chunks,
+    } = client.read_snapshot(snapshot, ReadPart::All).await?;
     let total = manifest.logical_len();
     let (tx, rx) = mpsc::channel(QUEUE);
-    let fetch_client = client.clone();
-    let fetch = tokio::spawn(async move { pipe::fetch(&fetch_client, &mut recv, tx).await });
+    let fetch = tokio::spawn(async move { pipe::fetch(&mut chunks, tx).await });
     let written = Arc::new(AtomicU64::new(0));
     let ticker_written = written.clone();
     let ticker = tokio::spawn(async move {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use fleetvault_common::protocol::{Progress, ReadPart, RestoreOptions};
+use fleetvault_common::protocol::{Progress, RestoreOptions};
 use fleetvault_common::{Client, JobReport, SnapshotId, SnapshotKind, SnapshotRecord};
 
 use super::bundle::{database_target, read_index, rewrite, BundleRestore, RestoreReport};
@@ -25,7 +25,7 @@ use super::{run, Target};
 use crate::bundle::{self, PartRecord};
 use crate::config::{AgentConfig, DbSource, SourceConfig, SourceKind};
 use crate::db::{self, DbRestore};
-use crate::pipe::read::{open_read, read_record};
+use crate::pipe::read::read_record;
 use crate::process as hooks;
 
 /// A bundle snapshot restored behind its hooks; `options.target` is the new root of a clone
@@ -57,7 +57,10 @@ async fn restore_bundle(
     Ok(JobReport {
         snapshot_id: snapshot.to_string(),
         status: "completed".into(),
-        agent: client.identity().trim_start_matches("agent/").to_owned(),
+        agent: client
+            .agent_name()
+            .map(|n| n.to_string())
+            .unwrap_or_default(),
         source: r.bundle.clone(),
         bytes_written: 0,
         duration_ms: started.elapsed().as_millis() as u64,
@@ -82,7 +85,7 @@ pub(crate) async fn run_into(
     options: &RestoreOptions,
     progress: impl Fn(Progress) + Send + Sync + 'static,
 ) -> anyhow::Result<JobReport> {
-    let (rec, _manifest, _) = open_read(&client, snapshot, ReadPart::Manifest).await?;
+    let rec = read_record(&client, snapshot).await?;
     if rec.kind == SnapshotKind::Bundle {
         return restore_bundle(client, config, snapshot, options).await;
     }

@@ -7,10 +7,28 @@
 //! # Exchanges
 //!
 //! - **Hello.** The connecting side (agent, operator) opens the first bidirectional stream and
-//!   sends [`Hello`]; the coordinator answers [`HelloReply`]. A version mismatch is refused
-//!   there with a reason, and the connection is closed with [`close::VERSION_MISMATCH`]. The
-//!   peer's identity is never taken from a message: the coordinator reads it from the verified
-//!   certificate.
+//!   sends [`Hello`] with its [`PROTOCOL_VERSION`]; the coordinator answers [`HelloReply`].
+//!   The peer's identity is never taken from a message: the coordinator reads it from the
+//!   verified certificate.
+//!
+//! # Versions
+//!
+//! The coordinator accepts every version in [`MIN_PROTOCOL_VERSION`]`..=`[`PROTOCOL_VERSION`]
+//! and speaks, for the whole connection, the version the peer said: `Welcome { protocol }`
+//! repeats it, and what it sends that peer (pushed work) takes that version's shapes. So a
+//! fleet is upgraded coordinator first, then one host at a time. A peer outside the range is
+//! refused in the hello with one line naming both sides' versions ([`unsupported_version`]),
+//! and the connection closed with [`close::VERSION_MISMATCH`]: a newer peer is told to
+//! upgrade the coordinator first, an older one to upgrade itself.
+//!
+//! A change to the wire adds a version: new shapes are appended (postcard is positional), the
+//! shapes they replace stay where they are, documented as the older versions' encoding, and
+//! are converted in one place ([`Push::frame_for`], [`Request::upgrade`]).
+//!
+//! - Version 1: the first.
+//! - Version 2: one restore push ([`PushFrame::Restore`], [`Request::PushRestore`]) with its
+//!   options, in place of version 1's two ([`PushFrame::V1Restore`] with a target only,
+//!   [`PushFrame::V1RestoreInto`]; [`Request::V1PushRestore`], [`Request::V1PushRestoreInto`]).
 //! - **Requests.** Every later exchange is one bidirectional stream opened by the client, whose
 //!   first frame is a [`Request`] and whose replies are [`Response`] frames:
 //!   - `Missing { ids }` → `Missing { ids }`: which of these chunks must be uploaded. The answer
@@ -43,8 +61,31 @@ use crate::chunker::ChunkerParams;
 use crate::id::{ChunkId, SnapshotId};
 use crate::manifest::StreamManifest;
 
-/// Version of this protocol, exchanged in [`Hello`].
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of this protocol, exchanged in [`Hello`]: the newest this build speaks.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// The oldest version a coordinator of this build still serves (see the module doc).
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// Why a peer saying `version` in its hello is refused, or `None` when it is served: one
+/// line naming its version and the coordinator's range.
+pub fn unsupported_version(version: u32) -> Option<String> {
+    let range = if MIN_PROTOCOL_VERSION == PROTOCOL_VERSION {
+        format!("{PROTOCOL_VERSION}")
+    } else {
+        format!("{MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}")
+    };
+    if version > PROTOCOL_VERSION {
+        Some(format!(
+            "protocol version {version} is newer than this coordinator speaks ({range}): upgrade the coordinator first"
+        ))
+    } else if version < MIN_PROTOCOL_VERSION {
+        Some(format!(
+            "protocol version {version} is older than this coordinator speaks ({range}): upgrade the connecting host"
+        ))
+    } else {
+        None
+    }
+}
 /// TLS application protocol; the version negotiation itself happens in [`Hello`].
 pub const ALPN: &[u8] = b"fleetvault/1";
 /// Largest frame body accepted; checked before allocating.
@@ -74,7 +115,7 @@ pub mod close {
 /// First frame of a connection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
-    /// The sender's [`PROTOCOL_VERSION`].
+    /// The version the sender speaks (its [`PROTOCOL_VERSION`]).
     pub protocol: u32,
     /// Software name and version, for logs and `agents`.
     pub software: String,
@@ -85,7 +126,7 @@ pub struct Hello {
 pub enum HelloReply {
     /// Accepted; `identity` is what the coordinator read from the certificate (`agent/NAME`).
     Welcome {
-        /// The coordinator's protocol version.
+        /// The version spoken on this connection: the peer's own (see the module doc).
         protocol: u32,
         /// The coordinator's software version.
         software: String,
@@ -220,8 +261,8 @@ pub enum Request {
         /// Source name.
         source: String,
     },
-    /// Operators: have a live agent restore a snapshot (possibly another agent's).
-    PushRestore {
+    /// Version 1's restore push with a target only; read through [`Request::upgrade`].
+    V1PushRestore {
         /// What to restore.
         snapshot: SnapshotId,
         /// Onto which agent.
@@ -240,8 +281,8 @@ pub enum Request {
         /// The database name (a path for SQLite).
         database: String,
     },
-    /// Operators: have a live agent restore a snapshot into one of its sources.
-    PushRestoreInto {
+    /// Version 1's restore push with options; read through [`Request::upgrade`].
+    V1PushRestoreInto {
         /// What to restore.
         snapshot: SnapshotId,
         /// Onto which agent.
@@ -309,6 +350,47 @@ pub enum Request {
     /// Operators: make this coordinator a primary: the peer certificates issued so far are
     /// retired (the old primary can no longer add snapshots). Answered with `Promoted`.
     Promote,
+    /// Operators: have a live agent restore a snapshot (possibly another agent's), into one
+    /// of its sources or to `options.target` (version 2).
+    PushRestore {
+        /// What to restore.
+        snapshot: SnapshotId,
+        /// Onto which agent.
+        agent: String,
+        /// How and where.
+        options: RestoreOptions,
+    },
+}
+
+impl Request {
+    /// The request in its current form: version 1's restore pushes become
+    /// [`Request::PushRestore`]; every other request is the same in every version.
+    pub fn upgrade(self) -> Self {
+        match self {
+            Request::V1PushRestore {
+                snapshot,
+                agent,
+                target,
+            } => Request::PushRestore {
+                snapshot,
+                agent,
+                options: RestoreOptions {
+                    target,
+                    ..RestoreOptions::default()
+                },
+            },
+            Request::V1PushRestoreInto {
+                snapshot,
+                agent,
+                options,
+            } => Request::PushRestore {
+                snapshot,
+                agent,
+                options,
+            },
+            current => current,
+        }
+    }
 }
 
 /// What one sync to a replica did.
@@ -613,8 +695,75 @@ impl frame::WithChunks for Response {
     const CHUNK_TAG: u8 = 7;
 }
 
-/// Work the coordinator pushes to a live agent.
+impl Request {
+    /// The variant's name, for messages about an exchange.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Missing { .. } => "Missing",
+            Request::PutChunks { .. } => "PutChunks",
+            Request::Chunk { .. } => "Chunk",
+            Request::Begin(..) => "Begin",
+            Request::Commit(..) => "Commit",
+            Request::Abort { .. } => "Abort",
+            Request::Read { .. } => "Read",
+            Request::ListSnapshots(..) => "ListSnapshots",
+            Request::ListAgents => "ListAgents",
+            Request::Register { .. } => "Register",
+            Request::PushBackup { .. } => "PushBackup",
+            Request::V1PushRestore { .. } => "V1PushRestore",
+            Request::Describe { .. } => "Describe",
+            Request::V1PushRestoreInto { .. } => "V1PushRestoreInto",
+            Request::RunJob { .. } => "RunJob",
+            Request::Protect { .. } => "Protect",
+            Request::Delete { .. } => "Delete",
+            Request::Forget { .. } => "Forget",
+            Request::Gc => "Gc",
+            Request::Verify { .. } => "Verify",
+            Request::ReplicaHave { .. } => "ReplicaHave",
+            Request::ReplicaBegin { .. } => "ReplicaBegin",
+            Request::ReplicaCommit { .. } => "ReplicaCommit",
+            Request::Replicate { .. } => "Replicate",
+            Request::ListReplicas => "ListReplicas",
+            Request::Promote => "Promote",
+            Request::PushRestore { .. } => "PushRestore",
+        }
+    }
+}
+
+impl Response {
+    /// The variant's name, for naming an unexpected reply without its (possibly large) content.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Response::Error { .. } => "Error",
+            Response::Ok => "Ok",
+            Response::Missing { .. } => "Missing",
+            Response::Stored { .. } => "Stored",
+            Response::Begun { .. } => "Begun",
+            Response::Committed(..) => "Committed",
+            Response::Reading(..) => "Reading",
+            Response::Chunk { .. } => "Chunk",
+            Response::ChunkMissing { .. } => "ChunkMissing",
+            Response::End => "End",
+            Response::Snapshots(..) => "Snapshots",
+            Response::Agents(..) => "Agents",
+            Response::Progress(..) => "Progress",
+            Response::JobDone(..) => "JobDone",
+            Response::Reports(..) => "Reports",
+            Response::Retention(..) => "Retention",
+            Response::GcDone(..) => "GcDone",
+            Response::Verified(..) => "Verified",
+            Response::ReplicaHave { .. } => "ReplicaHave",
+            Response::Replicated(..) => "Replicated",
+            Response::Replicas(..) => "Replicas",
+            Response::Promoted { .. } => "Promoted",
+        }
+    }
+}
+
+/// Work the coordinator pushes to a live agent. It crosses the wire as a [`PushFrame`] of the
+/// agent's version ([`Push::frame_for`]); read, any version's frame becomes a `Push`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "PushFrame", into = "PushFrame")]
 pub enum Push {
     /// Back up one source now.
     Backup {
@@ -623,20 +772,97 @@ pub enum Push {
         /// Job that asked for it.
         job: Option<String>,
     },
-    /// Restore a snapshot (the agent reads it with `Read`; the coordinator has granted it).
+    /// Restore a snapshot (the agent reads it with `Read`; the coordinator has granted it)
+    /// into one of the agent's sources or to `options.target`.
     Restore {
+        /// What to restore.
+        snapshot: SnapshotId,
+        /// How and where.
+        options: RestoreOptions,
+    },
+}
+
+/// A [`Push`] as encoded on the wire: the version-1 shapes keep their positions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PushFrame {
+    /// [`Push::Backup`], the same in every version.
+    Backup {
+        /// Source name.
+        source: String,
+        /// Job that asked for it.
+        job: Option<String>,
+    },
+    /// Version 1's restore with a target only (sent to version-1 agents when nothing else
+    /// is asked).
+    V1Restore {
         /// What to restore.
         snapshot: SnapshotId,
         /// Target directory (files snapshots).
         target: Option<String>,
     },
-    /// Restore a snapshot into one of the agent's sources, with options.
-    RestoreInto {
+    /// Version 1's restore with options.
+    V1RestoreInto {
         /// What to restore.
         snapshot: SnapshotId,
         /// How.
         options: RestoreOptions,
     },
+    /// [`Push::Restore`] (version 2).
+    Restore {
+        /// What to restore.
+        snapshot: SnapshotId,
+        /// How and where.
+        options: RestoreOptions,
+    },
+}
+
+impl Push {
+    /// How this push is said to an agent speaking `version`: the one place where the
+    /// version-1 shapes are made.
+    pub fn frame_for(&self, version: u32) -> PushFrame {
+        match self.clone() {
+            Push::Backup { source, job } => PushFrame::Backup { source, job },
+            Push::Restore { snapshot, options } if version < 2 => {
+                // Version 1 agents know the plain form as its own message.
+                let plain = options.source.is_none()
+                    && options.database.is_none()
+                    && !options.replace
+                    && !options.no_safety_snapshot;
+                if plain {
+                    PushFrame::V1Restore {
+                        snapshot,
+                        target: options.target,
+                    }
+                } else {
+                    PushFrame::V1RestoreInto { snapshot, options }
+                }
+            }
+            Push::Restore { snapshot, options } => PushFrame::Restore { snapshot, options },
+        }
+    }
+}
+
+impl From<PushFrame> for Push {
+    fn from(frame: PushFrame) -> Self {
+        match frame {
+            PushFrame::Backup { source, job } => Push::Backup { source, job },
+            PushFrame::V1Restore { snapshot, target } => Push::Restore {
+                snapshot,
+                options: RestoreOptions {
+                    target,
+                    ..RestoreOptions::default()
+                },
+            },
+            PushFrame::V1RestoreInto { snapshot, options }
+            | PushFrame::Restore { snapshot, options } => Push::Restore { snapshot, options },
+        }
+    }
+}
+
+impl From<Push> for PushFrame {
+    fn from(push: Push) -> Self {
+        push.frame_for(PROTOCOL_VERSION)
+    }
 }
 
 /// The agent's answers on a push stream.
@@ -832,6 +1058,71 @@ mod tests {
             })
             .unwrap(),
             [0, 1, b'd', 0]
+        );
+    }
+
+    /// Version 1's restore pushes keep their variant indices; version 2's are appended.
+    #[test]
+    fn version_1_shapes_keep_their_positions() {
+        let snapshot = SnapshotId(5);
+        let target = Some("/t".to_owned());
+        let options = RestoreOptions {
+            target: target.clone(),
+            ..RestoreOptions::default()
+        };
+        let tag = |f: &PushFrame| postcard::to_stdvec(f).unwrap()[0];
+        let restore = Push::Restore {
+            snapshot,
+            options: options.clone(),
+        };
+        let v1 = restore.frame_for(1);
+        assert_eq!(
+            v1,
+            PushFrame::V1Restore {
+                snapshot,
+                target: target.clone()
+            }
+        );
+        assert_eq!(tag(&v1), 1);
+        let replace = Push::Restore {
+            snapshot,
+            options: RestoreOptions {
+                replace: true,
+                ..options.clone()
+            },
+        };
+        assert_eq!(tag(&replace.frame_for(1)), 2);
+        assert_eq!(tag(&restore.frame_for(2)), 3);
+        // Every version's frame reads back as the same push.
+        for v in MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION {
+            let bytes = postcard::to_stdvec(&restore.frame_for(v)).unwrap();
+            assert_eq!(postcard::from_bytes::<Push>(&bytes).unwrap(), restore);
+        }
+        let req = |r: &Request| postcard::to_stdvec(r).unwrap()[0];
+        let agent = "a".to_owned();
+        let v1 = Request::V1PushRestore {
+            snapshot,
+            agent: agent.clone(),
+            target: target.clone(),
+        };
+        assert_eq!(req(&v1), 11);
+        let current = v1.upgrade();
+        assert_eq!(
+            current,
+            Request::PushRestore {
+                snapshot,
+                agent,
+                options
+            }
+        );
+        assert_eq!(req(&current), 26);
+        assert!(unsupported_version(PROTOCOL_VERSION).is_none());
+        assert!(unsupported_version(MIN_PROTOCOL_VERSION).is_none());
+        let newer = unsupported_version(PROTOCOL_VERSION + 1).unwrap();
+        assert!(
+            newer.contains(&format!("version {}", PROTOCOL_VERSION + 1))
+                && newer.contains(&PROTOCOL_VERSION.to_string()),
+            "{newer}"
         );
     }
 }

@@ -6,11 +6,11 @@ use std::fs;
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use fleetvault_common::exit::{self, UsageError};
-use fleetvault_common::protocol::{Request, Response, RestoreOptions, SnapshotFilter};
+use fleetvault_common::protocol::{Progress, RestoreOptions, SnapshotFilter};
 use fleetvault_common::report;
-use fleetvault_common::{Client, Credentials, JobReport, SnapshotId};
+use fleetvault_common::{Client, ClientError, Credentials, JobReport, SnapshotId};
 
 use crate::config::DataDir;
 
@@ -46,10 +46,7 @@ pub(crate) fn snapshots(
             status,
             job,
         };
-        let list = match client.call(&Request::ListSnapshots(filter)).await? {
-            Response::Snapshots(l) => l,
-            other => bail!("unexpected reply {other:?}"),
-        };
+        let list = client.list_snapshots(filter).await?;
         client.close().await;
         if json {
             let v: Vec<_> = list.iter().map(report::snapshot_json).collect();
@@ -64,10 +61,7 @@ pub(crate) fn snapshots(
 pub(crate) fn agents(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
         let client = operator(root).await?;
-        let list = match client.call(&Request::ListAgents).await? {
-            Response::Agents(l) => l,
-            other => bail!("unexpected reply {other:?}"),
-        };
+        let list = client.list_agents().await?;
         client.close().await;
         if json {
             let v: Vec<_> = list
@@ -134,26 +128,20 @@ pub(crate) fn agents(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Sends a push request and follows its progress to the result.
-async fn follow(client: &Client, req: Request) -> anyhow::Result<JobReport> {
-    let (mut send, mut recv) = client.open(&req).await?;
-    let _ = send.finish();
+/// Runs a pushed job, showing its progress, to its result.
+async fn follow(
+    job: impl AsyncFnOnce(&dyn Fn(Progress)) -> Result<JobReport, ClientError>,
+) -> anyhow::Result<JobReport> {
     let bar = report::progress_bar(None);
-    loop {
-        match client.reply(&mut recv).await? {
-            Response::Progress(p) => {
-                if let (Some(t), None) = (p.total, bar.length()) {
-                    bar.set_length(t);
-                }
-                bar.set_position(p.bytes);
-            }
-            Response::JobDone(r) => {
-                bar.finish_and_clear();
-                return Ok(r);
-            }
-            other => bail!("unexpected reply {other:?}"),
+    let report = job(&|p: Progress| {
+        if let (Some(t), None) = (p.total, bar.length()) {
+            bar.set_length(t);
         }
-    }
+        bar.set_position(p.bytes);
+    })
+    .await;
+    bar.finish_and_clear();
+    Ok(report?)
 }
 
 /// Prints a pushed job's result (its JSON object, or its summary) and picks the exit code:
@@ -198,14 +186,8 @@ pub(crate) fn push_backup(
 ) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
         let client = operator(root).await?;
-        let report = follow(
-            &client,
-            Request::PushBackup {
-                agent: agent.to_owned(),
-                source: source.to_owned(),
-            },
-        )
-        .await?;
+        let (agent, source) = (agent.to_owned(), source.to_owned());
+        let report = follow(async |on| client.push_backup(agent, source, on).await).await?;
         client.close().await;
         finish_job(report, json, false)
     })
@@ -219,61 +201,45 @@ pub(crate) fn push_restore(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let snapshot = resolve(root, snapshot, Some(agent), options.source.as_deref())?;
-    // The plain form stays the original request, so older agents keep working with it.
-    let plain = options.source.is_none()
-        && options.database.is_none()
-        && !options.replace
-        && !options.no_safety_snapshot;
-    let req = if plain {
-        Request::PushRestore {
-            snapshot,
-            agent: agent.to_owned(),
-            target: options.target,
-        }
-    } else {
-        Request::PushRestoreInto {
-            snapshot,
-            agent: agent.to_owned(),
-            options,
-        }
-    };
+    let agent = agent.to_owned();
     runtime()?.block_on(async {
         let client = operator(root).await?;
-        let report = follow(&client, req).await?;
+        let report =
+            follow(async |on| client.push_restore(snapshot, agent, options, on).await).await?;
         client.close().await;
         finish_job(report, json, true)
     })
 }
 
-/// One operator request, one reply.
-fn call(root: &Path, req: Request) -> anyhow::Result<Response> {
+/// One exchange with the running coordinator, on a connection of its own.
+fn call<T>(
+    root: &Path,
+    exchange: impl AsyncFnOnce(&Client) -> Result<T, ClientError>,
+) -> anyhow::Result<T> {
     runtime()?.block_on(async {
         let client = operator(root).await?;
-        let reply = client.call(&req).await;
+        let reply = exchange(&client).await;
         client.close().await;
         Ok(reply?)
     })
 }
 
-/// A request whose reply may be preceded by `Progress` frames (counts of `unit`, shown as a
-/// bar on a terminal), and the final reply.
-fn call_counted(root: &Path, req: Request, unit: &str) -> anyhow::Result<Response> {
+/// [`call`] of an exchange whose progress counts `unit` (shown as a bar on a terminal).
+fn call_counted<T>(
+    root: &Path,
+    unit: &str,
+    exchange: impl AsyncFnOnce(&Client, &dyn Fn(Progress)) -> Result<T, ClientError>,
+) -> anyhow::Result<T> {
     runtime()?.block_on(async {
         let client = operator(root).await?;
-        let (mut send, mut recv) = client.open(&req).await?;
-        let _ = send.finish();
         let bar = report::count_bar(unit);
-        let reply = loop {
-            match client.reply(&mut recv).await {
-                Ok(Response::Progress(p)) => {
-                    if let Some(t) = p.total {
-                        bar.set_length(t);
-                    }
-                    bar.set_position(p.bytes);
-                }
-                other => break other,
+        let reply = exchange(&client, &|p: Progress| {
+            if let Some(t) = p.total {
+                bar.set_length(t);
             }
-        };
+            bar.set_position(p.bytes);
+        })
+        .await;
         bar.finish_and_clear();
         client.close().await;
         Ok(reply?)
@@ -281,9 +247,13 @@ fn call_counted(root: &Path, req: Request, unit: &str) -> anyhow::Result<Respons
 }
 
 /// [`call`] for long work (gc, a job run): a spinner with the elapsed time meanwhile.
-fn call_long(root: &Path, req: Request, what: &str) -> anyhow::Result<Response> {
+fn call_long<T>(
+    root: &Path,
+    what: &str,
+    exchange: impl AsyncFnOnce(&Client) -> Result<T, ClientError>,
+) -> anyhow::Result<T> {
     let bar = report::spinner(what);
-    let reply = call(root, req);
+    let reply = call(root, exchange);
     bar.finish_and_clear();
     reply
 }
@@ -324,10 +294,7 @@ pub(crate) fn show(
             source: source.clone(),
             ..SnapshotFilter::default()
         };
-        let list = match client.call(&Request::ListSnapshots(filter)).await? {
-            Response::Snapshots(l) => l,
-            other => bail!("unexpected reply {other:?}"),
-        };
+        let list = client.list_snapshots(filter).await?;
         let rec = list
             .into_iter()
             .find(|r| r.id == id)
@@ -352,16 +319,11 @@ pub(crate) fn show(
 }
 
 pub(crate) fn run_job(root: &Path, job: &str, json: bool) -> anyhow::Result<ExitCode> {
-    let reports = match call_long(
+    let reports = call_long(
         root,
-        Request::RunJob {
-            job: job.to_owned(),
-        },
         &format!("running job {job} on its agents"),
-    )? {
-        Response::Reports(r) => r,
-        other => bail!("unexpected reply {other:?}"),
-    };
+        async |c| c.run_job(job.to_owned()).await,
+    )?;
     if json {
         let v: Vec<_> = reports.iter().map(report::job_json).collect();
         print_json(&serde_json::json!(v))?;
@@ -400,13 +362,7 @@ pub(crate) fn protect(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let snapshot = resolve(root, snapshot, None, None)?;
-    call(
-        root,
-        Request::Protect {
-            snapshot,
-            protected: on,
-        },
-    )?;
+    call(root, async |c| c.protect(snapshot, on).await)?;
     if json {
         print_json(
             &serde_json::json!({"status": "completed", "snapshot_id": snapshot.to_string(), "protected": on}),
@@ -422,7 +378,7 @@ pub(crate) fn protect(
 
 pub(crate) fn delete(root: &Path, snapshot: &str, json: bool) -> anyhow::Result<ExitCode> {
     let snapshot = resolve(root, snapshot, None, None)?;
-    call(root, Request::Delete { snapshot })?;
+    call(root, async |c| c.delete(snapshot).await)?;
     if json {
         print_json(
             &serde_json::json!({"status": "completed", "snapshot_id": snapshot.to_string(), "deleted": true}),
@@ -439,16 +395,7 @@ pub(crate) fn forget(
     dry_run: bool,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let decisions = match call(
-        root,
-        Request::Forget {
-            job: job.to_owned(),
-            dry_run,
-        },
-    )? {
-        Response::Retention(d) => d,
-        other => bail!("unexpected reply {other:?}"),
-    };
+    let decisions = call(root, async |c| c.forget(job.to_owned(), dry_run).await)?;
     if json {
         let v: Vec<_> = decisions
             .iter()
@@ -490,10 +437,7 @@ pub(crate) fn forget(
 }
 
 pub(crate) fn gc(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let r = match call_long(root, Request::Gc, "collecting garbage")? {
-        Response::GcDone(r) => r,
-        other => bail!("unexpected reply {other:?}"),
-    };
+    let r = call_long(root, "collecting garbage", async |c| c.gc().await)?;
     if json {
         println!(
             "{}",
@@ -524,10 +468,9 @@ pub(crate) fn gc(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
 
 pub(crate) fn verify(root: &Path, snapshot: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
     let snapshot = snapshot.map(|s| resolve(root, s, None, None)).transpose()?;
-    let results = match call_counted(root, Request::Verify { snapshot }, "snapshots verified")? {
-        Response::Verified(r) => r,
-        other => bail!("unexpected reply {other:?}"),
-    };
+    let results = call_counted(root, "snapshots verified", async |c, on| {
+        c.verify(snapshot, on).await
+    })?;
     let bad: Vec<_> = results
         .iter()
         .filter(|r| !r.damaged.is_empty() || !r.missing.is_empty() || !r.problems.is_empty())
@@ -644,19 +587,13 @@ pub(crate) fn replicate(
 ) -> anyhow::Result<ExitCode> {
     let reports = runtime()?.block_on(async {
         let client = operator(root).await?;
-        let (mut send, mut recv) = client.open(&Request::Replicate { replica }).await?;
-        let _ = send.finish();
         let bar = report::progress_bar(None);
-        let reports = loop {
-            match client.reply(&mut recv).await? {
-                Response::Progress(p) => bar.set_position(p.bytes),
-                Response::Replicated(r) => break r,
-                other => bail!("unexpected reply {other:?}"),
-            }
-        };
+        let reports = client
+            .replicate(replica, |p| bar.set_position(p.bytes))
+            .await;
         bar.finish_and_clear();
         client.close().await;
-        Ok(reports)
+        anyhow::Ok(reports?)
     })?;
     if json {
         let v: Vec<_> = reports.iter().map(report::replica_report_json).collect();
@@ -683,10 +620,7 @@ pub(crate) fn replicate(
 }
 
 pub(crate) fn replicas(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let list = match call(root, Request::ListReplicas)? {
-        Response::Replicas(l) => l,
-        other => bail!("unexpected reply {other:?}"),
-    };
+    let list = call(root, async |c| c.list_replicas().await)?;
     let when = |t: Option<u64>| t.map(report::format_time);
     let when_json = |t: Option<u64>| t.map(report::rfc3339);
     if json {
@@ -747,13 +681,7 @@ pub(crate) fn replicas(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
 }
 
 pub(crate) fn promote(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let (retired, agents) = match call(root, Request::Promote)? {
-        Response::Promoted {
-            retired_peers,
-            agents,
-        } => (retired_peers, agents),
-        other => bail!("unexpected reply {other:?}"),
-    };
+    let (retired, agents) = call(root, async |c| c.promote().await)?;
     let data_dir = root.display();
     if json {
         print_json(&serde_json::json!({

@@ -15,9 +15,8 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{bail, Context};
-use fleetvault_common::protocol::frame::write_chunk_request;
-use fleetvault_common::protocol::{Request, Response, MAX_MISSING_BATCH, MAX_PUT_BATCH};
+use anyhow::Context;
+use fleetvault_common::protocol::{MAX_MISSING_BATCH, MAX_PUT_BATCH};
 use fleetvault_common::{ChunkId, Client, Credentials, SnapshotId, SnapshotRecord};
 use tracing::{debug, info};
 
@@ -94,10 +93,7 @@ async fn send_all(
     let mut have: HashSet<SnapshotId> = HashSet::new();
     for batch in wanted.chunks(MAX_MISSING_BATCH) {
         let ids = batch.iter().map(|r| r.id).collect();
-        match client.call(&Request::ReplicaHave { ids }).await? {
-            Response::ReplicaHave { ids } => have.extend(ids),
-            other => bail!("unexpected reply {other:?}"),
-        }
+        have.extend(client.replica_have(ids).await?);
     }
     let faults = Arc::new(Faults::from_env());
     let sent = Arc::new(Sent {
@@ -160,10 +156,7 @@ async fn send_snapshot(
     sent: &Arc<Sent>,
 ) -> anyhow::Result<()> {
     let id = rec.id;
-    match client.call(&Request::ReplicaBegin { snapshot: id }).await? {
-        Response::Ok => {}
-        other => bail!("unexpected reply {other:?}"),
-    }
+    client.replica_begin(id).await?;
     let st = state.clone();
     let r = rec.clone();
     let chunks = tokio::task::spawn_blocking(move || chunks_of(&st, &r))
@@ -172,10 +165,7 @@ async fn send_snapshot(
     let mut missing: HashSet<ChunkId> = HashSet::new();
     for batch in chunks.chunks(MAX_MISSING_BATCH) {
         let ids = batch.iter().map(|(id, _)| *id).collect();
-        match client.call(&Request::Missing { ids }).await? {
-            Response::Missing { ids } => missing.extend(ids),
-            other => bail!("unexpected reply {other:?}"),
-        }
+        missing.extend(client.missing(ids).await?);
     }
     let mut groups: VecDeque<Vec<ChunkId>> = VecDeque::new();
     let (mut group, mut group_bytes) = (Vec::new(), 0u64);
@@ -216,11 +206,8 @@ async fn send_snapshot(
             return Err(e);
         }
     }
-    let record = Box::new(rec);
-    match client.call(&Request::ReplicaCommit { record }).await? {
-        Response::Committed(_) => Ok(()),
-        other => bail!("unexpected reply {other:?}"),
-    }
+    client.replica_commit(rec).await?;
+    Ok(())
 }
 
 /// Sends one group of chunks on its own stream and waits for the replica's acknowledgement.
@@ -251,24 +238,10 @@ async fn put_group(
     }
     let count = group.len() as u32;
     let bytes: u64 = envelopes.iter().map(|e| e.len() as u64).sum();
-    let (mut send, mut recv) = client.open(&Request::PutChunks { snapshot, count }).await?;
-    let mut written = Ok(());
-    for (id, envelope) in group.into_iter().zip(envelopes) {
-        if let Err(e) = write_chunk_request(&mut send, id, envelope).await {
-            written = Err(client.lost(e));
-            break;
-        }
-    }
-    let _ = send.finish();
     // A replica that refuses a chunk answers and stops reading: its answer says why.
-    let reply = client.reply(&mut recv).await;
-    if let (Err(e), Err(fleetvault_common::ClientError::Lost(_))) = (written, &reply) {
-        return Err(e.into());
-    }
-    match reply? {
-        Response::Stored { .. } => {}
-        other => bail!("unexpected reply {other:?}"),
-    }
+    client
+        .put_chunks(snapshot, group.into_iter().zip(envelopes).collect())
+        .await?;
     let acked = sent.chunks.fetch_add(u64::from(count), Ordering::Relaxed) + u64::from(count);
     sent.bytes.fetch_add(bytes, Ordering::Relaxed);
     sent.progress.fetch_add(bytes, Ordering::Relaxed);

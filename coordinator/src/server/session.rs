@@ -11,7 +11,7 @@ use fleetvault_common::protocol::frame::{
     read_frame_body, read_frame_max, read_len, write_frame, FrameError, Incoming,
 };
 use fleetvault_common::protocol::{
-    close, ErrorCode, Hello, HelloReply, Progress, Push, Request, Response, PROTOCOL_VERSION,
+    close, unsupported_version, ErrorCode, Hello, HelloReply, Progress, Push, Request, Response,
 };
 use fleetvault_common::{peer_identity, ChunkId, SnapshotId};
 use tokio_util::sync::CancellationToken;
@@ -77,6 +77,8 @@ pub(super) struct Session {
     pub(super) conn: quinn::Connection,
     pub(super) state: Arc<State>,
     pub(super) software: String,
+    /// The protocol version the peer said in its hello, spoken on this connection.
+    pub(super) protocol: u32,
     /// Backups this connection started and has not finished.
     pub(super) running: Mutex<HashMap<SnapshotId, Backup>>,
     /// Chunks this connection uploaded: possession proven, so `Missing` may say "present".
@@ -266,7 +268,7 @@ async fn serve(
         );
         return;
     }
-    let software = match hello(&conn, &identity).await {
+    let (software, protocol) = match hello(&conn, &identity).await {
         Ok(s) => s,
         Err(reason) => {
             info!(%reason, "hello failed");
@@ -282,12 +284,13 @@ async fn serve(
             warn!(error = %e, "cannot record agent");
         }
     }
-    debug!(%software, "connected");
+    debug!(%software, protocol, "connected");
     let session = Arc::new(Session {
         identity,
         conn: conn.clone(),
         state: state.clone(),
         software,
+        protocol,
         running: Mutex::default(),
         uploaded: Mutex::default(),
     });
@@ -383,7 +386,8 @@ async fn watch_agent_certificate(session: Arc<Session>, der: Vec<u8>, token: Can
     }
 }
 
-async fn hello(conn: &quinn::Connection, identity: &Identity) -> Result<String, String> {
+/// The hello: the peer's software (clipped) and the protocol version it speaks.
+async fn hello(conn: &quinn::Connection, identity: &Identity) -> Result<(String, u32), String> {
     // The whole hello, not only its stream, has a deadline: a peer that opens the stream and
     // never completes the frame is cut off too.
     let deadline = tokio::time::Instant::now() + crate::limits::HELLO_TIMEOUT;
@@ -411,11 +415,7 @@ async fn hello(conn: &quinn::Connection, identity: &Identity) -> Result<String, 
         }
         Err(_) => return Err(late()),
     };
-    if hello.protocol != PROTOCOL_VERSION {
-        let reason = format!(
-            "protocol version {} is not supported (coordinator speaks {PROTOCOL_VERSION})",
-            hello.protocol
-        );
+    if let Some(reason) = unsupported_version(hello.protocol) {
         let _ = write_frame(
             &mut send,
             &HelloReply::Refused {
@@ -429,7 +429,7 @@ async fn hello(conn: &quinn::Connection, identity: &Identity) -> Result<String, 
         return Err(reason);
     }
     let welcome = HelloReply::Welcome {
-        protocol: PROTOCOL_VERSION,
+        protocol: hello.protocol,
         software: crate::SOFTWARE.to_owned(),
         identity: identity.to_string(),
     };
@@ -437,10 +437,8 @@ async fn hello(conn: &quinn::Connection, identity: &Identity) -> Result<String, 
         .await
         .map_err(|e| e.to_string())?;
     let _ = send.finish();
-    Ok(crate::limits::clip(
-        &hello.software,
-        crate::limits::MAX_SOFTWARE_CHARS,
-    ))
+    let software = crate::limits::clip(&hello.software, crate::limits::MAX_SOFTWARE_CHARS);
+    Ok((software, hello.protocol))
 }
 
 impl Session {
@@ -520,7 +518,7 @@ impl Session {
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
     ) -> Result<(), Failure> {
-        match req {
+        match req.upgrade() {
             Request::Missing { ids } => self.missing(ids, send).await,
             Request::PutChunks { snapshot, count } => {
                 self.put_chunks(snapshot, count, send, recv).await
@@ -554,6 +552,7 @@ impl Session {
                     self.conn.clone(),
                     sources,
                     self.software.clone(),
+                    self.protocol,
                 );
                 info!(agent = self.name(), "agent is live");
                 Ok(write_frame(send, &Response::Ok).await?)
@@ -573,17 +572,20 @@ impl Session {
             Request::PushRestore {
                 snapshot,
                 agent,
-                target,
+                options,
             } => {
                 self.require(Role::Operator)?;
                 self.require_completed(snapshot)?;
                 let grants = self.restore_grants(snapshot).await?;
-                let push = Push::Restore { snapshot, target };
+                let push = Push::Restore { snapshot, options };
                 self.state
                     .live
                     .push_restore(&agent, &grants, push, send)
                     .await
             }
+            Request::V1PushRestore { .. } | Request::V1PushRestoreInto { .. } => Err(
+                Failure::Protocol("a version-1 request was not upgraded".into()),
+            ),
             Request::Describe {
                 snapshot,
                 db_type,
@@ -599,20 +601,6 @@ impl Session {
                 rec.database = Some(clip(database));
                 self.state.catalog.begin(&rec)?;
                 Ok(write_frame(send, &Response::Ok).await?)
-            }
-            Request::PushRestoreInto {
-                snapshot,
-                agent,
-                options,
-            } => {
-                self.require(Role::Operator)?;
-                self.require_completed(snapshot)?;
-                let grants = self.restore_grants(snapshot).await?;
-                let push = Push::RestoreInto { snapshot, options };
-                self.state
-                    .live
-                    .push_restore(&agent, &grants, push, send)
-                    .await
             }
             Request::RunJob { job } => {
                 self.require(Role::Operator)?;
