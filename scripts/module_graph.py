@@ -19,6 +19,7 @@ from pathlib import Path
 CRATES = ["common", "certs", "coordinator", "agent"]
 PATH_RE = re.compile(r"\b(crate|super)((?:::[A-Za-z_][A-Za-z0-9_]*)+)")
 USE_GROUP_RE = re.compile(r"use\s+(crate|super)((?:::[A-Za-z_][A-Za-z0-9_]*)*)::\{([^;]*)\}", re.S)
+COMMENT_RE = re.compile(r"//[^\n]*")
 STRING_RESULT_RE = re.compile(r"->\s*Result<[^;{]*,\s*String>")
 
 
@@ -97,7 +98,8 @@ def crate_shape(root: Path, show_edges: bool) -> None:
     edges = defaultdict(set)
     string_results = 0
     for mod, f in mods.items():
-        text = f.read_text()
+        # Comments (doc comments included) name paths without importing them.
+        text = COMMENT_RE.sub("", f.read_text())
         string_results += len(STRING_RESULT_RE.findall(text))
         refs = [(m.group(1), m.group(2)) for m in PATH_RE.finditer(text)]
         for g in USE_GROUP_RE.finditer(text):

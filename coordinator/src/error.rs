@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use fleetvault_common::protocol::frame::FrameError;
 use fleetvault_common::protocol::ErrorCode;
 use fleetvault_common::SnapshotId;
 
@@ -119,5 +120,41 @@ impl OpError {
             | OpError::Forgetting { source, .. }
             | OpError::NothingDeleted { source, .. } => source.wire_code(),
         }
+    }
+}
+
+/// Why a request stream ended without success.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Failure {
+    /// Tell the caller, keep the connection.
+    #[error("{1}")]
+    Reply(ErrorCode, String),
+    /// The peer broke the protocol: close the whole connection with the reason.
+    #[error("{0}")]
+    Protocol(String),
+    /// The stream or connection is gone; nothing to tell.
+    #[error("agent gone")]
+    Gone,
+}
+
+impl From<FrameError> for Failure {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::Io(_) => Failure::Gone,
+            other => Failure::Protocol(other.to_string()),
+        }
+    }
+}
+
+/// An operation's error goes back with the code [`OpError::wire_code`] picks.
+impl From<OpError> for Failure {
+    fn from(e: OpError) -> Self {
+        Failure::Reply(e.wire_code(), e.to_string())
+    }
+}
+
+impl From<CatalogError> for Failure {
+    fn from(e: CatalogError) -> Self {
+        OpError::from(e).into()
     }
 }

@@ -12,7 +12,7 @@ use fleetvault_common::protocol::{ErrorCode, Push, PushReply, Response, SourceIn
 use fleetvault_common::{JobReport, SnapshotId};
 use tracing::{info, warn};
 
-use crate::server::Failure;
+use crate::error::Failure;
 
 struct LiveAgent {
     conn: quinn::Connection,

@@ -15,7 +15,9 @@
 use std::collections::HashMap;
 
 use fleetvault_common::protocol::{SnapshotFilter, VerifyResult};
-use fleetvault_common::{chunk, ChunkId, ChunkRef, SnapshotId, SnapshotRecord, SnapshotStatus};
+use fleetvault_common::{
+    chunk, ChunkId, ChunkRef, Manifest, SnapshotId, SnapshotRecord, SnapshotStatus,
+};
 use tracing::{info, warn};
 
 use crate::error::OpError;
@@ -40,6 +42,28 @@ pub(crate) struct VerifyProgress {
 }
 
 /// Verifies one snapshot, or every completed one, after any verification running.
+/// Checks a commit's manifest against itself and the commit: lengths agree with the chunks'
+/// lengths, and a stream's checksum is the one the commit states (a tree states none).
+pub(crate) fn check_fields(
+    snapshot: SnapshotId,
+    manifest: &Manifest,
+    checksum: Option<[u8; 32]>,
+) -> Result<(), OpError> {
+    manifest
+        .check_sizes()
+        .map_err(|e| OpError::Refused(format!("snapshot {snapshot}: manifest: {e}")))?;
+    let agrees = match manifest {
+        Manifest::Stream(s) => checksum == Some(s.checksum),
+        Manifest::Tree(_) => checksum.is_none(),
+    };
+    if !agrees {
+        return Err(OpError::Refused(format!(
+            "snapshot {snapshot}: the stated checksum is not the manifest's"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 pub(crate) fn verify(
     state: &State,
@@ -223,7 +247,7 @@ fn verify_one(
         let s = check(state, c, seen)?;
         note(c, s, &mut r);
     }
-    if let Err(e) = crate::server::check_fields(rec.id, &manifest, rec.checksum) {
+    if let Err(e) = check_fields(rec.id, &manifest, rec.checksum) {
         r.problems.push(e.to_string());
     }
     Ok(r)

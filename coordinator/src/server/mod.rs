@@ -21,9 +21,6 @@ mod restore;
 mod session;
 mod upload;
 
-pub(crate) use session::Failure;
-pub(crate) use upload::check_fields;
-
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;

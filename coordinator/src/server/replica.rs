@@ -17,10 +17,11 @@ use fleetvault_common::protocol::{ErrorCode, Response, MAX_MISSING_BATCH};
 use fleetvault_common::{SnapshotId, SnapshotRecord, SnapshotStatus};
 use tracing::{info, warn};
 
-use super::session::{Backup, Failure, Session};
-use super::upload::check_fields;
+use super::session::{Backup, Session};
 use crate::catalog::CatalogError;
+use crate::error::Failure;
 use crate::error::OpError;
+use crate::jobs::verify::check_fields;
 use crate::store::load_manifest;
 use crate::State;
 

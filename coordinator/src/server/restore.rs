@@ -12,7 +12,8 @@ use fleetvault_common::protocol::frame::{write_frame, write_frame_with_tail};
 use fleetvault_common::protocol::{ErrorCode, ReadPart, Response};
 use fleetvault_common::{ChunkId, SnapshotId, SnapshotStatus};
 
-use super::session::{Failure, Session};
+use super::session::Session;
+use crate::error::Failure;
 use crate::store::load_manifest;
 
 /// Chunks read ahead of the network.

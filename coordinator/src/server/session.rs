@@ -18,44 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::error::OpError;
+use crate::error::{Failure, OpError};
 use crate::State;
-
-/// Why a request stream ended without success.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum Failure {
-    /// Tell the caller, keep the connection.
-    #[error("{1}")]
-    Reply(ErrorCode, String),
-    /// The peer broke the protocol: close the whole connection with the reason.
-    #[error("{0}")]
-    Protocol(String),
-    /// The stream or connection is gone; nothing to tell.
-    #[error("agent gone")]
-    Gone,
-}
-
-impl From<FrameError> for Failure {
-    fn from(e: FrameError) -> Self {
-        match e {
-            FrameError::Io(_) => Failure::Gone,
-            other => Failure::Protocol(other.to_string()),
-        }
-    }
-}
-
-/// An operation's error goes back with the code [`OpError::wire_code`] picks.
-impl From<OpError> for Failure {
-    fn from(e: OpError) -> Self {
-        Failure::Reply(e.wire_code(), e.to_string())
-    }
-}
-
-impl From<crate::catalog::CatalogError> for Failure {
-    fn from(e: crate::catalog::CatalogError) -> Self {
-        OpError::from(e).into()
-    }
-}
 
 /// Counters of one backup in progress. `new_*` and `stored_bytes` (what the agent is told)
 /// count chunks new for this agent: not proven by it before, or not in the store; the

@@ -16,12 +16,13 @@ use fleetvault_common::protocol::frame::{read_frame_body, read_len, write_frame,
 use fleetvault_common::protocol::{
     Begin, Commit, ErrorCode, Request, Response, MAX_FRAME_LEN, MAX_MISSING_BATCH, MAX_PUT_BATCH,
 };
-use fleetvault_common::{ChunkId, ChunkRef, Manifest, SnapshotId, SnapshotRecord, SnapshotStatus};
+use fleetvault_common::{ChunkId, ChunkRef, SnapshotId, SnapshotRecord, SnapshotStatus};
 use tracing::{info, warn};
 
-use super::session::{Backup, Failure, Session};
+use super::session::{Backup, Session};
 use crate::catalog::CatalogError;
 use crate::clock;
+use crate::error::Failure;
 use crate::error::OpError;
 use crate::limits::LimitError;
 use crate::store::{load_manifest, PutOutcome, StoreError};
@@ -31,28 +32,6 @@ const WRITE_BATCH_BYTES: usize = 8 << 20;
 
 fn internal(e: impl std::fmt::Display) -> Failure {
     Failure::Reply(ErrorCode::Internal, e.to_string())
-}
-
-/// Checks a commit's manifest against itself and the commit: lengths agree with the chunks'
-/// lengths, and a stream's checksum is the one the commit states (a tree states none).
-pub(crate) fn check_fields(
-    snapshot: SnapshotId,
-    manifest: &Manifest,
-    checksum: Option<[u8; 32]>,
-) -> Result<(), OpError> {
-    manifest
-        .check_sizes()
-        .map_err(|e| OpError::Refused(format!("snapshot {snapshot}: manifest: {e}")))?;
-    let agrees = match manifest {
-        Manifest::Stream(s) => checksum == Some(s.checksum),
-        Manifest::Tree(_) => checksum.is_none(),
-    };
-    if !agrees {
-        return Err(OpError::Refused(format!(
-            "snapshot {snapshot}: the stated checksum is not the manifest's"
-        )));
-    }
-    Ok(())
 }
 
 impl Session {
@@ -421,7 +400,7 @@ impl Session {
         let (manifest, _) =
             load_manifest(store, c.snapshot, &c.root).map_err(OpError::BadUpload)?;
         self.check_chunks(c.snapshot, manifest.data_chunks(), &mut seen)?;
-        check_fields(c.snapshot, &manifest, c.checksum)?;
+        crate::jobs::verify::check_fields(c.snapshot, &manifest, c.checksum)?;
         let chunks = manifest.data_chunks().count() as u64;
         let catalog = &self.state.catalog;
         let mut rec = catalog.get(c.snapshot)?;
