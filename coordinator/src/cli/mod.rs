@@ -4,6 +4,7 @@
 //! replication). Shared here: logging, the JSON and exit-code helpers, the runtime.
 
 mod operator;
+mod output;
 mod setup;
 
 pub(crate) use operator::{

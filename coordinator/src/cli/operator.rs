@@ -14,6 +14,7 @@ use fleetvault_common::{Client, ClientError, Credentials, JobReport, SnapshotId}
 
 use crate::config::DataDir;
 
+use super::output::{emit, Agents, Forget, Gc, SnapshotChanged};
 use super::{ended_with, print_json, runtime};
 
 /// Connects to the running coordinator with the operator certificate.
@@ -59,73 +60,9 @@ pub(crate) fn snapshots(
 }
 
 pub(crate) fn agents(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    runtime()?.block_on(async {
-        let client = operator(root).await?;
-        let list = client.list_agents().await?;
-        client.close().await;
-        if json {
-            let v: Vec<_> = list
-                .iter()
-                .map(|a| {
-                    serde_json::json!({
-                        "name": a.name,
-                        "connected": a.connected,
-                        "last_seen_ms": a.last_seen_ms,
-                        "last_seen": report::rfc3339(a.last_seen_ms),
-                        "version": a.version,
-                        "sources": a.sources.iter().map(|s| serde_json::json!({"name": s.name, "kind": s.kind})).collect::<Vec<_>>(),
-                        "last_backup": a.last_backup.as_ref().map(|l| serde_json::json!({
-                            "id": l.snapshot.to_string(),
-                            "source": l.source,
-                            "status": l.status.name(),
-                            "reason": match &l.status {
-                                fleetvault_common::SnapshotStatus::Failed { reason } => Some(reason.clone()),
-                                _ => None,
-                            },
-                            "started": report::rfc3339(l.started_ms),
-                        })),
-                    })
-                })
-                .collect();
-            println!("{}", serde_json::to_string_pretty(&v)?);
-        } else {
-            print!(
-                "{}",
-                report::table(
-                    ["NAME", "STATE", "LAST SEEN (UTC)", "VERSION", "LAST BACKUP", "SOURCES"],
-                    list.iter().map(|a| {
-                        let sources: Vec<String> = a
-                            .sources
-                            .iter()
-                            .map(|s| format!("{} ({})", s.name, s.kind))
-                            .collect();
-                        let last = a
-                            .last_backup
-                            .as_ref()
-                            .map(|l| {
-                                format!(
-                                    "{} {} {} {}",
-                                    l.snapshot,
-                                    l.source,
-                                    l.status.name(),
-                                    report::format_time(l.started_ms)
-                                )
-                            })
-                            .unwrap_or_else(|| "-".into());
-                        [
-                            a.name.clone(),
-                            if a.connected { "connected" } else { "offline" }.to_owned(),
-                            report::format_time(a.last_seen_ms),
-                            a.version.clone(),
-                            last,
-                            sources.join(", "),
-                        ]
-                    }),
-                )
-            );
-        }
-        Ok(ExitCode::SUCCESS)
-    })
+    let list = call(root, async |c| c.list_agents().await)?;
+    emit(json, &Agents(list.iter().map(Into::into).collect()))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Runs a pushed job, showing its progress, to its result.
@@ -363,29 +300,14 @@ pub(crate) fn protect(
 ) -> anyhow::Result<ExitCode> {
     let snapshot = resolve(root, snapshot, None, None)?;
     call(root, async |c| c.protect(snapshot, on).await)?;
-    if json {
-        print_json(
-            &serde_json::json!({"status": "completed", "snapshot_id": snapshot.to_string(), "protected": on}),
-        )?;
-    } else {
-        println!(
-            "snapshot {snapshot} {}",
-            if on { "protected" } else { "unprotected" }
-        );
-    }
+    emit(json, &SnapshotChanged::protected(snapshot, on))?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub(crate) fn delete(root: &Path, snapshot: &str, json: bool) -> anyhow::Result<ExitCode> {
     let snapshot = resolve(root, snapshot, None, None)?;
     call(root, async |c| c.delete(snapshot).await)?;
-    if json {
-        print_json(
-            &serde_json::json!({"status": "completed", "snapshot_id": snapshot.to_string(), "deleted": true}),
-        )?;
-    } else {
-        println!("snapshot {snapshot} deleted; run `fleetvault-coordinator gc` to free its chunks");
-    }
+    emit(json, &SnapshotChanged::deleted(snapshot))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -396,73 +318,13 @@ pub(crate) fn forget(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let decisions = call(root, async |c| c.forget(job.to_owned(), dry_run).await)?;
-    if json {
-        let v: Vec<_> = decisions
-            .iter()
-            .map(|d| {
-                serde_json::json!({
-                    "id": d.snapshot.to_string(),
-                    "agent": d.agent,
-                    "source": d.source,
-                    "started": report::rfc3339(d.started_ms),
-                    "keep": d.keep,
-                    "reasons": d.reasons,
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        let verb = if dry_run { "would forget" } else { "forgotten" };
-        print!(
-            "{}",
-            report::table(
-                ["ID", "AGENT", "SOURCE", "STARTED (UTC)", "DECISION"],
-                decisions.iter().map(|d| {
-                    [
-                        d.snapshot.to_string(),
-                        d.agent.clone(),
-                        d.source.clone(),
-                        report::format_time(d.started_ms),
-                        if d.keep {
-                            format!("keep ({})", d.reasons.join(", "))
-                        } else {
-                            verb.to_owned()
-                        },
-                    ]
-                }),
-            )
-        );
-    }
+    emit(json, &Forget::new(&decisions, dry_run))?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub(crate) fn gc(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let r = call_long(root, "collecting garbage", async |c| c.gc().await)?;
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "live_chunks": r.live_chunks,
-                "deleted_chunks": r.deleted_chunks,
-                "freed_bytes": r.freed_bytes,
-                "young_chunks": r.young_chunks,
-                "duration_ms": r.duration_ms,
-                "unreadable": r.unreadable.iter().map(|id| id.to_string()).collect::<Vec<_>>(),
-            })
-        );
-    } else {
-        println!(
-            "gc: {} deleted, {} freed; {} live, {} unreferenced but younger than the minimum age; {:.1}s",
-            report::plural(r.deleted_chunks, "chunk", "chunks"),
-            report::human_bytes(r.freed_bytes),
-            r.live_chunks,
-            r.young_chunks,
-            r.duration_ms as f64 / 1000.0
-        );
-        for id in &r.unreadable {
-            println!("    snapshot {id}: manifest unreadable; every chunk its agent references was kept (run verify)");
-        }
-    }
+    emit(json, &Gc::from(&r))?;
     Ok(ExitCode::SUCCESS)
 }
 
