@@ -14,7 +14,7 @@ use fleetvault_common::{Client, ClientError, Credentials, JobReport, SnapshotId}
 
 use crate::config::DataDir;
 
-use super::output::{emit, Agents, Forget, Gc, SnapshotChanged};
+use super::output::{emit, Agents, Forget, Gc, Promote, Replicas, SnapshotChanged, Verify};
 use super::{ended_with, print_json, runtime};
 
 /// Connects to the running coordinator with the operator certificate.
@@ -333,58 +333,14 @@ pub(crate) fn verify(root: &Path, snapshot: Option<&str>, json: bool) -> anyhow:
     let results = call_counted(root, "snapshots verified", async |c, on| {
         c.verify(snapshot, on).await
     })?;
-    let bad: Vec<_> = results
-        .iter()
-        .filter(|r| !r.damaged.is_empty() || !r.missing.is_empty() || !r.problems.is_empty())
-        .collect();
-    if json {
-        let v: Vec<_> = results
-            .iter()
-            .map(|r| {
-                serde_json::json!({
-                    "id": r.snapshot.to_string(),
-                    "agent": r.agent,
-                    "source": r.source,
-                    "chunks": r.chunks,
-                    "ok": r.damaged.is_empty() && r.missing.is_empty() && r.problems.is_empty(),
-                    "damaged": r.damaged.iter().map(|c| c.to_hex()).collect::<Vec<_>>(),
-                    "missing": r.missing.iter().map(|c| c.to_hex()).collect::<Vec<_>>(),
-                    "problems": r.problems,
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        for r in &results {
-            let state = if r.damaged.is_empty() && r.missing.is_empty() && r.problems.is_empty() {
-                "ok"
-            } else {
-                "DAMAGED"
-            };
-            println!(
-                "{}  {}/{}  {}  {state}",
-                r.snapshot,
-                r.agent,
-                r.source,
-                report::plural(r.chunks, "chunk", "chunks")
-            );
-            for c in &r.damaged {
-                println!("    damaged chunk {c} (quarantined)");
-            }
-            for c in &r.missing {
-                println!("    missing chunk {c}");
-            }
-            for p in &r.problems {
-                println!("    {p}");
-            }
-        }
-    }
-    if !bad.is_empty() {
+    let out = Verify::new(&results);
+    emit(json, &out)?;
+    if out.damaged() > 0 {
         // Damage is reported as an error, with exit code 3: the verification itself completed.
         eprintln!(
             "error: {} of {} snapshots are damaged; the next backup of the same data re-uploads the quarantined chunks",
-            bad.len(),
-            results.len()
+            out.damaged(),
+            out.len()
         );
         return Ok(ExitCode::from(exit::WARNINGS));
     }
@@ -483,90 +439,15 @@ pub(crate) fn replicate(
 
 pub(crate) fn replicas(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let list = call(root, async |c| c.list_replicas().await)?;
-    let when = |t: Option<u64>| t.map(report::format_time);
-    let when_json = |t: Option<u64>| t.map(report::rfc3339);
-    if json {
-        let v: Vec<_> = list
-            .iter()
-            .map(|s| {
-                serde_json::json!({
-                    "name": s.name,
-                    "address": s.address,
-                    "schedule": s.schedule,
-                    "last_attempt": when_json(s.last_attempt_ms),
-                    "last_success": when_json(s.last_success_ms),
-                    "last_error": s.last_error,
-                    "failures": s.failures,
-                    "next_retry": when_json(s.next_retry_ms),
-                    "lag_snapshots": s.lag_snapshots,
-                    "lag_bytes": s.lag_bytes,
-                    "last_report": s.last_report.as_ref().map(report::replica_report_json),
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        print!(
-            "{}",
-            report::table(
-                [
-                    "NAME",
-                    "ADDRESS",
-                    "LAST SUCCESS (UTC)",
-                    "LAST ATTEMPT (UTC)",
-                    "LAG",
-                    "LAST ERROR"
-                ],
-                list.iter().map(|s| {
-                    let error = match (&s.last_error, s.next_retry_ms) {
-                        (Some(e), Some(t)) => format!(
-                            "{e} ({} failures; retry at {})",
-                            s.failures,
-                            report::format_time(t)
-                        ),
-                        (Some(e), None) => e.clone(),
-                        (None, _) => "-".into(),
-                    };
-                    [
-                        s.name.clone(),
-                        s.address.clone(),
-                        when(s.last_success_ms).unwrap_or_else(|| "never".into()),
-                        when(s.last_attempt_ms).unwrap_or_else(|| "never".into()),
-                        format!("{} / {}", s.lag_snapshots, report::human_bytes(s.lag_bytes)),
-                        error,
-                    ]
-                }),
-            )
-        );
-    }
+    emit(json, &Replicas::new(&list))?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub(crate) fn promote(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let (retired, agents) = call(root, async |c| c.promote().await)?;
-    let data_dir = root.display();
-    if json {
-        print_json(&serde_json::json!({
-            "status": "completed",
-            "retired_peers": retired,
-            "agents_to_reissue": agents,
-        }))?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    if retired.is_empty() {
-        println!("promoted: no peer certificates to retire");
-    } else {
-        println!(
-            "promoted: peer certificates retired (they can no longer send snapshots here): {}",
-            retired.join(", ")
-        );
-    }
-    println!("re-issue each agent's config from this coordinator and install it on the agent:");
-    for a in &agents {
-        println!(
-            "  fleetvault-coordinator issue-agent {a} --data-dir {data_dir} --out ./{a} --force"
-        );
-    }
-    println!("to seed a new replica, run `issue-peer` on it and add its [[replicas]] table here");
+    emit(
+        json,
+        &Promote::new(retired, agents, root.display().to_string()),
+    )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -2,7 +2,9 @@
 //! as JSON with `--json` or rendered for people (a table or a few lines) by [`Output::human`].
 //! So the two forms cannot drift apart: they are the same value.
 
-use fleetvault_common::protocol::{AgentInfo, GcReport, RetentionDecision};
+use fleetvault_common::protocol::{
+    AgentInfo, GcReport, ReplicaStatus, RetentionDecision, VerifyResult,
+};
 use fleetvault_common::report;
 use serde::Serialize;
 
@@ -272,6 +274,207 @@ impl Output for Gc {
         for id in &self.unreadable {
             out.push_str(&format!("    snapshot {id}: manifest unreadable; every chunk its agent references was kept (run verify)\n"));
         }
+        out
+    }
+}
+
+/// `verify [ID]`: each snapshot checked, with what is wrong with it.
+#[derive(Serialize)]
+#[serde(transparent)]
+pub(crate) struct Verify(Vec<VerifyRow>);
+
+#[derive(Serialize)]
+struct VerifyRow {
+    id: String,
+    agent: String,
+    source: String,
+    chunks: u64,
+    ok: bool,
+    damaged: Vec<String>,
+    missing: Vec<String>,
+    problems: Vec<String>,
+}
+
+impl Verify {
+    pub(crate) fn new(results: &[VerifyResult]) -> Self {
+        Self(
+            results
+                .iter()
+                .map(|r| VerifyRow {
+                    id: r.snapshot.to_string(),
+                    agent: r.agent.clone(),
+                    source: r.source.clone(),
+                    chunks: r.chunks,
+                    ok: r.damaged.is_empty() && r.missing.is_empty() && r.problems.is_empty(),
+                    damaged: r.damaged.iter().map(|c| c.to_hex()).collect(),
+                    missing: r.missing.iter().map(|c| c.to_hex()).collect(),
+                    problems: r.problems.clone(),
+                })
+                .collect(),
+        )
+    }
+
+    /// The snapshots found damaged.
+    pub(crate) fn damaged(&self) -> usize {
+        self.0.iter().filter(|r| !r.ok).count()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl Output for Verify {
+    fn human(&self) -> String {
+        let mut out = String::new();
+        for r in &self.0 {
+            let state = if r.ok { "ok" } else { "DAMAGED" };
+            out.push_str(&format!(
+                "{}  {}/{}  {}  {state}\n",
+                r.id,
+                r.agent,
+                r.source,
+                report::plural(r.chunks, "chunk", "chunks")
+            ));
+            for c in &r.damaged {
+                out.push_str(&format!("    damaged chunk {c} (quarantined)\n"));
+            }
+            for c in &r.missing {
+                out.push_str(&format!("    missing chunk {c}\n"));
+            }
+            for p in &r.problems {
+                out.push_str(&format!("    {p}\n"));
+            }
+        }
+        out
+    }
+}
+
+/// `replicas`: each configured replica, its last sync and its lag.
+#[derive(Serialize)]
+#[serde(transparent)]
+pub(crate) struct Replicas(Vec<ReplicaRow>);
+
+#[derive(Serialize)]
+struct ReplicaRow {
+    name: String,
+    address: String,
+    schedule: Option<String>,
+    last_attempt: Option<String>,
+    last_success: Option<String>,
+    last_error: Option<String>,
+    failures: u32,
+    next_retry: Option<String>,
+    lag_snapshots: u64,
+    lag_bytes: u64,
+    last_report: Option<serde_json::Value>,
+    #[serde(skip)]
+    times_ms: [Option<u64>; 3],
+}
+
+impl Replicas {
+    pub(crate) fn new(list: &[ReplicaStatus]) -> Self {
+        let when = |t: Option<u64>| t.map(report::rfc3339);
+        Self(
+            list.iter()
+                .map(|s| ReplicaRow {
+                    name: s.name.clone(),
+                    address: s.address.clone(),
+                    schedule: s.schedule.clone(),
+                    last_attempt: when(s.last_attempt_ms),
+                    last_success: when(s.last_success_ms),
+                    last_error: s.last_error.clone(),
+                    failures: s.failures,
+                    next_retry: when(s.next_retry_ms),
+                    lag_snapshots: s.lag_snapshots,
+                    lag_bytes: s.lag_bytes,
+                    last_report: s.last_report.as_ref().map(report::replica_report_json),
+                    times_ms: [s.last_success_ms, s.last_attempt_ms, s.next_retry_ms],
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Output for Replicas {
+    fn human(&self) -> String {
+        let when = |t: Option<u64>| t.map_or_else(|| "never".into(), report::format_time);
+        report::table(
+            [
+                "NAME",
+                "ADDRESS",
+                "LAST SUCCESS (UTC)",
+                "LAST ATTEMPT (UTC)",
+                "LAG",
+                "LAST ERROR",
+            ],
+            self.0.iter().map(|s| {
+                let [success, attempt, retry] = s.times_ms;
+                let error = match (&s.last_error, retry) {
+                    (Some(e), Some(t)) => format!(
+                        "{e} ({} failures; retry at {})",
+                        s.failures,
+                        report::format_time(t)
+                    ),
+                    (Some(e), None) => e.clone(),
+                    (None, _) => "-".into(),
+                };
+                [
+                    s.name.clone(),
+                    s.address.clone(),
+                    when(success),
+                    when(attempt),
+                    format!("{} / {}", s.lag_snapshots, report::human_bytes(s.lag_bytes)),
+                    error,
+                ]
+            }),
+        )
+    }
+}
+
+/// `promote`: the peers retired and the agents to re-issue.
+#[derive(Serialize)]
+pub(crate) struct Promote {
+    status: &'static str,
+    retired_peers: Vec<String>,
+    agents_to_reissue: Vec<String>,
+    #[serde(skip)]
+    data_dir: String,
+}
+
+impl Promote {
+    pub(crate) fn new(retired: Vec<String>, agents: Vec<String>, data_dir: String) -> Self {
+        Self {
+            status: "completed",
+            retired_peers: retired,
+            agents_to_reissue: agents,
+            data_dir,
+        }
+    }
+}
+
+impl Output for Promote {
+    fn human(&self) -> String {
+        let mut out = if self.retired_peers.is_empty() {
+            "promoted: no peer certificates to retire\n".to_owned()
+        } else {
+            format!(
+                "promoted: peer certificates retired (they can no longer send snapshots here): {}\n",
+                self.retired_peers.join(", ")
+            )
+        };
+        out.push_str(
+            "re-issue each agent's config from this coordinator and install it on the agent:\n",
+        );
+        for a in &self.agents_to_reissue {
+            out.push_str(&format!(
+                "  fleetvault-coordinator issue-agent {a} --data-dir {} --out ./{a} --force\n",
+                self.data_dir
+            ));
+        }
+        out.push_str(
+            "to seed a new replica, run `issue-peer` on it and add its [[replicas]] table here\n",
+        );
         out
     }
 }
