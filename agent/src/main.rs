@@ -386,7 +386,7 @@ async fn dispatch(command: Command, json: bool) -> anyhow::Result<ExitCode> {
             let token = tokio_util::sync::CancellationToken::new();
             let t = token.clone();
             tokio::spawn(async move {
-                shutdown_signal().await;
+                fleetvault_common::cli::shutdown_signal().await;
                 tracing::info!("shutting down");
                 t.cancel();
             });
@@ -456,21 +456,5 @@ async fn backup_bundle(
 async fn close(client: Arc<Client>) {
     if let Ok(c) = Arc::try_unwrap(client) {
         c.close().await;
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
     }
 }

@@ -1,5 +1,5 @@
 //! What both command lines share besides their commands: parsing with `--json` usage errors,
-//! and man pages from the clap definitions.
+//! man pages from the clap definitions, and the signals that stop a foreground daemon.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -75,6 +75,21 @@ pub fn parse<T: clap::Parser>() -> T {
                 );
             }
             e.exit()
+        }
+    }
+}
+/// Resolves on SIGINT or SIGTERM: when a foreground daemon (`serve`, `run`) should stop.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

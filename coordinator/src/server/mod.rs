@@ -131,7 +131,7 @@ async fn run(
     );
 
     let sessions = Tasks::new();
-    let shutdown = reload::shutdown_signal();
+    let shutdown = fleetvault_common::cli::shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

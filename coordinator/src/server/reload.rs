@@ -1,5 +1,5 @@
-//! Signals of the running daemon: SIGHUP re-reads `coordinator.toml`, SIGINT and SIGTERM stop
-//! it.
+//! SIGHUP re-reads `coordinator.toml` while the daemon runs (SIGINT and SIGTERM stop it:
+//! `fleetvault_common::cli::shutdown_signal`).
 
 use std::sync::Arc;
 
@@ -66,20 +66,4 @@ fn needs_restart(started: &CoordinatorConfig, now: &CoordinatorConfig) -> Vec<&'
         keys.push("server_name");
     }
     keys
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub(super) async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
