@@ -1,4 +1,5 @@
-//! The wire protocol: every message that crosses a QUIC stream, in one place.
+//! The wire protocol: every message that crosses a QUIC stream, in one place (a long file on
+//! purpose: one reader sees every shape and every position that postcard encodes).
 //!
 //! Messages are serde enums encoded with postcard in length-prefixed frames ([`frame`]).
 //! postcard is positional: variants and fields are only ever appended, and

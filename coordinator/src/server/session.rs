@@ -1,6 +1,10 @@
 //! One peer's connection: identity from its certificate, the hello, then one task per
 //! request stream. When the connection ends, every backup it had started and not committed
 //! ends `failed` (docs/architecture.md rule 2), after its stream tasks have finished.
+//!
+//! Long because it is the one dispatcher: every request kind, the role it needs and the
+//! handler it goes to are in one `match`, and the handlers that grew are in `upload.rs`,
+//! `restore.rs` and `replica.rs`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
