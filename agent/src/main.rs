@@ -275,12 +275,7 @@ async fn dispatch(command: Command, json: bool) -> anyhow::Result<ExitCode> {
             let client = connect(&config, &config.credentials()?).await?;
             let list = client.list_snapshots(Default::default()).await?;
             client.close().await;
-            if json {
-                let v: Vec<_> = list.iter().map(report::snapshot_json).collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print!("{}", report::snapshots_table(&list));
-            }
+            report::print_snapshots(&list, json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Restore {

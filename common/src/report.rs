@@ -192,6 +192,17 @@ fn dedup_text(r: &SnapshotRecord) -> String {
     }
 }
 
+/// Prints a snapshot listing: a JSON array of [`snapshot_json`], or [`snapshots_table`].
+pub fn print_snapshots(records: &[SnapshotRecord], json: bool) -> serde_json::Result<()> {
+    if json {
+        let v: Vec<_> = records.iter().map(snapshot_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", snapshots_table(records));
+    }
+    Ok(())
+}
+
 /// The snapshot table for people.
 pub fn snapshots_table(records: &[SnapshotRecord]) -> String {
     table(

@@ -292,13 +292,8 @@ pub(crate) async fn download(
         bar.finish_and_clear();
         return n;
     };
-    if !force && std::fs::symlink_metadata(out).is_ok() {
-        bail!(
-            "{} already exists (use --force to replace it)",
-            out.display()
-        );
-    }
-    // Created 0600 whatever the umask: a snapshot may hold secrets.
+    // Created 0600 whatever the umask: a snapshot may hold secrets. The command checked that
+    // nothing is at `out` unless `force`; one that appears meanwhile is not replaced either.
     let file = NewFile::create(out, 0o600)?;
     let replace = if force { Replace::Yes } else { Replace::No };
     let out = Out::File(io::BufWriter::new(file), replace);

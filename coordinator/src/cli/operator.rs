@@ -49,12 +49,7 @@ pub(crate) fn snapshots(
         };
         let list = client.list_snapshots(filter).await?;
         client.close().await;
-        if json {
-            let v: Vec<_> = list.iter().map(report::snapshot_json).collect();
-            println!("{}", serde_json::to_string_pretty(&v)?);
-        } else {
-            print!("{}", report::snapshots_table(&list));
-        }
+        report::print_snapshots(&list, json)?;
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use fleetvault_certs::{Ca, Role};
+use fleetvault_certs::{Ca, IssuedCert, Role};
 use fleetvault_common::durable::{write_file, Replace};
 use fleetvault_common::exit::UsageError;
 use fleetvault_common::report;
@@ -17,6 +17,15 @@ use crate::config::{CoordinatorConfig, DataDir};
 use crate::store::ChunkStore;
 
 use super::print_json;
+
+/// Writes an issued certificate as `DIR/STEM.pem` (0644) and its key as `DIR/STEM.key` (0600).
+fn write_issued(dir: &Path, stem: &str, cert: &IssuedCert, replace: Replace) -> anyhow::Result<()> {
+    let pem = dir.join(format!("{stem}.pem"));
+    write_file(&pem, cert.cert_pem.as_bytes(), 0o644, replace)?;
+    let key = dir.join(format!("{stem}.key"));
+    write_file(&key, cert.key_pem.as_bytes(), 0o600, replace)?;
+    Ok(())
+}
 
 /// Creates `dir` (and its parents) private to this user.
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
@@ -53,14 +62,7 @@ pub(crate) fn init(
         listen: listen.to_owned(),
         server_name: server_name.to_owned(),
         advertise,
-        gc_schedule: None,
-        max_concurrent_backups: None,
-        verify_schedule: None,
-        gc_min_age_secs: None,
-        job_timeout_secs: None,
-        jobs: Vec::new(),
-        replicas: Vec::new(),
-        peers: Vec::new(),
+        ..CoordinatorConfig::default()
     };
     let addr = cfg
         .listen_addr()
@@ -99,30 +101,9 @@ pub(crate) fn init(
         0o600,
         Replace::No,
     )?;
-    write_file(
-        &dir.tls("coordinator.pem"),
-        server.cert_pem.as_bytes(),
-        0o644,
-        Replace::No,
-    )?;
-    write_file(
-        &dir.tls("coordinator.key"),
-        server.key_pem.as_bytes(),
-        0o600,
-        Replace::No,
-    )?;
-    write_file(
-        &dir.tls("operator.pem"),
-        operator.cert_pem.as_bytes(),
-        0o644,
-        Replace::No,
-    )?;
-    write_file(
-        &dir.tls("operator.key"),
-        operator.key_pem.as_bytes(),
-        0o600,
-        Replace::No,
-    )?;
+    let tls = dir.root().join("tls");
+    write_issued(&tls, "coordinator", &server, Replace::No)?;
+    write_issued(&tls, "operator", &operator, Replace::No)?;
     ChunkStore::open(&dir.store()).context("creating the chunk store")?;
     let text = format!(
         "# fleetvault coordinator configuration (written by `fleetvault-coordinator init`)\n{}",
@@ -199,18 +180,7 @@ pub(crate) fn issue_agent(
         0o644,
         Replace::Yes,
     )?;
-    write_file(
-        &out.join("agent.pem"),
-        cert.cert_pem.as_bytes(),
-        0o644,
-        Replace::Yes,
-    )?;
-    write_file(
-        &out.join("agent.key"),
-        cert.key_pem.as_bytes(),
-        0o600,
-        Replace::Yes,
-    )?;
+    write_issued(out, "agent", &cert, Replace::Yes)?;
     let text = format!(
         r#"# fleetvault agent configuration for agent "{name}", issued by the coordinator.
 # Certificate serial {serial}. Paths are relative to this file.
@@ -369,18 +339,7 @@ pub(crate) fn issue_peer(
         0o644,
         Replace::Yes,
     )?;
-    write_file(
-        &out.join("peer.pem"),
-        cert.cert_pem.as_bytes(),
-        0o644,
-        Replace::Yes,
-    )?;
-    write_file(
-        &out.join("peer.key"),
-        cert.key_pem.as_bytes(),
-        0o600,
-        Replace::Yes,
-    )?;
+    write_issued(out, "peer", &cert, Replace::Yes)?;
     let text = format!(
         r#"# Append to the primary's coordinator.toml, after copying this directory to
 # PRIMARY_DATA_DIR/replicas/{replica}/ (paths are relative to the primary's data dir).

@@ -23,7 +23,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 /// Raw `coordinator.toml`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CoordinatorConfig {
     /// Address the QUIC endpoint binds, `HOST:PORT`.
@@ -153,14 +153,7 @@ impl DataDir {
                 listen: c.listen,
                 server_name: c.server_name,
                 advertise: c.advertise,
-                gc_schedule: None,
-                max_concurrent_backups: None,
-                verify_schedule: None,
-                gc_min_age_secs: None,
-                job_timeout_secs: None,
-                jobs: Vec::new(),
-                replicas: Vec::new(),
-                peers: Vec::new(),
+                ..CoordinatorConfig::default()
             }),
             Err(_) => Err(full),
         }
