@@ -139,13 +139,12 @@ async fn run(
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 let name = format!("session from {}", incoming.remote_address());
-                let token = sessions.token().child_token();
+                let token = sessions.token().clone();
                 sessions.spawn(name, session::run(incoming, state.clone(), token));
             }
         }
     }
     info!("shutting down");
-    endpoint.set_server_config(None);
     endpoint.close(close::SHUTTING_DOWN.into(), b"coordinator shutting down");
     sessions.stop("sessions", DRAIN_SESSIONS).await;
     background
